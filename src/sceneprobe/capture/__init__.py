@@ -1,0 +1,1 @@
+"""Capture: record self-attention outputs at every denoising step into on-disk shards."""

@@ -1,0 +1,462 @@
+"""Capture protocols: every self-attention site of the U-Net and the VAE at every denoising step, in one streamed pass.
+
+Stores are written to ``run/captures/<protocol>/<model>/`` (``model`` = ``ldm``, ``permuted`` or ``fresh``) in the
+format of :mod:`sceneprobe.capture.store`: every shard is created once with its full (N, C, h, w) shape, then each
+batch's rows are written in place as the hooks produce them, so peak memory does not grow with N.
+
+Protocols
+---------
+``generate`` (the paper's): sample ids 0…N−1, DDIM (η = 0) with ``capture.steps`` steps. At step t the U-Net runs once
+    on x_t (all U-Net sites are recorded), then the latent after step t's update (``vae_input="latent"``, the paper's:
+    "after t+1 updates") or the predicted x̂0 (``"x0"``) is decoded, ``vae.decode(z / scaling_factor)``, recording
+    ``vae.dec.mid.attn0``. The encoder is never run while sampling, so ``vae.enc.mid.attn0`` is not a site of this
+    protocol. Final images: ``captures/generate/samples.safetensors`` (``images`` (N, H, W, 3) uint8,
+    ``sample_ids``, ``split`` int8) and ``captures/generate/images/*.png`` (a control's own images go to its store
+    folder instead; the probes of every model use the ``ldm`` images' labels).
+``noised``: the first ``capture.n_noised`` scenes of the dataset's *test* split are encoded,
+    z0 = scaling_factor · mode q(z|x) (the encoder pass records ``vae.enc.mid.attn0`` once; being step-independent, its
+    rows are *replicated* into every step shard, so every (site, step) shard exists), then forward-diffused with ONE
+    fixed noise per sample to each sampler timestep t: x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε. The U-Net runs once per timestep
+    and the VAE decodes x_t (or x̂0 with ``vae_input="x0"``). Exact labels go to ``captures/noised/labels.safetensors``.
+
+The probe split of the N rows is 60 % / 15 % / 25 % train / val / test, a fixed function of the sample ids
+(:func:`probe_split`), stored in the manifest and beside the images or labels.
+
+Scale and resume
+----------------
+Under ``accelerate launch`` the batches are dealt out to the processes (``PartialState``): rank 0 creates the shards,
+every rank writes its own rows, rank 0 writes the manifest last. Each rank lists its finished batches (row ranges) in
+``progress/rank<r>.json``; a rerun with the same options skips them (after checking every shard with
+``CaptureStore.check_shard``). A finished store whose fingerprint matches is skipped; a store made with other options
+is an error unless ``force=True``, which redoes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_json
+from ..config import Config, fingerprint, to_dict
+from ..errors import fail
+from ..models.build import sampling_scheduler
+from ..models.io import LDM, model_hash
+from ..models.sites import list_sites
+from ..sample import decode, denoise, generators, initial_noise, sample_seed, to_uint8
+from .recorder import KINDS, Recorder
+from .store import CaptureStore, create_shard, finish_manifest, save_labels, shard_path, write_rows
+
+CAPTURE_VERSION = 1
+PROTOCOLS = ("generate", "noised")
+CONTROLS = ("permuted", "fresh")
+DTYPES = ("float16", "float32")
+VAE_INPUTS = ("latent", "x0")
+SPLIT_FRACTIONS = (0.60, 0.15, 0.25)
+NOISE_STREAM = 2  # sample.generators stream of the noised protocol's fixed ε (0: x_T, 1: DDPM/η steps)
+
+Emit = Callable[[str, int, torch.Tensor], None]  # (site, step, rows (b, C, h, w))
+
+
+# ---------------------------------------------------------------------------------------------------------- splits
+def probe_split(sample_ids: Sequence[int]) -> np.ndarray:
+    """Split codes (N,) int8 (0 train, 1 val, 2 test): 60 / 15 / 25 %, exact counts, fixed by the ids.
+
+    The ids are ordered by a hash of each id (so the split is unrelated to id order) and cut at 60 % and 75 %.
+    """
+    keys = np.array([int.from_bytes(hashlib.sha256(f"split:{int(i)}".encode()).digest()[:8], "little")
+                     for i in sample_ids], dtype=np.uint64)
+    order = np.argsort(keys, kind="stable")
+    n = len(keys)
+    n_train, n_val = round(SPLIT_FRACTIONS[0] * n), round(SPLIT_FRACTIONS[1] * n)
+    split = np.full(n, 2, np.int8)
+    split[order[:n_train]] = 0
+    split[order[n_train:n_train + n_val]] = 1
+    return split
+
+
+# ---------------------------------------------------------------------------------------------------- store engine
+@dataclass
+class StoreSpec:
+    """What one store holds: stored (C, h, w) per site (after pooling), N rows, steps, dtype, identity."""
+    root: Path
+    shapes: dict[str, tuple[int, int, int]]
+    n: int
+    n_steps: int
+    batch_size: int
+    dtype: str
+    pool: int
+    fingerprint: str
+
+
+class _PendingStore(CaptureStore):
+    """A store being written: the same shard checks as a finished one, against the planned manifest."""
+
+    def __init__(self, spec: StoreSpec):
+        self.root = Path(spec.root)
+        self.manifest = {"sites": {s: {"shape": list(sh)} for s, sh in spec.shapes.items()},
+                         "steps": list(range(spec.n_steps)), "timesteps": [], "n": spec.n, "dtype": spec.dtype}
+        self.sites, self.steps, self.timesteps, self.n = list(spec.shapes), list(range(spec.n_steps)), [], spec.n
+
+
+def _state():
+    from accelerate import PartialState
+    return PartialState()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise fail(f"{path} is unreadable or not valid JSON; rerun the capture with --force") from None
+
+
+def fill_store(spec: StoreSpec, run_batch: Callable[[int, int, Emit], None], force: bool = False,
+               progress: bool = True, desc: str = "capture") -> bool:
+    """Create the shards and fill them batch by batch; returns False if a finished, matching store was skipped.
+
+    ``run_batch(start, stop, emit)`` computes rows [start, stop) and calls ``emit(site, step, rows)`` exactly once per
+    (site, step). Every process of an ``accelerate launch`` calls this; rank 0 creates and removes files.
+    """
+    state = _state()
+    root, main = Path(spec.root), state.is_main_process
+    mpath = root / "manifest.json"
+    if mpath.is_file() and not force:
+        have = _read_json(mpath).get("fingerprint")
+        if have != spec.fingerprint:
+            raise fail(f"capture store {root} was made with other options or another model (fingerprint {have} ≠ "
+                       f"{spec.fingerprint}); pass --force to redo it, or capture into another run folder")
+        CaptureStore(root).verify()
+        return False
+    state.wait_for_everyone()
+    if force and main and root.exists():
+        shutil.rmtree(root)
+    state.wait_for_everyone()
+
+    # Resume: union of every rank's finished row ranges (the world size may have changed since).
+    done = np.zeros(spec.n, bool)
+    own: list[list[int]] = []
+    for f in sorted((root / "progress").glob("rank*.json")):
+        p = _read_json(f)
+        if p.get("fingerprint") != spec.fingerprint:
+            raise fail(f"unfinished capture store {root} was started with other options or another model; "
+                       f"pass --force to start it again")
+        for a, b in p["done"]:
+            done[a:b] = True
+        if f.name == f"rank{state.process_index}.json":
+            own = [list(r) for r in p["done"]]
+    missing = [(s, t) for s in spec.shapes for t in range(spec.n_steps) if not shard_path(root, s, t).is_file()]
+    if done.any():
+        pending = _PendingStore(spec)
+        for site in spec.shapes:
+            for step in range(spec.n_steps):
+                if (site, step) not in missing:
+                    pending.check_shard(site, step)  # names a truncated or mismatched shard
+        if missing:  # a lost shard lost its rows: every batch is redone
+            done[:], own = False, []
+    state.wait_for_everyone()
+    if main:
+        if not done.any():
+            shutil.rmtree(root / "progress", ignore_errors=True)
+            missing = [(s, t) for s in spec.shapes for t in range(spec.n_steps)]
+        for site, step in missing:
+            create_shard(shard_path(root, site, step), (spec.n, *spec.shapes[site]), spec.dtype)
+    state.wait_for_everyone()
+
+    starts = range(0, spec.n, spec.batch_size)
+    todo = [s for s in starts if not done[s:s + spec.batch_size].all()]
+    mine = todo[state.process_index::state.num_processes]
+    ppath = root / "progress" / f"rank{state.process_index}.json"
+    tdtype = getattr(torch, spec.dtype)
+    for start in tqdm(mine, desc=desc, unit="batch", disable=not progress or not main, dynamic_ncols=True):
+        stop = min(spec.n, start + spec.batch_size)
+        seen: set[tuple[str, int]] = set()
+
+        def emit(site: str, step: int, rows: torch.Tensor, start: int = start, seen: set = seen) -> None:
+            if spec.pool > 1:
+                rows = F.avg_pool2d(rows.float(), spec.pool)  # (b, C, h/p, w/p)
+            write_rows(shard_path(root, site, step), start, rows.to(tdtype).cpu())
+            seen.add((site, step))
+
+        run_batch(start, stop, emit)
+        if len(seen) != len(spec.shapes) * spec.n_steps:
+            raise RuntimeError(f"batch {start}: {len(seen)} of {len(spec.shapes) * spec.n_steps} shards written")
+        own.append([start, stop])
+        atomic_write_json(ppath, {"fingerprint": spec.fingerprint, "batch_size": spec.batch_size, "done": own})
+    state.wait_for_everyone()
+    return True
+
+
+def finish_store(root: Path, manifest: dict) -> None:
+    """Rank 0: write the manifest last and drop the progress files; then every process waits."""
+    state = _state()
+    if state.is_main_process:
+        finish_manifest(root, manifest)
+        shutil.rmtree(Path(root) / "progress", ignore_errors=True)
+    state.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------- model plumbing
+def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callable[[], None], pool: int) -> dict:
+    """Stored (C, h, w) per site, from one tiny forward pass (``run_once``) with shape-only hooks."""
+    native: dict[str, tuple[int, ...]] = {}
+
+    def note(site: str, y: torch.Tensor) -> None:
+        native.setdefault(site, tuple(y.shape[1:]))  # (C, H, W)
+
+    with torch.no_grad(), Recorder(models, sites, kind, on_output=note):
+        run_once()
+    lost = [s for s in sites if s not in native]
+    if lost:
+        raise RuntimeError(f"sites {lost} were not called by the shape pass")
+    out = {}
+    for s in sites:
+        c, h, w = native[s]
+        if h // pool < 1 or w // pool < 1:
+            raise fail(f"capture.pool {pool} is larger than site {s}'s {h}x{w} grid; lower capture.pool")
+        out[s] = (c, h // pool, w // pool)
+    return out
+
+
+@torch.no_grad()
+def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], unet, vae, scheduler,
+                      z: torch.Tensor, sample_ids: Sequence[int], seed: int, steps: int, unet_sites: Sequence[str],
+                      vae_sites: Sequence[str], kind: str, vae_input: str, emit: Emit,
+                      keep_half: str | None = None) -> np.ndarray:
+    """One sampling pass from x_T = ``z`` (B, c, h, w) recording every site at every step; returns uint8 images.
+
+    ``unet_fn`` calls ``unet`` exactly once per step (twice the batch with CFG: ``keep_half="cond"``).
+    """
+    cur = {"step": 0}
+    final: dict[str, torch.Tensor] = {}
+
+    def on_out(site: str, y: torch.Tensor) -> None:
+        emit(site, cur["step"], y)
+
+    def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if vae_sites:  # the per-step decode is the dominant extra cost of capture: only when a VAE site is asked for
+            img = decode(vae, x if vae_input == "latent" else x0)  # (B, 3, H, W): records the VAE sites at step i
+            if i == steps - 1 and vae_input == "latent":
+                final["img"] = img  # the last step's latent is the final latent: reuse its decode
+        cur["step"] = i + 1  # the next U-Net call is step i + 1
+
+    with Recorder({"unet": unet}, unet_sites, kind, on_out, keep_half=keep_half), \
+            Recorder({"vae": vae}, vae_sites, kind, on_out):
+        x = denoise(unet_fn, scheduler, z, sample_ids, seed, steps, 0.0, callback)
+    img = final.get("img")
+    if img is None:
+        img = decode(vae, x)
+    return to_uint8(img)
+
+
+def save_images(folder: Path, sample_ids: Sequence[int], images: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in zip(sample_ids, images):
+        Image.fromarray(im).save(folder / f"{int(i):06d}.png")
+
+
+def collect_samples(image_dir: Path, out: Path, sample_ids: Sequence[int], split: np.ndarray) -> Path:
+    """``samples.safetensors`` (images (N, H, W, 3) uint8, sample_ids int64, split int8) from the batch PNGs."""
+    from safetensors.numpy import save_file
+    images = np.stack([np.asarray(Image.open(image_dir / f"{int(i):06d}.png").convert("RGB")) for i in sample_ids])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({"images": images, "sample_ids": np.asarray(sample_ids, np.int64), "split": np.asarray(split, np.int8)},
+              str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, default=str))
+
+
+def check_capture_options(site_kind: str, vae_input: str, dtype: str, pool: int, batch_size: int, steps: int) -> None:
+    if site_kind not in KINDS:
+        raise fail(f"capture.site_kind {site_kind!r} is unknown; choose attn or block")
+    if vae_input not in VAE_INPUTS:
+        raise fail(f"capture.vae_input {vae_input!r} is unknown; choose latent or x0")
+    if dtype not in DTYPES:
+        raise fail(f"capture.dtype {dtype!r} is not supported; choose float16 or float32")
+    if pool < 1 or batch_size < 1 or steps < 1:
+        raise fail(f"capture.pool, capture.batch_size and capture.steps must be at least 1 "
+                   f"(got {pool}, {batch_size}, {steps})")
+
+
+def control_unet(unet, control: str | None, seed: int):
+    """The U-Net a store is made with: the model itself, or a permuted / fresh control (models/controls.py)."""
+    from ..models.controls import fresh_copy, permuted_copy
+    if control is None:
+        return unet
+    if control not in CONTROLS:
+        raise fail(f"unknown control {control!r}; choose permuted or fresh")
+    return permuted_copy(unet, seed) if control == "permuted" else fresh_copy(unet, seed)
+
+
+# ------------------------------------------------------------------------------------------------------ protocols
+def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, control: str | None = None,
+                force: bool = False, progress: bool = True, sites: Sequence[str] | None = None) -> Path:
+    """Capture ``protocol`` for the LDM (or a control of its U-Net) into ``run/captures/<protocol>/<model>/``.
+
+    ``sites`` (default: every site of the protocol) restricts the capture to some canonical site names.
+    """
+    cc = cfg.capture
+    if protocol not in PROTOCOLS:
+        raise fail(f"unknown capture protocol {protocol!r}; choose generate or noised")
+    check_capture_options(cc.site_kind, cc.vae_input, cc.dtype, cc.pool, cc.batch_size, cc.steps)
+    if control not in (None, *CONTROLS):
+        raise fail(f"unknown control {control!r}; choose permuted or fresh")
+    if protocol == "generate":
+        n = cc.n_generate
+        ids = list(range(n))
+        names = None
+        seeds = [sample_seed(cc.seed, i, 0) for i in ids]
+    else:
+        test = _test_scenes(data, cc.n_noised, ldm.vae.config.sample_size)
+        n = test.rgb.shape[0]
+        ids = list(range(n))
+        names = list(test.names)
+        seeds = [sample_seed(cc.seed, i, NOISE_STREAM) for i in ids]
+    if n < 1:
+        raise fail(f"capture.n_{protocol} must be at least 1")
+    split = probe_split(ids)
+    model = control or "ldm"
+    unet = control_unet(ldm.unet, control, cc.control_seed)
+    vae, sf = ldm.vae, ldm.scaling_factor
+    unet_hash, vae_hash = model_hash(unet), model_hash(vae)  # on the CPU, before any move
+    base_hash = model_hash(ldm.unet) if control else unet_hash
+    device = _state().device
+    unet, vae = unet.to(device).eval(), vae.to(device).eval()
+    proot = Path(run) / "captures" / protocol
+    root = proot / model
+    sched = sampling_scheduler(ldm.scheduler_config, "ddim")
+    sched.set_timesteps(cc.steps)
+    timesteps = [int(t) for t in sched.timesteps]
+    c, s = unet.config.in_channels, unet.config.sample_size
+    unet_sites = list_sites(unet, "unet")
+    vae_sites = ["vae.dec.mid.attn0"] if protocol == "generate" else ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
+    vae_sites = [v for v in vae_sites if v in list_sites(vae, "vae")]
+    if sites is not None:
+        unknown = [x for x in sites if x not in unet_sites + vae_sites]
+        if unknown:
+            raise fail(f"site {unknown[0]!r} is not a site of the {protocol} protocol for this model; sites: "
+                       f"{', '.join(unet_sites + vae_sites)}")
+        unet_sites, vae_sites = [x for x in unet_sites if x in sites], [x for x in vae_sites if x in sites]
+    sites = unet_sites + vae_sites
+
+    def shape_pass() -> None:
+        z = torch.zeros(1, c, s, s, device=device)
+        unet(z, sched.timesteps[0]).sample
+        vae.decode(z)
+        if "vae.enc.mid.attn0" in sites:
+            vae.encode(torch.zeros(1, 3, vae.config.sample_size, vae.config.sample_size, device=device))
+    shapes = site_shapes({"unet": unet, "vae": vae}, sites, cc.site_kind, shape_pass, cc.pool)
+
+    identity = {"version": CAPTURE_VERSION, "protocol": protocol, "model": model, "n": n, "steps": cc.steps,
+                "site_kind": cc.site_kind, "vae_input": cc.vae_input, "dtype": cc.dtype, "pool": cc.pool,
+                "seed": cc.seed, "control_seed": cc.control_seed if control else None, "sites": sites,
+                "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(ldm.scheduler_config),
+                "names": names}
+    spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity))
+    image_dir = (proot if control is None else root) / "images"
+
+    def run_generate(start: int, stop: int, emit: Emit) -> None:
+        b_ids = ids[start:stop]
+        z = initial_noise(b_ids, cc.seed, (c, s, s)).to(device)  # (b, c, s, s)
+        images = sample_and_record(lambda x, t: unet(x, t).sample, unet, vae, sched, z, b_ids, cc.seed, cc.steps,
+                                   unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit)
+        save_images(image_dir, b_ids, images)
+
+    def run_noised(start: int, stop: int, emit: Emit) -> None:
+        _noised_batch(unet, vae, sf, sched, test.rgb[start:stop], ids[start:stop], cc.seed, unet_sites, vae_sites,
+                      cc.site_kind, cc.vae_input, emit, device)
+
+    ran = fill_store(spec, run_generate if protocol == "generate" else run_noised, force, progress,
+                     desc=f"capture {protocol}/{model}")
+    if not ran:
+        return root
+    if _state().is_main_process:
+        if protocol == "generate":
+            collect_samples(image_dir, image_dir.parent / "samples.safetensors", ids, split)
+        else:
+            sal = test.saliency.astype(np.uint8)
+            save_labels(proot, test.depth.astype(np.float32), sal, split)
+    manifest = {
+        "protocol": protocol, "model": model, "control": control,
+        "sites": {name: {"shape": list(shapes[name])} for name in sites},
+        "site_order": sites, "steps": list(range(cc.steps)), "timesteps": timesteps, "n": n, "sample_ids": ids,
+        "seeds": seeds, "seed": cc.seed, "noise_stream": 0 if protocol == "generate" else NOISE_STREAM,
+        "control_seed": cc.control_seed if control else None, "dtype": cc.dtype, "pool": cc.pool,
+        "site_kind": cc.site_kind, "vae_input": cc.vae_input, "sampler": "ddim", "eta": 0.0,
+        "model_hash": unet_hash, "vae_hash": vae_hash, "base_model_hash": base_hash,
+        "scaling_factor": sf, "split": split.tolist(), "names": names, "fingerprint": spec.fingerprint,
+        "config": to_dict(cc), "replicated_sites": ["vae.enc.mid.attn0"] if "vae.enc.mid.attn0" in sites else [],
+        "model_root": str(ldm.root) if ldm.root else None,
+    }
+    finish_store(root, manifest)
+    return root
+
+
+def _test_scenes(data, n_noised: int, image_size: int):
+    """The first ``n_noised`` scenes of the dataset's test split, checked for labels and size."""
+    if data is None:
+        raise fail("protocol noised needs a dataset with depth and saliency: pass --data (from `sceneprobe scenes`)")
+    test = data.subset("test")
+    if test.rgb.shape[0] == 0:
+        raise fail(f"dataset {getattr(data, 'root', '')} has no test split; the noised protocol captures test scenes")
+    if test.depth is None or test.saliency is None:
+        raise fail(f"dataset {getattr(data, 'root', '')} has no depth or saliency labels; "
+                   f"the noised protocol needs both")
+    if test.rgb.shape[1] != image_size or test.rgb.shape[2] != image_size:
+        raise fail(f"dataset {getattr(data, 'root', '')} has {test.rgb.shape[1]}x{test.rgb.shape[2]} images but "
+                   f"the VAE expects {image_size}x{image_size}; render scenes at that size")
+    n = min(n_noised, test.rgb.shape[0])
+    return _Rows(test.names[:n], test.rgb[:n], test.depth[:n], test.saliency[:n])
+
+
+@dataclass
+class _Rows:
+    names: Sequence[str]
+    rgb: np.ndarray        # (N, H, W, 3) uint8
+    depth: np.ndarray      # (N, H, W) float32
+    saliency: np.ndarray   # (N, H, W) bool
+
+
+@torch.no_grad()
+def _noised_batch(unet, vae, sf: float, sched, rgb: np.ndarray, ids: Sequence[int], seed: int, unet_sites, vae_sites,
+                  kind: str, vae_input: str, emit: Emit, device) -> None:
+    """Encode, then x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε at every timestep with one fixed ε per sample; record every site."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+    enc = [v for v in vae_sites if v.startswith("vae.enc")]
+    dec = [v for v in vae_sites if not v.startswith("vae.enc")]
+    enc_out: dict[str, torch.Tensor] = {}
+    with Recorder({"vae": vae}, enc, kind, on_output=lambda site, y: enc_out.__setitem__(site, y)):
+        z0 = vae.encode(x).latent_dist.mode() * sf  # (b, c, h, w)
+    n_steps = len(sched.timesteps)
+    for site, y in enc_out.items():  # step-independent: replicated into every step shard
+        for step in range(n_steps):
+            emit(site, step, y)
+    eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators(ids, seed, NOISE_STREAM)]).to(device)
+    cur = {"step": 0}
+    with Recorder({"unet": unet}, unet_sites, kind, lambda s, y: emit(s, cur["step"], y)), \
+            Recorder({"vae": vae}, dec, kind, lambda s, y: emit(s, cur["step"], y)):
+        for i, t in enumerate(sched.timesteps):
+            cur["step"] = i
+            xt = sched.add_noise(z0, eps, t.reshape(1).expand(len(ids)).to(device))  # (b, c, h, w)
+            eps_hat = unet(sched.scale_model_input(xt, t), t).sample
+            if not dec:
+                continue
+            if vae_input == "latent":
+                v = xt
+            else:
+                ab = sched.alphas_cumprod.to(device)[t]
+                v = (xt - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x̂0
+            decode(vae, v)

@@ -1,0 +1,236 @@
+"""Command line: one subcommand per stage; each calls one library function and prints what it wrote (last line).
+
+A user mistake (:class:`SceneprobeError`) is printed as one line ``error: …`` with exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import SceneprobeError, fail
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub, ever: everything is local
+
+
+def _config(args, overrides: dict | None = None):
+    from .config import load_config
+    over = dict(overrides or {})
+    return load_config(args.preset, Path(args.config) if args.config else None, over)
+
+
+def _seeded(args, section: str, key: str = "seed") -> dict:
+    return {section: {key: args.seed}} if getattr(args, "seed", None) is not None else {}
+
+
+def _common(p: argparse.ArgumentParser, out: bool = True, out_help: str = "output folder") -> None:
+    p.add_argument("--preset", default="cpu", help="preset: tiny, cpu or gpu")
+    p.add_argument("--config", default=None, help="YAML file overriding the preset (unknown keys are errors)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if out:
+        p.add_argument("--out", required=True, help=out_help)
+
+
+def cmd_scenes(args) -> Path:
+    from .world.dataset import make_dataset
+    cfg = _config(args, _seeded(args, "world"))
+    w = cfg.world
+    n = args.n if args.n is not None else w.n_scenes
+    size = args.size if args.size is not None else w.size
+    if n < 1:
+        raise fail(f"option --n must be at least 1, got {n}")
+    return make_dataset(Path(args.out), n=n, size=size, seed=w.seed, supersample=args.supersample or w.supersample,
+                        workers=args.workers or w.workers, val_fraction=w.val_fraction, test_fraction=w.test_fraction,
+                        force=args.force, progress=not args.no_progress)
+
+
+def cmd_check_data(args) -> Path:
+    from .world.dataset import load_dataset
+    data = load_dataset(Path(args.folder), skip_bad=args.skip_bad)
+    counts = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
+    print(f"{len(data)} images {data.rgb.shape[1]}x{data.rgb.shape[2]}; depth: {'yes' if data.depth is not None else 'no'}; "
+          f"saliency: {'yes' if data.saliency is not None else 'no'}; split {counts}")
+    for s in getattr(data, "skipped", []):
+        print(f"skipped {s}")
+    if getattr(data, "skipped", []):
+        print(f"skipped {len(data.skipped)} bad file(s)")
+    return Path(args.folder)
+
+
+def _load_data(path: str, skip_bad: bool = False):
+    from .world.dataset import load_dataset
+    return load_dataset(Path(path), skip_bad=skip_bad)
+
+
+def cmd_train_vae(args) -> Path:
+    from .train.vae import train_vae
+    cfg = _config(args, _seeded(args, "train_vae"))
+    return train_vae(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+                     progress=not args.no_progress)
+
+
+def cmd_train_ldm(args) -> Path:
+    from .train.ldm import train_ldm
+    cfg = _config(args, _seeded(args, "train_ldm"))
+    return train_ldm(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+                     progress=not args.no_progress)
+
+
+def _model_root(arg: str | None) -> Path:
+    from .models.io import shipped_root
+    return Path(arg) if arg else shipped_root("cpu")
+
+
+def cmd_sample(args) -> Path:
+    from .models.io import load_ldm
+    from .sample import sample_to_folder
+    cfg = _config(args, _seeded(args, "sample"))
+    s = cfg.sample
+    if args.sampler not in (None, "ddim", "ddpm"):
+        raise fail(f"option --sampler must be ddim or ddpm, got {args.sampler!r}")
+    ldm = load_ldm(_model_root(args.model))
+    return sample_to_folder(ldm, Path(args.out), n=args.n or s.n, seed=s.seed, steps=args.steps or s.steps,
+                            sampler=args.sampler or s.sampler, eta=s.eta, batch_size=s.batch_size, force=args.force,
+                            progress=not args.no_progress)
+
+
+def cmd_capture(args) -> Path:
+    """Capture every self-attention site at every step (capture/run.py; capture/sd.py for Stable Diffusion)."""
+    from .capture.run import CONTROLS, PROTOCOLS, run_capture
+    run = Path(args.run)
+    model = Path(args.model) if args.model else None
+    if args.control not in (None, *CONTROLS):
+        raise fail(f"option --control must be permuted or fresh, got {args.control!r}")
+    cfg = _config(args, _seeded(args, "capture"))
+    cc = cfg.capture
+    is_sd = model is not None and (model / "model_index.json").is_file()
+    if args.prompts or is_sd:
+        if not args.prompts:
+            raise fail(f"--model {model} is a Stable Diffusion folder; pass --prompts CSV (columns prompt,seed)")
+        if not is_sd:
+            raise fail(f"--prompts needs --model pointing to a local Stable Diffusion folder (with model_index.json), "
+                       f"got {model}")
+        if args.protocol not in (None, "generate"):
+            raise fail(f"Stable Diffusion supports only --protocol generate, got {args.protocol!r}")
+        from .capture.sd import run_capture_sd
+        return run_capture_sd(model, Path(args.prompts), run / "captures" / "sd" / (args.control or "ldm"),
+                              steps=cc.steps, guidance=args.guidance, site_kind=cc.site_kind, vae_input=cc.vae_input,
+                              dtype=cc.dtype, pool=cc.pool, batch_size=cc.batch_size, control=args.control,
+                              control_seed=cc.control_seed, force=args.force, progress=not args.no_progress)
+    if args.protocol not in PROTOCOLS:
+        raise fail(f"option --protocol must be generate or noised, got {args.protocol!r}")
+    from .models.io import load_ldm, shipped_root
+    root = model or (run if (run / "unet").is_dir() else shipped_root("cpu"))
+    data = None
+    if args.protocol == "noised":
+        dpath = Path(args.data) if args.data else run / "data"
+        if not dpath.exists():
+            raise fail(f"protocol noised needs a dataset: {dpath} does not exist; pass --data (from `sceneprobe scenes`)")
+        data = _load_data(str(dpath))
+    return run_capture(cfg, run, args.protocol, load_ldm(root), data, args.control, args.force, not args.no_progress)
+
+
+def cmd_probe(args) -> Path:
+    """Fit and score probes for every capture store of the run (probe/sweep.py); prints results.csv."""
+    from .config import load_config
+    from .probe.sweep import run_probes
+    run = Path(args.run)
+    over = _seeded(args, "probe")
+    if args.solver is not None:
+        if args.solver not in ("exact", "adam"):
+            raise fail(f"option --solver must be exact or adam, got {args.solver!r}")
+        over = {"probe": {**over.get("probe", {}), "solver": args.solver}}
+    path = Path(args.config) if args.config else (run / "config.yaml" if (run / "config.yaml").is_file() else None)
+    cfg = load_config(args.preset, path, over)
+    return run_probes(run, cfg.probe, progress=not args.no_progress)
+
+
+def cmd_report(args) -> Path:
+    """Figures, summary.md and a self-contained report.html from RUN/report/results.csv (report/html.py)."""
+    from .report import write_report
+    return write_report(Path(args.run))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="sceneprobe", formatter_class=fmt,
+                                description="Probe what a latent diffusion model knows about the 3D scene it draws.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("scenes", formatter_class=fmt, help="render a dataset of synthetic scenes with exact labels")
+    _common(s, out_help="dataset folder to create")
+    s.add_argument("--n", type=int, default=None, help="number of scenes (default: world.n_scenes of the preset)")
+    s.add_argument("--size", type=int, default=None, help="image size in pixels, 32..512 (default: world.size)")
+    s.add_argument("--supersample", type=int, default=None, help="s×s rays per pixel for RGB anti-aliasing")
+    s.add_argument("--workers", type=int, default=None, help="worker processes")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_scenes)
+
+    s = sub.add_parser("check-data", formatter_class=fmt, help="validate and cache a dataset folder (yours or rendered)")
+    s.add_argument("folder", help="folder with rgb/ (or images), optional depth/ and saliency/")
+    s.add_argument("--skip-bad", action="store_true", help="skip and count bad files instead of stopping")
+    s.set_defaults(fn=cmd_check_data)
+
+    for name, fn, what in (("train-vae", cmd_train_vae, "the KL-VAE"), ("train-ldm", cmd_train_ldm, "the latent U-Net")):
+        s = sub.add_parser(name, formatter_class=fmt, help=f"train {what}")
+        _common(s, out_help="run folder (vae/, unet/, scheduler/ are written here)")
+        s.add_argument("--data", required=True, help="dataset folder (from `sceneprobe scenes`)")
+        s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
+        s.add_argument("--force", action="store_true", help="retrain even if the model folder exists")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("sample", formatter_class=fmt, help="sample images from a trained LDM")
+    _common(s, out_help="folder for the PNGs and grid.png")
+    s.add_argument("--model", default=None, help="run folder with vae/, unet/, scheduler/ (default: the shipped model)")
+    s.add_argument("--n", type=int, default=None, help="number of samples (default: sample.n)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: sample.steps)")
+    s.add_argument("--sampler", default=None, help="ddim or ddpm (default: sample.sampler)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("capture", formatter_class=fmt,
+                       help="record every self-attention output at every denoising step (U-Net and VAE)")
+    _common(s, out=False)
+    s.add_argument("--run", required=True, help="run folder; the store goes to RUN/captures/<protocol>/<model>/")
+    s.add_argument("--protocol", default=None, help="generate (sample and record) or noised (test scenes, noised)")
+    s.add_argument("--control", default=None, help="permuted or fresh: capture a control U-Net instead")
+    s.add_argument("--data", default=None, help="dataset folder for --protocol noised (default: RUN/data)")
+    s.add_argument("--model", default=None,
+                   help="model: a run folder with vae/, unet/, scheduler/ or a local Stable Diffusion folder "
+                        "(default: RUN if it holds unet/, else the shipped model)")
+    s.add_argument("--prompts", default=None, help="CSV with columns prompt,seed (Stable Diffusion only)")
+    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion only)")
+    s.add_argument("--force", action="store_true", help="redo the store even if it is finished")
+    s.set_defaults(fn=cmd_capture)
+
+    s = sub.add_parser("probe", formatter_class=fmt, help="fit and score linear probes on every capture store of a run")
+    _common(s, out=False)
+    s.add_argument("--run", required=True, help="run folder with captures/<protocol>/<model>/; writes probes/ and report/")
+    s.add_argument("--solver", default=None, help="exact (ridge + IRLS, default of the config) or adam (the paper's trainer)")
+    s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("report", formatter_class=fmt, help="write figures, summary.md and report.html from the probe results")
+    s.add_argument("--run", required=True, help="run folder with report/results.csv (from `sceneprobe probe`)")
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except SceneprobeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Models on disk: diffusers ``save_pretrained`` folders (config.json + safetensors), never pickles.
+
+A run (or the shipped default) is a folder with ``vae/``, ``unet/`` and ``scheduler/``, each loadable by plain
+diffusers with ``local_files_only=True``. The VAE's latent scaling factor (1/std of the training latents, as Stable
+Diffusion's 0.18215) lives in ``vae/config.json`` as ``scaling_factor``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from safetensors import safe_open
+
+from ..errors import fail
+
+
+@dataclass
+class LDM:
+    """A latent diffusion model: VAE, U-Net and the training noise schedule (a DDPM scheduler config)."""
+    vae: AutoencoderKL
+    unet: UNet2DModel
+    scheduler_config: dict
+    root: Path | None = None
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def save_model(model: torch.nn.Module, folder: Path, fp16: bool = False) -> Path:
+    """``save_pretrained`` into a temporary sibling, then rename: a folder is whole or absent."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        to_save = model
+        if fp16:
+            import copy
+            to_save = copy.deepcopy(model).to(torch.float16)
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise fail(f"{what} folder {folder} does not exist; train it first or point to a diffusers model folder")
+    if not (folder / "config.json").is_file():
+        raise fail(f"{what} folder {folder} has no config.json; it is not a diffusers model folder")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise fail(f"{what} folder {folder} has no diffusion_pytorch_model.safetensors")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k)
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size < 8 + n + end:
+            raise ValueError("file shorter than its header says")
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise fail(f"weights file {weights} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                   f"re-save or re-train the model") from None
+
+
+def _load(cls, folder: Path, what: str):
+    folder = Path(folder)
+    _check_folder(folder, what)
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise fail(f"{what} folder {folder} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.float().eval()
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    return _load(AutoencoderKL, folder, "VAE")
+
+
+def load_unet(folder: Path) -> UNet2DModel:
+    return _load(UNet2DModel, folder, "U-Net")
+
+
+def load_scheduler_config(folder: Path) -> dict:
+    folder = Path(folder)
+    if not (folder / "scheduler_config.json").is_file():
+        raise fail(f"scheduler folder {folder} has no scheduler_config.json")
+    return dict(DDPMScheduler.load_config(folder, local_files_only=True))
+
+
+def check_compatible(vae: AutoencoderKL, unet: UNet2DModel, where: Path | str) -> None:
+    """The U-Net must read and write the VAE's latents: channels and spatial size must agree."""
+    c = vae.config.latent_channels
+    size = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    if unet.config.in_channels != c or unet.config.out_channels != c:
+        raise fail(f"model folder {where}: U-Net in/out channels ({unet.config.in_channels}/{unet.config.out_channels}) "
+                   f"differ from the VAE's latent channels ({c}); train the U-Net on this VAE's latents")
+    if unet.config.sample_size != size:
+        raise fail(f"model folder {where}: U-Net sample_size {unet.config.sample_size} differs from the VAE's latent size "
+                   f"{size}; train the U-Net on this VAE's latents")
+
+
+def load_ldm(root: Path) -> LDM:
+    """Load ``root/{vae,unet,scheduler}`` and check that they fit together."""
+    root = Path(root)
+    if not root.is_dir():
+        raise fail(f"model folder {root} does not exist")
+    vae, unet = load_vae(root / "vae"), load_unet(root / "unet")
+    check_compatible(vae, unet, root)
+    return LDM(vae=vae, unet=unet, scheduler_config=load_scheduler_config(root / "scheduler"), root=root)
+
+
+def shipped_root(preset: str = "cpu") -> Path:
+    """The pretrained default inside the package (``sceneprobe/pretrained/<preset>``)."""
+    return Path(str(resources.files("sceneprobe").joinpath("pretrained", preset)))
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex) over the model's parameters and buffers, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,364 @@
+"""Linear probe solvers: exact ridge and logistic (IRLS) from native-resolution data, and the paper's Adam trainer.
+
+A probe is a per-position linear map over channels, ``ŷ(p) = x_{s(p)}ᵀ W (+ b)``, applied at the site's native
+resolution h×w; its output is nearest-upsampled to the label grid H×W, and the loss is taken over label pixels p.
+``s(p)`` is the native position a label pixel reads under nearest upsampling (``F.interpolate(mode="nearest")``:
+``floor(i·h/H)`` per axis). Upsampling the *features* and applying W per pixel gives the same thing, so the exact
+solution is a regression on native positions j where each position carries its block of label pixels:
+
+* squared loss: ``Σ_p (y_p − x_{s(p)}ᵀw)² = Σ_j [n_j (x_jᵀw)² − 2 (x_jᵀw) S_j] + const`` with ``n_j`` = pixels in the
+  block and ``S_j`` = sum of their labels → normal equations ``(Xᵀ diag(n) X + λP·I) w = Xᵀ S``;
+* cross-entropy is linear in the label, so a binary block is exactly ``pos_j`` positive and ``n_j − pos_j`` negative
+  copies of row j (weighted logistic regression with the same minimiser as the brute-force fit on upsampled features).
+
+``upsample="area"`` instead area-downsamples the labels to h×w and fits one unit-weight row per native position
+(target = block mean). For an integer factor H/h the blocks are equal (``n_j = (H/h)²``) and both objectives differ
+from each other by a constant factor and an additive constant, so the *exact* fits coincide; they differ for
+non-integer factors and for the Adam trainer (Huber is not quadratic).
+
+Objectives (P = total weight = number of label pixels, or of native positions in area mode; the bias is unpenalised):
+
+* depth, ridge:        ``(1/P) Σ_p (y_p − x_pᵀw − b)² + λ‖w‖²``      ≡ sklearn ``Ridge(alpha=λ·P)``
+* saliency, logistic:  ``(1/P) Σ_p CE(y_p, x_pᵀw + b) + (λ/2)‖w‖²``  ≡ sklearn ``LogisticRegression(C=1/(λ·P))``
+
+The paper's saliency probe is a 2-class softmax ``W ∈ R^{C×2}`` without bias. Softmax CE depends only on the logit
+difference ``z = (w₁ − w₀)ᵀx`` (``CE = softplus(−z)`` for a positive pixel, ``softplus(z)`` for a negative one) and
+argmax is ``z > 0``, so it is a logistic regression on ``w = w₁ − w₀``; with penalty ``(μ/2)(‖w₀‖² + ‖w₁‖²)`` the
+optimum is ``w₀ = −w₁`` and the penalty equals ``(μ/4)‖w‖²``, i.e. λ = μ/2. We fit ``w`` and store the symmetric
+``(−w/2, w/2)`` pair, which gives the paper's probe format with identical logits differences and predictions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+# ---------------------------------------------------------------- resolution maps ---------------------------------
+def nearest_index(out_size: int, in_size: int) -> np.ndarray:
+    """Source index of each output index under nearest upsampling (PyTorch's ``mode="nearest"``: floor(i·in/out))."""
+    return np.minimum((np.arange(out_size) * in_size) // out_size, in_size - 1)
+
+
+def _onehot(out_size: int, in_size: int) -> torch.Tensor:
+    """(in, out) float64 one-hot matrix A with A[s(i), i] = 1, so block sums are ``A_r Y A_cᵀ``."""
+    a = torch.zeros(in_size, out_size, dtype=torch.float64)
+    a[torch.from_numpy(nearest_index(out_size, in_size)), torch.arange(out_size)] = 1.0
+    return a
+
+
+def block_sum(labels: torch.Tensor | np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Sum of the label pixels that read each native position under nearest upsampling: (n, H, W) → (n, h, w) f64."""
+    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).double()
+    ar, ac = _onehot(y.shape[-2], h), _onehot(y.shape[-1], w)
+    return torch.einsum("iH,nHW,jW->nij", ar, y, ac)                            # (n, h, w)
+
+
+def block_count(H: int, W: int, h: int, w: int) -> torch.Tensor:
+    """Number of label pixels per native position, (h, w) float64 (all (H/h)² for an integer factor)."""
+    return block_sum(torch.ones(1, H, W, dtype=torch.float64), h, w)[0]
+
+
+def upsample_nearest(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(..., h, w) → (..., H, W) by nearest neighbour; identical to ``F.interpolate(mode="nearest")``."""
+    r = torch.from_numpy(nearest_index(H, x.shape[-2]))
+    c = torch.from_numpy(nearest_index(W, x.shape[-1]))
+    return x[..., r, :][..., c]
+
+
+def area_downsample(labels: torch.Tensor | np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Label means over adaptive-average-pooling cells: (n, H, W) → (n, h, w) float64."""
+    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).double()
+    return F.adaptive_avg_pool2d(y[:, None], (h, w))[:, 0]
+
+
+def to_rows(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Activations (n, C, h, w) → design rows (n·h·w, C [+1]) float64, row order (image, y, x)."""
+    rows = x.double().permute(0, 2, 3, 1).reshape(-1, x.shape[1])              # (n·h·w, C)
+    if bias:
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+    return rows
+
+
+# ---------------------------------------------------------------- ridge --------------------------------------------
+@dataclass
+class RidgeStats:
+    """Streamed sufficient statistics of weighted least squares: G = XᵀDX, B = XᵀS, P = Σ weights (float64)."""
+    d: int
+    k: int
+    G: torch.Tensor = field(init=False)
+    B: torch.Tensor = field(init=False)
+    P: float = 0.0
+
+    def __post_init__(self):
+        self.G = torch.zeros(self.d, self.d, dtype=torch.float64)
+        self.B = torch.zeros(self.d, self.k, dtype=torch.float64)
+
+    def add(self, X: torch.Tensor, weight: torch.Tensor, tsum: torch.Tensor) -> None:
+        """Rows X (m, d), weights (m,) and weighted target sums (m, k) (= weight · target)."""
+        self.G += (X * weight[:, None]).T @ X
+        self.B += X.T @ tsum
+        self.P += float(weight.sum())
+
+
+def feature_scale(G: torch.Tensor, P: float, n_features: int) -> torch.Tensor:
+    """Per-channel weighted RMS ``sqrt(G_cc / P)`` (dead channels → 1); ones column (bias) keeps scale 1.
+
+    Dividing by the RMS — not subtracting a mean — keeps the model class "linear, no bias": it is a change of
+    coordinates that only makes one λ grid mean the same thing at every site.
+    """
+    s = torch.ones(G.shape[0], dtype=torch.float64)
+    rms = torch.sqrt(torch.clamp(torch.diagonal(G)[:n_features] / max(P, 1e-300), min=0))
+    s[:n_features] = torch.where(rms > 0, rms, torch.ones_like(rms))
+    return s
+
+
+def penalty_mask(d: int, bias: bool) -> torch.Tensor:
+    m = torch.ones(d, dtype=torch.float64)
+    if bias:
+        m[-1] = 0.0
+    return m
+
+
+def ridge_path(stats: RidgeStats, lambdas: Iterable[float], bias: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact ridge for every λ: ``(G/P + λM) θ = B/P`` in scaled coordinates; returns raw-space θ (L, d, k).
+
+    With ``scale`` s the fit is on x/s (penalty on the scaled weights) and ``θ_raw = θ_scaled / s``.
+    """
+    s = torch.ones(stats.d, dtype=torch.float64) if scale is None else scale
+    Gs = stats.G / (s[:, None] * s[None, :]) / stats.P                         # (d, d)
+    Bs = stats.B / s[:, None] / stats.P                                        # (d, k)
+    M = torch.diag(penalty_mask(stats.d, bias))
+    out = [_solve_spd(Gs + lam * M, Bs) for lam in lambdas]
+    return torch.stack(out) / s[None, :, None]                                 # (L, d, k)
+
+
+def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, L)
+    return torch.linalg.lstsq(A, b).solution                                   # singular (λ = 0, dead channel)
+
+
+def fit_ridge(X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, lam: float, bias: bool = False,
+              weight: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience: weighted ridge on plain rows (m, C) → θ (C [+1],) (raw coordinates, no feature scaling)."""
+    X = torch.as_tensor(np.asarray(X)).double()
+    if bias:
+        X = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], 1)
+    y = torch.as_tensor(np.asarray(y)).double().reshape(len(X), -1)
+    wt = torch.ones(len(X), dtype=torch.float64) if weight is None else torch.as_tensor(np.asarray(weight)).double()
+    st = RidgeStats(X.shape[1], y.shape[1])
+    st.add(X, wt, y * wt[:, None])
+    return ridge_path(st, [lam], bias)[0, :, 0]
+
+
+# ---------------------------------------------------------------- logistic (IRLS / Newton) -------------------------
+@dataclass
+class NewtonInfo:
+    iterations: list[int]     # float32 Newton iterations per λ
+    polish: list[int]         # float64 refinement passes per λ (0 without refine)
+    converged: list[bool]
+    hessians: list = field(default_factory=list, repr=False)
+
+
+def _solve_scaled(H: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Solve H x = g after symmetric diagonal scaling (features of very different magnitude stay well conditioned)."""
+    s = torch.sqrt(torch.clamp(torch.diagonal(H), min=1e-300))
+    return _solve_spd(H / (s[:, None] * s[None, :]), (g / s)[:, None])[:, 0] / s
+
+
+def _pass32(chunks: Chunks, theta: torch.Tensor, want_h: bool):
+    """One float32 pass (f64 accumulation across chunks): Σ CE, Xᵀ(nσ − pos), Xᵀ diag(nσ(1−σ)) X."""
+    t32 = theta.float()
+    d = len(theta)
+    f, g = 0.0, torch.zeros(d, dtype=torch.float64)
+    H = torch.zeros(d, d, dtype=torch.float64) if want_h else None
+    for X, n, pos in chunks():
+        X = X.float()
+        z = X @ t32                                                            # (m,)
+        n32, pos32 = n.float(), pos.float()
+        # CE of pos positives and (n − pos) negatives: pos·softplus(−z) + (n − pos)·softplus(z)
+        f += float((pos32 * F.softplus(-z) + (n32 - pos32) * F.softplus(z)).double().sum())
+        p = torch.sigmoid(z)
+        g += (X.T @ (n32 * p - pos32)).double()
+        if want_h:
+            Y = X * torch.sqrt(n32 * p * (1 - p))[:, None]                     # (m, d)
+            H += (Y.T @ Y).double()
+    return f, g, H
+
+
+def _grad64(chunks: Chunks, theta: torch.Tensor) -> torch.Tensor:
+    """Exact float64 gradient sum Xᵀ(nσ(Xθ) − pos): the fixed point the refinement converges to."""
+    g = torch.zeros(len(theta), dtype=torch.float64)
+    for X, n, pos in chunks():
+        X = X.double()
+        g += X.T @ (n * torch.sigmoid(X @ theta) - pos)
+    return g
+
+
+def logistic_first_step(G: torch.Tensor, xt_pos: torch.Tensor, xt_n: torch.Tensor, P: float, lam: float,
+                        penalty: torch.Tensor) -> torch.Tensor:
+    """The first Newton step from θ = 0, free from the ridge statistics: at θ = 0, σ = ½, so
+    H = ¼ XᵀDX/P + λM and g = Xᵀ(n/2 − pos)/P (G = XᵀDX with D = diag(n))."""
+    return -_solve_scaled(0.25 * G / P + lam * torch.diag(penalty), (0.5 * xt_n - xt_pos) / P)
+
+
+def _rel(step: torch.Tensor, theta: torch.Tensor) -> float:
+    return float(step.abs().max()) / (1.0 + float(theta.abs().max()))
+
+
+def logistic_path(chunks: Chunks, P: float, lambdas: Iterable[float], penalty: torch.Tensor,
+                  init: torch.Tensor | None = None, refine: bool = True, tol: float = 1e-10,
+                  max_iter: int = 50) -> tuple[torch.Tensor, NewtonInfo]:
+    """L2-penalised weighted logistic regression for each λ; returns θ (L, d) in the chunks' coordinates.
+
+    Minimises ``(1/P) Σ_j [pos_j·softplus(−x_jᵀθ) + (n_j − pos_j)·softplus(x_jᵀθ)] + (λ/2) Σ_i penalty_i θ_i²``.
+    ``chunks()`` yields (X (m, d), n (m,) pixel counts, pos (m,) positive counts, fractional allowed); ``penalty``
+    is the diagonal of the penalty (s² per feature for scaled coordinates, 0 for a bias column).
+
+    λ runs from large to small, each warm-started from the previous solution (``init`` for the first) with the
+    previous data Hessian (exact up to the λ shift). Newton steps run in float32 — the Hessian only sets the
+    convergence rate, not the solution — and the Hessian is recomputed only after steps larger than 1 % (a nearby
+    Hessian still contracts fast), until the step is below 1e-5 relative. With ``refine`` every θ is then refined
+    by float64 gradient passes (:func:`logistic_refine`): the result is the float64 minimiser. Without it, θ is within
+    ~1e-5 relative (enough to choose λ; refine the chosen one). ``info.hessians`` holds the last data Hessians.
+    """
+    lambdas = list(lambdas)
+    order = sorted(range(len(lambdas)), key=lambda i: -lambdas[i])
+    d = len(penalty)
+    M = penalty.double()
+    theta = torch.zeros(d, dtype=torch.float64) if init is None else init.double().clone()
+    out = torch.zeros(len(lambdas), d, dtype=torch.float64)
+    info = NewtonInfo([0] * len(lambdas), [0] * len(lambdas), [False] * len(lambdas))
+    info.hessians = [None] * len(lambdas)
+    Hd = None                                                                  # data Hessian / P, near θ
+    for i in order:
+        pen = lambdas[i] * M
+        f, g, H = _pass32(chunks, theta, Hd is None)
+        if H is not None:
+            Hd = H / P
+        f, g = f / P + 0.5 * float((pen * theta * theta).sum()), g / P + pen * theta
+        for it in range(1, max_iter + 1):
+            step = _solve_scaled(Hd + torch.diag(pen), g)
+            info.iterations[i] = it
+            r = _rel(step, theta)
+            if r < 1e-5:
+                theta = theta - step
+                break
+            t, slope = 1.0, float(g @ step)
+            while True:                                                        # Armijo backtracking (far from θ*)
+                cand = theta - t * step
+                fc, gc, Hc = _pass32(chunks, cand, t * r > 1e-2)
+                fc = fc / P + 0.5 * float((pen * cand * cand).sum())
+                if t * r < 1e-3 or fc <= f - 1e-4 * t * slope or t < 1e-6:
+                    break
+                t *= 0.5
+            theta, f, g = cand, fc, gc / P + pen * cand
+            if Hc is not None:
+                Hd = Hc / P
+        out[i] = theta
+        info.hessians[i] = Hd
+    if refine:
+        for i, lam in enumerate(lambdas):
+            out[i], info.polish[i], info.converged[i] = logistic_refine(chunks, P, lam, penalty, out[i],
+                                                                        info.hessians[i], tol)
+    return out, info
+
+
+def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor, theta: torch.Tensor,
+                    hessian: torch.Tensor | None = None, tol: float = 1e-10,
+                    max_passes: int = 8) -> tuple[torch.Tensor, int, bool]:
+    """Float64 refinement: θ ← θ − H⁻¹∇f(θ) with exact float64 gradients and a fixed nearby Hessian (data part
+    ``hessian``, recomputed if None). Converges linearly with a tiny rate to the float64 minimiser; stops once the
+    step is below ``tol`` relative (or below 1e-6, where the next step would be under the rate × 1e-6)."""
+    pen = lam * penalty.double()
+    if hessian is None:
+        hessian = _pass32(chunks, theta, True)[2] / P
+    H = hessian + torch.diag(pen)
+    theta = theta.double().clone()
+    for k in range(1, max_passes + 1):
+        step = _solve_scaled(H, _grad64(chunks, theta) / P + pen * theta)
+        theta = theta - step
+        if _rel(step, theta) < tol:
+            return theta, k, True
+    return theta, max_passes, False
+
+
+def fit_logistic(X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, lam: float, bias: bool = False,
+                 weight: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """Convenience: weighted binary logistic regression on plain rows; ``y`` in [0, 1] (soft labels allowed)."""
+    X = torch.as_tensor(np.asarray(X)).double()
+    if bias:
+        X = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], 1)
+    y = torch.as_tensor(np.asarray(y)).double().reshape(-1)
+    n = torch.ones(len(X), dtype=torch.float64) if weight is None else torch.as_tensor(np.asarray(weight)).double()
+    theta, _ = logistic_path(lambda: [(X, n, n * y)], float(n.sum()), [lam], penalty_mask(X.shape[1], bias))
+    return theta[0]
+
+
+# ---------------------------------------------------------------- the paper's trainer (parity) --------------------
+@dataclass
+class AdamResult:
+    weight: torch.Tensor       # (C, k) float64: k = 1 (depth) or 2 (saliency, paper format)
+    bias: torch.Tensor         # (k,) float64 (zeros without bias)
+    best_epoch: int            # 1-based epoch with the lowest validation loss
+    val_losses: list[float]
+
+
+def _adam_loss(pred: torch.Tensor, y: torch.Tensor, task: str, upsample: str) -> torch.Tensor:
+    """pred (b, k, h, w) at native resolution; y (b, H, W) labels ("nearest") or (b, h, w) area means ("area")."""
+    if upsample == "nearest":
+        pred = upsample_nearest(pred, y.shape[-2], y.shape[-1])               # (b, k, H, W): loss at label resolution
+    if task == "depth":
+        return F.huber_loss(pred[:, 0], y, delta=1.0)
+    if upsample == "nearest":
+        return F.cross_entropy(pred, y.long())
+    return F.cross_entropy(pred, torch.stack([1 - y, y], 1))                  # soft (area) labels: probability targets
+
+
+def fit_adam(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, task: str, *,
+             upsample: str = "nearest", bias: bool = False, epochs: int = 30, lr: float = 1e-3, batch_size: int = 4,
+             seed: int = 0) -> AdamResult:
+    """The paper's probe trainer: ``nn.Linear(C, k)`` per position, Adam, shuffled batches of images, Huber (δ=1) on
+    standardised depth or 2-class CE, loss at label resolution after nearest upsampling of the predictions.
+
+    Differences from the paper: the kept checkpoint is the epoch with the lowest *validation* loss (the paper used
+    the test split). ``x_*`` (n, C, h, w) float32; ``y_*`` (n, H, W) standardised depth or {0, 1} masks.
+    """
+    C, (h, w) = x_train.shape[1], x_train.shape[-2:]
+    if upsample == "area":
+        y_train, y_val = area_downsample(y_train, h, w).float(), area_downsample(y_val, h, w).float()
+    else:
+        y_train, y_val = y_train.float(), y_val.float()
+    k = 1 if task == "depth" else 2
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(C, k, bias=bias)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+
+    def predict(x):
+        return torch.einsum("nchw,kc->nkhw", x, lin.weight) + (lin.bias[None, :, None, None] if bias else 0)
+
+    best, best_state, losses = math.inf, None, []
+    for epoch in range(1, epochs + 1):
+        for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
+            opt.zero_grad(set_to_none=True)
+            _adam_loss(predict(x_train[idx]), y_train[idx], task, upsample).backward()
+            opt.step()
+        with torch.no_grad():
+            tot = sum(float(_adam_loss(predict(x_val[i:i + 32]), y_val[i:i + 32], task, upsample)) * len(x_val[i:i + 32])
+                      for i in range(0, len(x_val), 32))
+        losses.append(tot / max(len(x_val), 1))
+        if losses[-1] < best:
+            best = losses[-1]
+            best_state = (epoch, lin.weight.detach().clone(), lin.bias.detach().clone() if bias else None)
+    epoch, W, b = best_state
+    return AdamResult(W.T.double(), b.double() if b is not None else torch.zeros(k, dtype=torch.float64), epoch, losses)
+

@@ -1,0 +1,419 @@
+"""The probe sweep: every capture store × site × step × task → probe files and a long-form results table.
+
+Usage::
+
+    sceneprobe probe --run runs/default              # exact solvers (ridge + IRLS), λ chosen on val
+    sceneprobe probe --run runs/default --solver adam  # the paper's trainer, for parity
+
+Per (protocol, model, site, step) one pass over the probe-train rows accumulates, in float64, ``G = XᵀDX`` and
+``XᵀS`` for the native positions (D = pixels per position, S = label sums, see :mod:`.fit`); depth is ridge for all λ
+at once, saliency an IRLS path warm-started from the same statistics. λ is chosen on the validation split (depth:
+lowest RMSE; saliency: highest Dice; ties → the larger λ); the test split is only ever scored.
+
+Outputs::
+
+    probes/<protocol>/<model>/<site>/step_XX.safetensors  weights of both tasks in raw activation units + metadata
+    report/results.csv, report/results.json               long form, sorted, fixed formatting (byte-identical reruns)
+
+Probe file tensors: ``depth.weight`` (C, 1), ``depth.bias`` (1,) — standardised depth = x·w + b, depth =
+``depth_norm[0] + depth_norm[1]·(x·w + b)``; ``saliency.weight`` (C, 2), ``saliency.bias`` (2,) — the paper's
+2-class format, salient = argmax = (x·(w₁ − w₀) + b₁ − b₀ > 0); ``feature_scale`` (C,) the RMS used to scale the
+penalty; ``lambda`` (2,) (depth, saliency). Metadata: the config fingerprint and this probe's result rows, so a rerun
+skips finished probes and still writes the full table.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..capture.store import CaptureStore, load_labels
+from ..config import ProbeConfig, fingerprint, to_dict
+from ..errors import fail
+from . import fit
+from .baselines import BASELINE_MODEL, baseline_scores
+from .metrics import METRICS, depth_metrics, dice, nanmean, ranks, saliency_metrics
+
+COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value")
+PROBE_VERSION = 1                      # bump when the fit or the file format changes: old probes are redone
+CHUNK = 64                             # images per streamed chunk
+CACHE_BYTES = 1 << 29                  # train rows kept in memory for the IRLS passes (else re-read from disk)
+SPLITS = {"val": 1, "test": 2}
+
+
+# ---------------------------------------------------------------- labels -------------------------------------------
+@dataclass
+class ProtocolLabels:
+    """One protocol's labels, depth standardised with the probe-train split's mean and std."""
+    protocol: str
+    depth: np.ndarray                  # (N, H, W) float32, standardised
+    saliency: np.ndarray               # (N, H, W) uint8 {0, 1}
+    split: np.ndarray                  # (N,) int8
+    depth_mean: float
+    depth_std: float
+    digest: str
+    _native: dict = field(default_factory=dict, repr=False)
+    _ranks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.depth.shape[1], self.depth.shape[2]
+
+    def idx(self, code: int) -> np.ndarray:
+        return np.flatnonzero(self.split == code)
+
+    def native(self, h: int, w: int, upsample: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per native position of every image: (pixel weight n (h, w), depth sum (N, h, w), positive count (N, h, w)).
+
+        nearest: n = pixels reading the position, sums over them; area: n = 1, block means (see :mod:`.fit`)."""
+        key = (h, w, upsample)
+        if key not in self._native:
+            H, W = self.size
+            if upsample == "nearest":
+                self._native[key] = (fit.block_count(H, W, h, w), fit.block_sum(self.depth, h, w),
+                                     fit.block_sum(self.saliency, h, w))
+            else:
+                self._native[key] = (torch.ones(h, w, dtype=torch.float64), fit.area_downsample(self.depth, h, w),
+                                     fit.area_downsample(self.saliency, h, w))
+        return self._native[key]
+
+    def gt_ranks(self, code: int) -> np.ndarray:
+        if code not in self._ranks:
+            self._ranks[code] = ranks(self.depth[self.idx(code)])
+        return self._ranks[code]
+
+
+def load_protocol_labels(protocol_root: Path, n: int | None = None) -> ProtocolLabels:
+    root = Path(protocol_root)
+    raw = load_labels(root)
+    for key in ("depth", "saliency", "split"):
+        if key not in raw:
+            raise fail(f"labels file {root / 'labels.safetensors'} has no {key!r} tensor; recreate it with the capture")
+    depth, sal, split = raw["depth"].astype(np.float32), raw["saliency"].astype(np.uint8), raw["split"].astype(np.int8)
+    if depth.ndim != 3 or sal.shape != depth.shape or split.shape != (len(depth),):
+        raise fail(f"labels in {root / 'labels.safetensors'} disagree: depth {depth.shape}, saliency {sal.shape}, "
+                   f"split {split.shape}; expected (N, H, W), (N, H, W), (N,)")
+    if n is not None and len(depth) != n:
+        raise fail(f"labels in {root / 'labels.safetensors'} have {len(depth)} rows but the capture stores have {n}; "
+                   f"recapture or relabel so that rows align")
+    for name, code in (("train", 0), ("val", 1), ("test", 2)):
+        if not (split == code).any():
+            raise fail(f"labels in {root / 'labels.safetensors'} have no {name} rows (split code {code}); probes need "
+                       f"train, val and test rows")
+    if not np.isfinite(depth).all():
+        raise fail(f"labels in {root / 'labels.safetensors'} have non-finite depth values; fix the labels")
+    train = depth[split == 0].astype(np.float64)
+    mean, std = float(train.mean()), float(train.std())
+    std = std if std > 0 else 1.0
+    digest = hashlib.sha256((root / "labels.safetensors").read_bytes()).hexdigest()[:16]
+    return ProtocolLabels(root.name, ((depth - mean) / std).astype(np.float32), (sal > 0).astype(np.uint8), split,
+                          mean, std, digest)
+
+
+# ---------------------------------------------------------------- streaming features -------------------------------
+def _features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Non-finite activations (fp16 overflow in a control model) become 0; returns (x, how many were replaced)."""
+    bad = ~torch.isfinite(x)
+    nbad = int(bad.sum())
+    return (torch.where(bad, torch.zeros((), dtype=x.dtype), x) if nbad else x), nbad
+
+
+def _iter_images(store: CaptureStore, site: str, step: int, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    for r, x in store.iter_rows(site, step, rows, CHUNK):
+        yield r, _features(x)[0]                                               # (b, C, h, w) float32
+
+
+def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Native predictions x·θ (+ b) for every θ: (n, L, h, w) float64."""
+    out = []
+    for _, x in _iter_images(store, site, step, rows):
+        z = torch.einsum("nchw,lc->nlhw", x.double(), thetas[:, : x.shape[1]])
+        if bias:
+            z = z + thetas[:, -1][None, :, None, None]
+        out.append(z)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- one probe ----------------------------------------
+@dataclass
+class Probe:
+    """A fitted (site, step): raw-space weights θ (d,) per task (d = C [+1 bias]) and what was chosen."""
+    depth: torch.Tensor
+    saliency: torch.Tensor           # logit weights (x·θ > 0 ⇔ salient)
+    scale: torch.Tensor
+    lam: tuple[float, float]
+    selected: dict[str, tuple[str, float]]   # task → (selection metric name, value), e.g. ("lambda", 0.01)
+    nonfinite: int = 0
+
+
+def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
+    """Ridge (depth) and IRLS logistic (saliency) from one streamed pass over the train rows; λ chosen on val."""
+    C, h, w = store.shape(site)
+    d = C + int(cfg.bias)
+    n_pix, dsum, pos = labels.native(h, w, cfg.upsample)
+    stats = fit.RidgeStats(d, 3)
+    cache, cached_bytes, nonfinite, over = [], 0, 0, False
+    for r, x in store.iter_rows(site, step, labels.idx(0), CHUNK):
+        x, nbad = _features(x)
+        nonfinite += nbad
+        X = x.permute(0, 2, 3, 1).reshape(-1, C)                               # (b·h·w, C) float32
+        if cfg.bias:
+            X = torch.cat([X, torch.ones(len(X), 1)], 1)
+        wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1)               # (b·h·w,)
+        ps = pos[r].reshape(-1)
+        stats.add(X.double(), wt, torch.stack([dsum[r].reshape(-1), ps, wt], 1))
+        cached_bytes += X.numel() * 4
+        over = over or cached_bytes > CACHE_BYTES
+        if over:
+            cache.clear()                                                      # too big: re-read for each pass
+        else:
+            cache.append((X, wt, ps))
+
+    def chunks():
+        return _rechunk(store, site, step, labels, cfg, n_pix, pos) if over else cache
+
+    scale = fit.feature_scale(stats.G, stats.P, C)
+    penalty = fit.penalty_mask(d, cfg.bias) * scale ** 2                       # λ‖w/s‖²: the scaled-coordinate penalty
+    lams = list(cfg.lambdas)
+    theta_d = fit.ridge_path(stats, lams, cfg.bias, scale)[:, :, 0]            # (L, d)
+    init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
+    theta_s, info = fit.logistic_path(chunks, stats.P, lams, penalty, init=init, refine=False)
+
+    val = labels.idx(1)
+    zd = fit.upsample_nearest(_predict(store, site, step, val, theta_d, cfg.bias), *labels.size)   # (n, L, H, W)
+    rm = np.stack([np.sqrt(((zd[:, i].numpy() - labels.depth[val]) ** 2).mean((1, 2))) for i in range(len(lams))], 1)
+    zs = fit.upsample_nearest(_predict(store, site, step, val, theta_s, cfg.bias), *labels.size)
+    dc = np.stack([dice(zs[:, i].numpy() > 0, labels.saliency[val]) for i in range(len(lams))], 1)
+    i_d = _pick([-nanmean(rm[:, i]) for i in range(len(lams))], lams)
+    i_s = _pick([nanmean(dc[:, i]) for i in range(len(lams))], lams)
+    ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s], info.hessians[i_s])
+    return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]),
+                 {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, nonfinite)
+
+
+def _pick(scores: list[float], lams: list[float]) -> int:
+    """Index of the best score (NaN never wins); ties go to the larger λ (the simpler probe)."""
+    best = None
+    for i in sorted(range(len(lams)), key=lambda i: -lams[i]):
+        s = scores[i]
+        if math.isfinite(s) and (best is None or s > scores[best] + 1e-12):
+            best = i
+    return best if best is not None else max(range(len(lams)), key=lambda i: lams[i])
+
+
+def _rechunk(store, site, step, labels, cfg, n_pix, pos):
+    """Train rows re-read from disk (when they exceed CACHE_BYTES): same chunks as the first pass."""
+    C = store.shape(site)[0]
+    for r, x in _iter_images(store, site, step, labels.idx(0)):
+        X = x.permute(0, 2, 3, 1).reshape(-1, C)
+        if cfg.bias:
+            X = torch.cat([X, torch.ones(len(X), 1)], 1)
+        yield X, n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1), pos[r].reshape(-1)
+
+
+def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
+    """The paper's trainer (Adam, Huber / 2-class CE, 30 epochs, batch 4); checkpoint chosen on val loss.
+
+    Holds the train and val rows of one (site, step) in memory, as the paper's loader does."""
+    C = store.shape(site)[0]
+    tr, va = labels.idx(0), labels.idx(1)
+    xt, nbad = _features(store.read(site, step, tr))
+    xv, _ = _features(store.read(site, step, va))
+    common = dict(upsample=cfg.upsample, bias=cfg.bias, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                  seed=cfg.seed)
+    rd = fit.fit_adam(xt, torch.from_numpy(labels.depth[tr]), xv, torch.from_numpy(labels.depth[va]), "depth", **common)
+    rs = fit.fit_adam(xt, torch.from_numpy(labels.saliency[tr]), xv, torch.from_numpy(labels.saliency[va]), "saliency",
+                      **common)
+    theta_d = torch.cat([rd.weight[:, 0], rd.bias[:1]]) if cfg.bias else rd.weight[:, 0]
+    wl = rs.weight[:, 1] - rs.weight[:, 0]                                     # 2-class softmax → logit difference
+    theta_s = torch.cat([wl, (rs.bias[1] - rs.bias[0])[None]]) if cfg.bias else wl
+    return Probe(theta_d, theta_s, torch.ones(C, dtype=torch.float64), (0.0, 0.0),
+                 {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad)
+
+
+def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, probe: Probe,
+          bias: bool) -> dict[tuple[str, str, str], float]:
+    """{(task, split, metric): mean over images} of a fitted probe on val and test."""
+    out = {}
+    for split, code in SPLITS.items():
+        rows = labels.idx(code)
+        z = _predict(store, site, step, rows, torch.stack([probe.depth, probe.saliency]), bias)
+        z = fit.upsample_nearest(z, *labels.size).numpy()                      # (n, 2, H, W)
+        for k, v in depth_metrics(z[:, 0], labels.depth[rows], labels.gt_ranks(code)).items():
+            out[("depth", split, k)] = nanmean(v)
+        for k, v in saliency_metrics(z[:, 1] > 0, labels.saliency[rows].astype(bool)).items():
+            out[("saliency", split, k)] = nanmean(v)
+    for task, (name, value) in probe.selected.items():
+        out[(task, "val", name)] = value
+    return out
+
+
+def probe_tensors(probe: Probe, C: int, bias: bool, labels: ProtocolLabels) -> dict[str, torch.Tensor]:
+    """Weights in raw activation units, saliency in the paper's 2-class format (symmetric halves of the logit)."""
+    wd, ws = probe.depth[:C], probe.saliency[:C]
+    bd = probe.depth[C:] if bias else torch.zeros(1, dtype=torch.float64)
+    bs = probe.saliency[C:] if bias else torch.zeros(1, dtype=torch.float64)
+    t = {"depth.weight": wd[:, None], "depth.bias": bd.reshape(1),
+         "saliency.weight": torch.stack([-ws / 2, ws / 2], 1), "saliency.bias": torch.cat([-bs / 2, bs / 2]),
+         "feature_scale": probe.scale[:C], "lambda": torch.tensor(probe.lam, dtype=torch.float64),
+         "depth_norm": torch.tensor([labels.depth_mean, labels.depth_std], dtype=torch.float64)}
+    return {k: v.float().contiguous() for k, v in t.items()}
+
+
+# ---------------------------------------------------------------- the sweep ----------------------------------------
+def find_stores(run: Path) -> list[tuple[Path, list[Path]]]:
+    """[(protocol folder with labels.safetensors, [store folders])], sorted; stores are folders with a manifest."""
+    root = Path(run) / "captures"
+    if not root.is_dir():
+        raise fail(f"no captures in {root}; run `sceneprobe capture --run {run}` first")
+    out = []
+    for proto in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not (proto / "labels.safetensors").is_file():
+            continue
+        stores = sorted(s for s in proto.iterdir() if s.is_dir() and ((s / "manifest.json").exists()
+                                                                      or any(s.glob("*/step_*.safetensors"))))
+        if stores:
+            out.append((proto, stores))
+    if not out:
+        raise fail(f"no capture store with labels under {root} (expected <protocol>/labels.safetensors beside "
+                   f"<protocol>/<model>/manifest.json); run `sceneprobe capture` first")
+    return out
+
+
+def probe_path(run: Path, protocol: str, model: str, site: str, step: int) -> Path:
+    return Path(run) / "probes" / protocol / model / site / f"step_{step:02d}.safetensors"
+
+
+def probe_fingerprint(cfg: ProbeConfig, store: CaptureStore, labels: ProtocolLabels) -> str:
+    manifest = hashlib.sha256((store.root / "manifest.json").read_bytes()).hexdigest()[:16]
+    return fingerprint(cfg, {"version": PROBE_VERSION, "manifest": manifest, "labels": labels.digest})
+
+
+def _finished_rows(path: Path, fp: str) -> list[dict] | None:
+    from safetensors import safe_open
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:                                                          # damaged or foreign file: refit
+        return None
+    return json.loads(meta["rows"]) if meta.get("fingerprint") == fp and "rows" in meta else None
+
+
+def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
+              cfg: ProbeConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Fit, score and format one (site, step): (tensors for the probe file, result rows)."""
+    fitter = fit_exact if cfg.solver == "exact" else fit_paper_adam
+    probe = fitter(store, site, step, labels, cfg)
+    scores = score(store, site, step, labels, probe, cfg.bias)
+    timestep = store.timesteps[store.steps.index(step)]
+    rows = [_row(store.manifest.get("protocol", labels.protocol), store.manifest.get("model", store.root.name), site,
+                 step, timestep, task, split, metric, v) for (task, split, metric), v in scores.items()]
+    return probe_tensors(probe, store.shape(site)[0], cfg.bias, labels), rows
+
+
+def _row(protocol, model, site, step, timestep, task, split, metric, value) -> dict:
+    return {"protocol": protocol, "model": model, "site": site, "step": int(step), "timestep": int(timestep),
+            "task": task, "split": split, "metric": metric, "value": _fmt_value(value)}
+
+
+def _fmt_value(v: float) -> float:
+    """Round to 6 significant digits (what results.csv shows): reruns and resumed runs print identical bytes."""
+    v = float(v)
+    return v if not math.isfinite(v) else float(f"{v:.6g}")
+
+
+def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True) -> Path:
+    """Fit and score every (store, site, step) under ``run/captures``; returns ``run/report/results.csv``.
+
+    Resumable: a probe file whose fingerprint (config, store manifest, labels, PROBE_VERSION) matches is not refit.
+    Memory: one (site, step)'s streamed chunks, plus the train rows kept for the IRLS passes up to CACHE_BYTES.
+    """
+    from safetensors.torch import save as st_save
+    from tqdm import tqdm
+
+    if cfg.solver not in ("exact", "adam"):
+        raise fail(f"probe.solver must be exact or adam, got {cfg.solver!r}")
+    if cfg.upsample not in ("nearest", "area"):
+        raise fail(f"probe.upsample must be nearest or area, got {cfg.upsample!r}")
+    if cfg.solver == "exact" and (not cfg.lambdas or min(cfg.lambdas) <= 0):
+        raise fail(f"probe.lambdas must be a non-empty list of positive numbers, got {list(cfg.lambdas)}")
+    run = Path(run)
+    groups = []
+    for proto, store_dirs in find_stores(run):
+        stores = [CaptureStore(s) for s in store_dirs]
+        labels = load_protocol_labels(proto, stores[0].n)
+        for s in stores:
+            if s.n != stores[0].n:
+                raise fail(f"capture store {s.root} has {s.n} rows but {stores[0].root} has {stores[0].n}; rows must "
+                           f"align with {proto / 'labels.safetensors'}")
+        groups.append((proto, labels, stores))
+    jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores for site in s.sites for step in s.steps]
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), desc="probes", unit="probe", disable=not progress, file=sys.stderr)
+    fps: dict[Path, str] = {}
+    for labels, store, site, step in jobs:
+        model = store.manifest.get("model", store.root.name)
+        fp = fps.setdefault(store.root, probe_fingerprint(cfg, store, labels))
+        path = probe_path(run, labels.protocol, model, site, step)
+        done = _finished_rows(path, fp)
+        if done is None:
+            tensors, done = probe_one(store, site, step, labels, cfg)
+            meta = {"fingerprint": fp, "rows": json.dumps(done, sort_keys=True), "protocol": labels.protocol,
+                    "model": model, "site": site, "step": str(step), "solver": cfg.solver,
+                    "config": json.dumps(to_dict(cfg), sort_keys=True)}
+            atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        rows.extend(done)
+        bar.update(1)
+        bar.set_postfix_str(f"{labels.protocol}/{model}/{site}/step {step}", refresh=False)
+    bar.close()
+    for _, labels, _ in groups:
+        for split, code in SPLITS.items():
+            for (task, metric), v in baseline_scores(labels.depth, labels.saliency, labels.split, code).items():
+                rows.append(_row(labels.protocol, BASELINE_MODEL, "-", -1, -1, task, split, metric, v))
+    return write_results(run / "report", rows, cfg)
+
+
+def _sort_key(r: dict):
+    return (r["protocol"], r["model"], r["site"], r["step"], r["task"], r["split"], r["metric"])
+
+
+def format_value(v: float) -> str:
+    return "nan" if math.isnan(v) else f"{v:.6g}"
+
+
+def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
+    rows = sorted(rows, key=_sort_key)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(COLUMNS)
+    for r in rows:
+        wr.writerow([r[c] if c != "value" else format_value(r[c]) for c in COLUMNS])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    clean = [{**r, "value": None if math.isnan(r["value"]) else r["value"]} for r in rows]
+    atomic_write_json(out / "results.json", {"columns": list(COLUMNS), "probe_config": to_dict(cfg),
+                                             "metrics": {k: list(v) for k, v in METRICS.items()}, "rows": clean})
+    return out / "results.csv"
+
+
+def read_results(path: Path) -> list[dict]:
+    """results.csv → rows with typed step, timestep and value."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail(f"results file {path} is missing; run `sceneprobe probe --run {path.parent.parent}` first")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["step"], r["timestep"], r["value"] = int(r["step"]), int(r["timestep"]), float(r["value"])
+    return rows

@@ -1,0 +1,1 @@
+"""Training: the VAE, the latent U-Net and the labeller share one resumable loop (``loop.py``)."""

@@ -1,0 +1,321 @@
+"""Capture (issue #4): recorder hooks, controls, the generate and noised protocols, streaming, resume, integrity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+from sceneprobe.capture import run as caprun  # noqa: E402
+from sceneprobe.capture.recorder import Recorder, hook_count  # noqa: E402
+from sceneprobe.capture.run import probe_split, run_capture  # noqa: E402
+from sceneprobe.capture.store import CaptureStore, load_labels, shard_path  # noqa: E402
+from sceneprobe.config import load_config  # noqa: E402
+from sceneprobe.errors import SceneprobeError  # noqa: E402
+from sceneprobe.models.build import build_train_scheduler, build_unet, build_vae, latent_size  # noqa: E402
+from sceneprobe.models.controls import fresh_copy, permuted_copy  # noqa: E402
+from sceneprobe.models.io import LDM  # noqa: E402
+from sceneprobe.sample import decode, generate  # noqa: E402
+
+UNET_SITES = ["unet.down0.attn0", "unet.mid.attn0", "unet.up1.attn0", "unet.up1.attn1"]
+
+
+def tiny_cfg(**capture):
+    base = {"n_generate": 6, "n_noised": 6, "steps": 2, "batch_size": 4}
+    return load_config("tiny", overrides={"capture": {**base, **capture}})
+
+
+@pytest.fixture(scope="module")
+def ldm() -> LDM:
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    vae = build_vae(cfg.vae, cfg.world.size).eval()
+    unet = build_unet(cfg.unet, cfg.vae.latent_channels, latent_size(cfg.vae, cfg.world.size)).eval()
+    return LDM(vae, unet, dict(build_train_scheduler(cfg.train_ldm).config))
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sceneprobe.world.dataset import SceneData
+    rng = np.random.default_rng(0)
+    n = 10
+    split = np.array(["train", "test"] * 5)
+    return SceneData(Path("fake"), [f"{i:06d}" for i in range(n)], rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+                     rng.random((n, 32, 32), np.float32) * 10, rng.random((n, 32, 32)) > 0.5, split)
+
+
+def _stores_equal(a: Path, b: Path) -> None:
+    sa, sb = CaptureStore(a), CaptureStore(b)
+    assert sa.sites == sb.sites and sa.steps == sb.steps
+    for s in sa.sites:
+        for t in sa.steps:
+            assert torch.equal(sa.read(s, t), sb.read(s, t)), (s, t)
+
+
+# ------------------------------------------------------------------------------------------------------ recorder
+def test_recorder_attn_site_is_the_branch_before_the_residual(ldm):
+    x = torch.randn(2, 4, 16, 16)
+    inputs = {}
+    pre = [ldm.unet.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: inputs.__setitem__(p, a[0]))
+           for p in ("down_blocks.0.attentions.0", "mid_block.attentions.0")]
+    try:
+        with torch.no_grad(), Recorder({"unet": ldm.unet}, kind="attn") as a, \
+                Recorder({"unet": ldm.unet}, kind="block") as b:
+            ldm.unet(x, 10)
+            ldm.unet(x, 500)
+    finally:
+        for h in pre:
+            h.remove()
+    assert a.sites == UNET_SITES
+    assert all(len(v) == 2 for v in a.outputs.values())  # one entry per call
+    assert a.outputs["unet.down0.attn0"][0].shape == (2, 16, 16, 16)  # (B, C, H, W)
+    assert a.outputs["unet.mid.attn0"][0].shape == (2, 32, 8, 8)
+    # block output = attention branch + residual (UNet2DModel: residual_connection, rescale 1)
+    pairs = (("unet.down0.attn0", "down_blocks.0.attentions.0"), ("unet.mid.attn0", "mid_block.attentions.0"))
+    for site, path in pairs:
+        torch.testing.assert_close(b.outputs[site][1], a.outputs[site][1] + inputs[path], atol=1e-5, rtol=1e-5)
+
+
+def test_recorder_removes_exactly_its_hooks_also_on_errors(ldm):
+    unet, vae = ldm.unet, ldm.vae
+    own = unet.mid_block.register_forward_hook(lambda *a: None)  # somebody else's hook stays
+    before = hook_count(unet) + hook_count(vae)
+    with Recorder({"unet": unet, "vae": vae}) as rec:
+        assert hook_count(unet) + hook_count(vae) == before + 2 * (4 + 2)  # pre-hook + hook per site
+        assert rec.sites[-2:] == ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
+    assert hook_count(unet) + hook_count(vae) == before
+    with pytest.raises(ZeroDivisionError):
+        with Recorder({"unet": unet, "vae": vae}):
+            1 / 0
+    assert hook_count(unet) + hook_count(vae) == before
+    with pytest.raises(SceneprobeError, match="unet.down7.attn0"):
+        Recorder({"unet": unet}, sites=["unet.down0.attn0", "unet.down7.attn0"])
+    with pytest.raises(SceneprobeError, match="vae"):
+        Recorder({"unet": unet}, sites=["vae.dec.mid.attn0"])
+    with pytest.raises(SceneprobeError, match="kind"):
+        Recorder({"unet": unet}, kind="residual")
+    assert hook_count(unet) + hook_count(vae) == before
+    own.remove()
+
+
+def test_recorder_streams_and_keeps_the_conditional_half(ldm):
+    got = []
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad(), Recorder({"unet": ldm.unet}, ["unet.up1.attn1"], on_output=lambda s, y: got.append((s, y)),
+                                   keep_half="cond") as rec, Recorder({"unet": ldm.unet}, ["unet.up1.attn1"]) as full:
+        ldm.unet(x, 3)
+    assert rec.outputs["unet.up1.attn1"] == []  # streamed: nothing kept
+    (site, y), = got
+    assert site == "unet.up1.attn1" and y.shape == (1, 16, 16, 16)
+    assert torch.equal(y, full.outputs[site][0][1:])
+
+
+# ------------------------------------------------------------------------------------------------------ controls
+def test_controls_permute_weights_keep_biases_and_are_seeded(ldm):
+    unet = ldm.unet
+    orig = {k: v.clone() for k, v in unet.state_dict().items()}
+    p1, p2, p3 = permuted_copy(unet, 1), permuted_copy(unet, 1), permuted_copy(unet, 2)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, orig[k])  # the original is untouched
+    s1, s3 = p1.state_dict(), p3.state_dict()
+    changed = 0
+    for k, v in orig.items():
+        assert torch.equal(s1[k], p2.state_dict()[k])  # seeded
+        if k.endswith(".weight"):
+            assert torch.equal(s1[k].flatten().sort().values, v.flatten().sort().values)  # a permutation
+            changed += (not torch.equal(s1[k], v)) and v.unique().numel() > 1
+        else:
+            assert torch.equal(s1[k], v)  # biases untouched
+    assert changed > 10 and not torch.equal(s1["conv_in.weight"], s3["conv_in.weight"])
+    state = torch.random.get_rng_state()
+    f1, f2, f3 = fresh_copy(unet, 5), fresh_copy(unet, 5), fresh_copy(unet, 6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(f1.conv_in.weight, f2.conv_in.weight) and not torch.equal(f1.conv_in.weight, f3.conv_in.weight)
+    assert not torch.equal(f1.conv_in.weight, unet.conv_in.weight) and f1.config == unet.config
+
+
+# ------------------------------------------------------------------------------------------------------ protocols
+def test_probe_split_is_60_15_25_and_fixed_by_id():
+    s = probe_split(range(100))
+    assert np.bincount(s).tolist() == [60, 15, 25]
+    assert np.array_equal(probe_split(range(100)), s) and s.dtype == np.int8
+    assert np.bincount(probe_split(range(12)), minlength=3).tolist() == [7, 2, 3]
+
+
+def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
+    cfg = tiny_cfg()
+    root = run_capture(cfg, tmp_path, "generate", ldm, progress=False)
+    assert root == tmp_path / "captures" / "generate" / "ldm"
+    st = CaptureStore(root)
+    st.verify()
+    m = st.manifest
+    assert m["site_order"] == UNET_SITES + ["vae.dec.mid.attn0"]  # the encoder is not run while sampling
+    assert sorted(st.sites) == sorted(m["site_order"])  # (manifest keys are sorted on disk)
+    assert m["n"] == 6 and m["sample_ids"] == list(range(6)) and m["steps"] == [0, 1] and len(m["timesteps"]) == 2
+    assert m["timesteps"][0] > m["timesteps"][1]  # step 0 is the noisiest
+    for key in ("protocol", "model", "seeds", "dtype", "pool", "site_kind", "vae_input", "model_hash", "vae_hash",
+                "fingerprint"):
+        assert key in m
+    assert m["sites"]["unet.mid.attn0"]["shape"] == [32, 8, 8] and m["dtype"] == "float16"
+    assert not (root / "progress").exists()
+    # Reference: the plain sampler, hooks in memory, batch of two ids from the middle (batch independence).
+    ids = [4, 5]
+    steps_seen = []
+    with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae}, st.sites) as rec:
+        imgs, _ = generate(ldm, ids, cfg.capture.seed, steps=2,
+                           callback=lambda i, t, x, x0: (steps_seen.append(t), decode(ldm.vae, x)))
+    assert steps_seen == m["timesteps"]
+    for site in st.sites:
+        for step in (0, 1):
+            torch.testing.assert_close(st.read(site, step, ids), rec.outputs[site][step].half().float(),
+                                       atol=2e-3, rtol=2e-3)
+    from safetensors.numpy import load_file
+    samples = load_file(str(root.parent / "samples.safetensors"))
+    assert samples["images"].shape == (6, 32, 32, 3) and samples["images"].dtype == np.uint8
+    assert np.array_equal(samples["images"][ids], imgs)  # the final images are the sampler's images
+    assert np.array_equal(samples["split"], probe_split(range(6))) and m["split"] == samples["split"].tolist()
+    assert (root.parent / "images" / "000005.png").is_file()
+
+
+def test_vae_sees_predicted_x0_and_pooling_and_float32(ldm, tmp_path):
+    a = run_capture(tiny_cfg(dtype="float32"), tmp_path / "a", "generate", ldm, progress=False)
+    b = run_capture(tiny_cfg(dtype="float32", pool=2), tmp_path / "b", "generate", ldm, progress=False)
+    c = run_capture(tiny_cfg(vae_input="x0"), tmp_path / "c", "generate", ldm, progress=False)
+    sa, sb, sc = CaptureStore(a), CaptureStore(b), CaptureStore(c)
+    assert sb.shape("unet.down0.attn0") == (16, 8, 8) and sb.manifest["pool"] == 2
+    for site in sa.sites:
+        torch.testing.assert_close(sb.read(site, 0), F.avg_pool2d(sa.read(site, 0), 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sc.read("unet.mid.attn0", 1), sa.read("unet.mid.attn0", 1), atol=2e-3, rtol=2e-3)
+    with torch.no_grad(), Recorder({"vae": ldm.vae}, ["vae.dec.mid.attn0"]) as rec:
+        generate(ldm, [0, 1], 1000, steps=2, callback=lambda i, t, x, x0: decode(ldm.vae, x0))
+    ref = rec.outputs["vae.dec.mid.attn0"][0].half().float()  # step 0, decoded from x̂0
+    torch.testing.assert_close(sc.read("vae.dec.mid.attn0", 0, [0, 1]), ref, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(sa.read("vae.dec.mid.attn0", 0, [0, 1]), ref, atol=1e-4, rtol=0)
+
+
+def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, tmp_path):
+    root = run_capture(tiny_cfg(n_noised=4), tmp_path, "noised", ldm, data=data, progress=False)
+    st = CaptureStore(root)
+    assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
+    test = data.subset("test")
+    assert st.n == 4 and st.manifest["names"] == test.names[:4]
+    enc0, enc1 = st.read("vae.enc.mid.attn0", 0), st.read("vae.enc.mid.attn0", 1)
+    assert torch.equal(enc0, enc1) and "vae.enc.mid.attn0" in st.manifest["replicated_sites"]
+    assert not torch.allclose(st.read("unet.mid.attn0", 0), st.read("unet.mid.attn0", 1))
+    labels = load_labels(root.parent)
+    assert np.array_equal(labels["depth"], test.depth[:4]) and labels["depth"].dtype == np.float32
+    assert np.array_equal(labels["saliency"], test.saliency[:4].astype(np.uint8))
+    assert np.array_equal(labels["split"], probe_split(range(4)))
+    # fewer test scenes than asked: all of them; the permuted control gets the same rows and labels
+    ctl = run_capture(tiny_cfg(n_noised=99), tmp_path, "noised", ldm, data=data, control="permuted", progress=False)
+    sc = CaptureStore(ctl)
+    assert ctl.name == "permuted" and sc.n == 5 and sc.manifest["model_hash"] != st.manifest["model_hash"]
+    assert sc.manifest["vae_hash"] == st.manifest["vae_hash"]
+    assert torch.equal(sc.read("vae.enc.mid.attn0", 0)[:4], enc0)  # same VAE, same scenes
+    assert np.array_equal(load_labels(root.parent)["depth"], test.depth[:5])
+
+
+def test_bad_capture_inputs_are_one_line_errors(ldm, data, tmp_path):
+    from sceneprobe.world.dataset import SceneData
+    cases = [
+        (lambda: run_capture(tiny_cfg(), tmp_path, "replay", ldm), "protocol"),
+        (lambda: run_capture(tiny_cfg(), tmp_path, "noised", ldm), "--data"),
+        (lambda: run_capture(tiny_cfg(), tmp_path, "generate", ldm, control="shuffled"), "control"),
+        (lambda: run_capture(tiny_cfg(site_kind="residual"), tmp_path, "generate", ldm), "site_kind"),
+        (lambda: run_capture(tiny_cfg(vae_input="noise"), tmp_path, "generate", ldm), "vae_input"),
+        (lambda: run_capture(tiny_cfg(dtype="int8"), tmp_path, "generate", ldm), "dtype"),
+        (lambda: run_capture(tiny_cfg(pool=64), tmp_path, "generate", ldm), "pool"),
+        (lambda: run_capture(tiny_cfg(), tmp_path, "noised", ldm, data=SceneData(
+            Path("x"), data.names, data.rgb, None, None, data.split)), "depth"),
+        (lambda: run_capture(tiny_cfg(), tmp_path, "noised", ldm, data=SceneData(
+            Path("x"), data.names, data.rgb, data.depth, data.saliency, np.array(["train"] * 10))), "test split"),
+    ]
+    for fn, word in cases:
+        with pytest.raises(SceneprobeError, match=word) as e:
+            fn()
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ resume and integrity
+class _Crash(Exception):
+    pass
+
+
+def _crash_after_first_batch(monkeypatch):
+    calls = {"n": 0}
+    real = caprun.save_images
+
+    def save_images(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash()
+        return real(*a, **k)
+    monkeypatch.setattr(caprun, "save_images", save_images)
+
+
+def _count_batches(monkeypatch) -> dict:
+    count = {"n": 0}
+    real = caprun.sample_and_record
+
+    def counted(*a, **k):
+        count["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(caprun, "sample_and_record", counted)
+    return count
+
+
+def test_resume_skips_finished_batches_and_finished_stores(ldm, tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    full = run_capture(cfg, tmp_path / "full", "generate", ldm, progress=False)
+    with monkeypatch.context() as mp:
+        _crash_after_first_batch(mp)
+        with pytest.raises(_Crash):
+            run_capture(cfg, tmp_path / "r", "generate", ldm, progress=False)
+    root = tmp_path / "r" / "captures" / "generate" / "ldm"
+    assert not (root / "manifest.json").exists()
+    prog = json.loads((root / "progress" / "rank0.json").read_text())
+    assert prog["done"] == [[0, 4]]
+    count = _count_batches(monkeypatch)
+    assert run_capture(cfg, tmp_path / "r", "generate", ldm, progress=False) == root
+    assert count["n"] == 1  # only the unfinished batch [4, 6)
+    _stores_equal(root, full)
+    run_capture(cfg, tmp_path / "r", "generate", ldm, progress=False)
+    assert count["n"] == 1  # finished and matching: skipped entirely
+    run_capture(cfg, tmp_path / "r", "generate", ldm, force=True, progress=False)
+    assert count["n"] == 3  # force redoes both batches
+    _stores_equal(root, full)
+
+
+def test_manifest_mismatch_and_truncated_shards_are_named(ldm, tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    root = run_capture(cfg, tmp_path, "generate", ldm, progress=False)
+    with pytest.raises(SceneprobeError, match="other options.*--force"):
+        run_capture(tiny_cfg(steps=3), tmp_path, "generate", ldm, progress=False)
+    # a finished store with a damaged shard is not silently skipped
+    shard = shard_path(root, "unet.mid.attn0", 1)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    with pytest.raises(SceneprobeError, match=f"{shard}.*truncated"):
+        run_capture(cfg, tmp_path, "generate", ldm, progress=False)
+    # resume of an unfinished store checks every shard first
+    with monkeypatch.context() as mp:
+        _crash_after_first_batch(mp)
+        with pytest.raises(_Crash):
+            run_capture(cfg, tmp_path, "generate", ldm, force=True, progress=False)
+    shard = shard_path(root, "vae.dec.mid.attn0", 0)
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SceneprobeError, match=f"{shard}.*truncated"):
+        run_capture(cfg, tmp_path, "generate", ldm, progress=False)
+    with pytest.raises(SceneprobeError, match="started with other options"):
+        run_capture(tiny_cfg(pool=2), tmp_path, "generate", ldm, progress=False)
+    shard.unlink()  # what the error says to do: the rows of a lost shard are redone
+    count = _count_batches(monkeypatch)
+    run_capture(cfg, tmp_path, "generate", ldm, progress=False)
+    assert count["n"] == 2
+    CaptureStore(root).verify()

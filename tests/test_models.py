@@ -1,0 +1,102 @@
+"""The latent diffusion model: folders loadable by plain diffusers, exact resume, batch-independent sampling."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+
+from sceneprobe.models.io import load_ldm, model_hash
+from sceneprobe.sample import decode, denoise, generate, initial_noise
+from sceneprobe.train.vae import images_to_tensor
+
+
+def test_vae_scale_round_trip(tiny_run, tiny_data):
+    """encode → ×scaling_factor → ÷scaling_factor → decode equals decode(encode) and the factor is 1/std."""
+    ldm = load_ldm(tiny_run)
+    x = images_to_tensor(tiny_data.rgb[:4])
+    with torch.no_grad():
+        z = ldm.vae.encode(x).latent_dist.mode()
+        direct = ldm.vae.decode(z).sample.clamp(-1, 1)
+        via_scaled = decode(ldm.vae, z * ldm.scaling_factor)
+    assert torch.allclose(direct, via_scaled, atol=1e-5)
+    assert ldm.scaling_factor > 0 and ldm.scaling_factor != 1.0
+
+
+def test_plain_diffusers_loads_the_same_model(tiny_run):
+    """The run's folders load with plain diffusers (local_files_only) and sample exactly like sceneprobe's path."""
+    vae = AutoencoderKL.from_pretrained(tiny_run / "vae", local_files_only=True)
+    unet = UNet2DModel.from_pretrained(tiny_run / "unet", local_files_only=True)
+    sched = DDIMScheduler.from_pretrained(tiny_run / "scheduler", local_files_only=True)
+    ldm = load_ldm(tiny_run)
+    assert model_hash(vae) == model_hash(ldm.vae) and model_hash(unet) == model_hash(ldm.unet)
+    ids = [0, 1]
+    ours, _ = generate(ldm, ids, seed=3, steps=3)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    with torch.no_grad():
+        z = denoise(lambda x, t: unet(x, t).sample, sched, initial_noise(ids, 3, (c, s, s)), ids, 3, steps=3)
+        img = ((vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) * 127.5).round()
+    assert np.array_equal(ours, img.to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def test_sample_does_not_depend_on_its_batch(tiny_run):
+    ldm = load_ldm(tiny_run)
+    batch, _ = generate(ldm, [0, 1, 2, 3], seed=7, steps=2)
+    alone, _ = generate(ldm, [2], seed=7, steps=2)
+    assert np.array_equal(batch[2], alone[0])
+    ddpm_batch, _ = generate(ldm, [0, 1], seed=7, steps=2, sampler="ddpm")
+    ddpm_alone, _ = generate(ldm, [1], seed=7, steps=2, sampler="ddpm")
+    assert np.array_equal(ddpm_batch[1], ddpm_alone[0])
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["vae", "ldm"])
+def test_resume_after_kill_gives_identical_weights(tmp_path, tiny_cfg, tiny_data, tiny_run, stage, monkeypatch):
+    """Kill training mid-way (after a checkpoint), resume: the final weights equal an uninterrupted run's."""
+    import sceneprobe.train.loop as loop
+    from sceneprobe.train.ldm import train_ldm
+    from sceneprobe.train.vae import train_vae
+    train = train_vae if stage == "vae" else train_ldm
+    cfg = tiny_cfg
+    full, part = tmp_path / "full", tmp_path / "part"
+    for r in (full, part):
+        if stage == "ldm":
+            r.mkdir()
+            shutil.copytree(tiny_run / "vae", r / "vae")
+    train(cfg, tiny_data, full, progress=False)
+
+    real = loop._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(path, model, opt, ema, step):
+        real(path, model, opt, ema, step)
+        if step == cfg.train_vae.checkpoint_every:
+            raise Killed()
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(cfg, tiny_data, part, progress=False)
+    monkeypatch.setattr(loop, "_save_checkpoint", real)
+    train(cfg, tiny_data, part, resume=True, progress=False)
+    name = "vae" if stage == "vae" else "unet"
+    a = (full / name / "diffusion_pytorch_model.safetensors").read_bytes()
+    b = (part / name / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == b
+    lines_full = [ln.split('"elapsed_s"')[0] for ln in (full / f"train_{stage}" / "metrics.jsonl").read_text().splitlines()]
+    lines_part = [ln.split('"elapsed_s"')[0] for ln in (part / f"train_{stage}" / "metrics.jsonl").read_text().splitlines()]
+    assert lines_full == lines_part
+
+
+def test_training_is_reproducible(tmp_path, tiny_cfg, tiny_data):
+    from sceneprobe.train.vae import train_vae
+    cfg = dataclasses.replace(tiny_cfg, train_vae=dataclasses.replace(tiny_cfg.train_vae, steps=2))
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_vae(cfg, tiny_data, a, progress=False)
+    train_vae(cfg, tiny_data, b, progress=False)
+    assert (a / "vae/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (b / "vae/diffusion_pytorch_model.safetensors").read_bytes()

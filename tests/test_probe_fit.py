@@ -1,0 +1,144 @@
+"""Probe solvers: exact against sklearn, nearest-upsample sufficient statistics against brute force."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from sceneprobe.probe import fit
+
+torch.set_num_threads(1)
+
+
+def _data(seed=0, m=400, C=6, scales=(1, 3, 0.3, 1, 2, 1)):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(m, C)) * np.asarray(scales) + 0.5
+    w = rng.normal(size=C) / np.asarray(scales)
+    return rng, X, w
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_ridge_matches_sklearn(bias):
+    rng, X, w = _data()
+    y = X @ w + 0.3 * rng.normal(size=len(X)) + 0.7
+    lam = 0.05
+    ours = fit.fit_ridge(X, y, lam, bias=bias).numpy()
+    sk = Ridge(alpha=lam * len(X), fit_intercept=bias, solver="cholesky").fit(X, y)   # (1/P)·SSE + λ‖w‖² ≡ α = λP
+    ref = np.r_[sk.coef_, sk.intercept_] if bias else sk.coef_
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_weighted_ridge_matches_sklearn_sample_weight():
+    rng, X, w = _data(1)
+    y = X @ w + rng.normal(size=len(X))
+    wt = rng.integers(1, 5, len(X)).astype(float)
+    ours = fit.fit_ridge(X, y, 0.1, weight=wt).numpy()
+    sk = Ridge(alpha=0.1 * wt.sum(), fit_intercept=False, solver="cholesky").fit(X, y, sample_weight=wt)
+    np.testing.assert_allclose(ours, sk.coef_, rtol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_logistic_matches_sklearn(bias):
+    rng, X, w = _data(2)
+    y = (X @ w + 0.5 * rng.normal(size=len(X)) > 0.3).astype(float)
+    lam = 0.01
+    ours = fit.fit_logistic(X, y, lam, bias=bias).numpy()
+    # (1/P)·ΣCE + (λ/2)‖w‖²  ≡  ½‖w‖² + C·ΣCE with C = 1/(λP); sklearn leaves the intercept unpenalised (lbfgs)
+    sk = LogisticRegression(C=1 / (lam * len(X)), fit_intercept=bias, tol=1e-12, max_iter=10_000).fit(X, y)
+    ref = np.r_[sk.coef_[0], sk.intercept_] if bias else sk.coef_[0]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_logistic_is_stationary_to_float64_precision():
+    rng, X, w = _data(3)
+    y = (X @ w + rng.normal(size=len(X)) > 0).astype(float)
+    lam = 1e-3
+    th = fit.fit_logistic(X, y, lam).double()
+    Xt = torch.from_numpy(X)
+    grad = Xt.T @ (torch.sigmoid(Xt @ th) - torch.from_numpy(y)) / len(X) + lam * th
+    assert float(grad.abs().max()) < 1e-12
+
+
+def test_weighted_soft_logistic_equals_replicated_rows():
+    """n copies with pos positives ≡ one row with counts (the nearest-upsampling sufficient data)."""
+    rng, X, w = _data(4, m=60)
+    n = rng.integers(1, 6, len(X)).astype(float)
+    pos = np.array([rng.integers(0, k + 1) for k in n]).astype(float)
+    ours = fit.fit_logistic(X, pos / n, 0.02, weight=n).numpy()
+    Xr = np.concatenate([np.repeat(X[i:i + 1], int(n[i]), 0) for i in range(len(X))])
+    yr = np.concatenate([[1.0] * int(pos[i]) + [0.0] * int(n[i] - pos[i]) for i in range(len(X))])
+    brute = fit.fit_logistic(Xr, yr, 0.02).numpy()
+    np.testing.assert_allclose(ours, brute, atol=1e-10)
+
+
+def test_logistic_path_equals_single_fits_and_streaming():
+    rng, X, w = _data(5)
+    y = (X @ w > 0).astype(float)
+    Xt = torch.from_numpy(X)
+    n = torch.ones(len(X), dtype=torch.float64)
+    pos = torch.from_numpy(y)
+    chunks = lambda: [(Xt[i:i + 64].float(), n[i:i + 64], pos[i:i + 64]) for i in range(0, len(X), 64)]
+    lams = [1.0, 1e-2, 1e-1]
+    path, info = fit.logistic_path(chunks, len(X), lams, torch.ones(X.shape[1], dtype=torch.float64))
+    assert all(info.converged)
+    for i, lam in enumerate(lams):
+        np.testing.assert_allclose(path[i].numpy(), fit.fit_logistic(X, y, lam).numpy(), atol=1e-9)
+
+
+def test_nearest_index_matches_interpolate():
+    for H, h in ((16, 4), (12, 5), (7, 3), (4, 4)):
+        x = torch.randn(2, 3, h, h)
+        np.testing.assert_array_equal(fit.upsample_nearest(x, H, H).numpy(),
+                                      F.interpolate(x, size=(H, H), mode="nearest").numpy())
+
+
+@pytest.mark.parametrize("H,h", [(8, 4), (10, 4)])          # integer and non-integer factors
+def test_nearest_sufficient_statistics_equal_brute_force(H, h):
+    """Fitting on native positions weighted by their blocks = fitting every pixel of the upsampled features."""
+    g = torch.Generator().manual_seed(0)
+    n, C = 6, 5
+    x = torch.randn(n, C, h, h, generator=g, dtype=torch.float64)
+    depth = torch.randn(n, H, H, generator=g, dtype=torch.float64)
+    mask = (torch.rand(n, H, H, generator=g) > 0.6).double()
+    # brute force: upsample features, one row per label pixel
+    xu = fit.upsample_nearest(x, H, H)
+    Xb = xu.permute(0, 2, 3, 1).reshape(-1, C)
+    # sufficient statistics: one row per native position, weight = block size, target = block sum
+    cnt = fit.block_count(H, H, h, h).reshape(1, -1).expand(n, -1).reshape(-1)
+    Xn = fit.to_rows(x, bias=False)
+    dsum = fit.block_sum(depth, h, h).reshape(-1)
+    psum = fit.block_sum(mask, h, h).reshape(-1)
+    assert float(cnt.sum()) == n * H * H
+    lam = 0.03
+    np.testing.assert_allclose(fit.fit_ridge(Xn, dsum / cnt, lam, weight=cnt).numpy(),
+                               fit.fit_ridge(Xb, depth.reshape(-1), lam).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fit.fit_logistic(Xn, psum / cnt, lam, weight=cnt).numpy(),
+                               fit.fit_logistic(Xb, mask.reshape(-1), lam).numpy(), atol=1e-9)
+
+
+def test_area_equals_nearest_for_integer_factor():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    depth = torch.randn(4, 8, 8, generator=g, dtype=torch.float64)
+    cnt = fit.block_count(8, 8, 4, 4).reshape(1, -1).expand(4, -1).reshape(-1)
+    Xn = fit.to_rows(x, bias=False)
+    near = fit.fit_ridge(Xn, fit.block_sum(depth, 4, 4).reshape(-1) / cnt, 0.1, weight=cnt)
+    area = fit.fit_ridge(Xn, fit.area_downsample(depth, 4, 4).reshape(-1), 0.1)
+    np.testing.assert_allclose(near.numpy(), area.numpy(), rtol=1e-10)
+
+
+def test_adam_trainer_learns_planted_signal_and_selects_on_val():
+    g = torch.Generator().manual_seed(0)
+    n, C, h, H = 24, 4, 4, 8
+    x = torch.randn(n, C, h, h, generator=g)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    z = fit.upsample_nearest(torch.einsum("nchw,c->nhw", x, w), H, H)
+    res = fit.fit_adam(x[:16], z[:16], x[16:], z[16:], "depth", epochs=40, lr=5e-2)
+    assert res.weight.shape == (C, 1) and 1 <= res.best_epoch <= 40
+    assert res.val_losses[res.best_epoch - 1] == min(res.val_losses)
+    np.testing.assert_allclose(res.weight[:, 0].numpy(), w.numpy(), atol=0.1)
+    sal = fit.fit_adam(x[:16], (z[:16] > 0).float(), x[16:], (z[16:] > 0).float(), "saliency", epochs=20, lr=5e-2)
+    logit = sal.weight[:, 1] - sal.weight[:, 0]
+    assert torch.nn.functional.cosine_similarity(logit.float(), w, dim=0) > 0.9

@@ -1,0 +1,161 @@
+"""The probe sweep on synthetic stores: recovery, chance, determinism, resume, no test leakage, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sceneprobe.capture.store import load_labels, save_labels
+from sceneprobe.cli import main
+from sceneprobe.config import ProbeConfig
+from sceneprobe.errors import SceneprobeError
+from sceneprobe.probe import sweep
+from sceneprobe.probe.synthetic import synthetic_run
+
+torch.set_num_threads(1)
+SMALL = dict(n=40, channels=8, size=16, steps=2, models=("ldm",))
+
+
+def _value(rows, **kw):
+    hits = [r["value"] for r in rows if all(r[k] == v for k, v in kw.items())]
+    assert len(hits) == 1, (kw, hits)
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    run = synthetic_run(tmp_path_factory.mktemp("planted"), sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4},
+                        noise=0.05, **SMALL)
+    return run, sweep.run_probes(run, ProbeConfig(), progress=False)
+
+
+def test_probe_recovers_planted_signal(planted):
+    run, csv = planted
+    rows = sweep.read_results(csv)
+    best = dict(protocol="noised", model="ldm", site="unet.down0.attn0", step=1, split="test")
+    assert _value(rows, task="saliency", metric="dice", **best) > 0.95
+    assert _value(rows, task="depth", metric="spearman", **best) > 0.95
+    assert _value(rows, task="depth", metric="rmse", **best) < 0.2
+    base = dict(protocol="noised", model="baseline-mean", site="-", step=-1, split="test")
+    assert _value(rows, task="saliency", metric="dice", **best) > _value(rows, task="saliency", metric="dice", **base)
+    # a probe file per (site, step) with both tasks
+    t = load_file(str(run / "probes/noised/ldm/unet.mid.attn0/step_01.safetensors"))
+    assert t["depth.weight"].shape == (8, 1) and t["saliency.weight"].shape == (8, 2)
+    torch.testing.assert_close(t["saliency.weight"][:, 0], -t["saliency.weight"][:, 1])
+
+
+def test_probe_stays_at_chance_without_signal(planted, tmp_path):
+    """Shuffled labels: the features describe another scene, so a probe can learn at most the dataset's layout
+    (ground-plane gradient, objects near the centre), far below the true-label probe.
+    A signal-free store (the synthetic "permuted" model) scores ρ ≈ 0 and no better than the baseline."""
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4}, noise=0.05,
+                        shuffle_labels=True, **{**SMALL, "models": ("ldm", "permuted")})
+    rows = sweep.read_results(sweep.run_probes(run, ProbeConfig(), progress=False))
+    true = sweep.read_results(planted[1])
+    base = dict(protocol="noised", model="baseline-mean", site="-", step=-1, split="test")
+    for step in (0, 1):
+        q = dict(protocol="noised", site="unet.down0.attn0", step=step, split="test")
+        for task, metric in (("depth", "spearman"), ("saliency", "dice")):
+            shuffled = _value(rows, model="ldm", task=task, metric=metric, **q)
+            assert shuffled < _value(true, model="ldm", task=task, metric=metric, **q) - 0.2
+            assert _value(rows, model="permuted", task=task, metric=metric, **q) < \
+                _value(rows, task=task, metric=metric, **base) + 0.05
+        assert abs(_value(rows, model="permuted", task="depth", metric="spearman", **q)) < 0.2
+
+
+def test_results_are_deterministic_and_resumable(planted, tmp_path, monkeypatch):
+    run, csv = planted
+    first = csv.read_bytes()
+    other = synthetic_run(tmp_path, sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4}, noise=0.05, **SMALL)
+    assert sweep.run_probes(other, ProbeConfig(), progress=False).read_bytes() == first   # fresh rerun: same bytes
+    calls = []
+    real = sweep.probe_one
+    monkeypatch.setattr(sweep, "probe_one", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    assert sweep.run_probes(run, ProbeConfig(), progress=False).read_bytes() == first     # resumed: nothing refit
+    assert calls == []
+    (run / "probes/noised/ldm/unet.mid.attn0/step_00.safetensors").unlink()
+    sweep.run_probes(run, ProbeConfig(), progress=False)
+    assert calls == [("unet.mid.attn0", 0)]
+    assert csv.read_bytes() == first
+    calls.clear()
+    sweep.run_probes(run, ProbeConfig(lambdas=(0.1, 1.0)), progress=False)                # new config: all refit
+    assert len(calls) == 4
+    sweep.run_probes(run, ProbeConfig(), progress=False)
+    assert csv.read_bytes() == first
+
+
+def test_test_split_never_influences_the_fit(tmp_path):
+    a = synthetic_run(tmp_path / "a", sites={"unet.down0.attn0": 8}, noise=0.5, **SMALL)
+    b = synthetic_run(tmp_path / "b", sites={"unet.down0.attn0": 8}, noise=0.5, **SMALL)
+    lab = load_labels(b / "captures/noised")
+    test = lab["split"] == 2
+    lab["saliency"][test] = 1 - lab["saliency"][test]          # corrupt the test labels only
+    lab["depth"][test] = -lab["depth"][test]
+    save_labels(b / "captures/noised", **lab)
+    # depth standardisation uses train stats only, so corrupting test depth changes nothing upstream
+    ra = sweep.read_results(sweep.run_probes(a, ProbeConfig(), progress=False))
+    rb = sweep.read_results(sweep.run_probes(b, ProbeConfig(), progress=False))
+    for step in (0, 1):
+        ta = load_file(str(a / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
+        tb = load_file(str(b / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)
+    val = lambda rows: [(r["task"], r["metric"], r["value"]) for r in rows if r["split"] == "val"]
+    assert val(ra) == val(rb)
+    assert [r["value"] for r in ra if r["split"] == "test"] != [r["value"] for r in rb if r["split"] == "test"]
+
+
+def test_streaming_passes_equal_cached(tmp_path, monkeypatch):
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 8}, noise=0.5, n=40, channels=8, size=16, steps=1,
+                        models=("ldm",))
+    store = sweep.CaptureStore(run / "captures/noised/ldm")
+    labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
+    cached = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    monkeypatch.setattr(sweep, "CACHE_BYTES", 0)
+    monkeypatch.setattr(sweep, "CHUNK", 7)
+    streamed = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    assert cached.lam == streamed.lam
+    torch.testing.assert_close(cached.depth, streamed.depth, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cached.saliency, streamed.saliency, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", [ProbeConfig(bias=True, upsample="area"),
+                                 ProbeConfig(solver="adam", epochs=2, lambdas=())])
+def test_options_run_end_to_end(tmp_path, cfg):
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 8}, noise=0.2, n=24, channels=8, size=16, steps=1,
+                        models=("ldm",))
+    rows = sweep.read_results(sweep.run_probes(run, cfg, progress=False))
+    sel = "epoch" if cfg.solver == "adam" else "lambda"
+    assert {r["metric"] for r in rows if r["model"] == "ldm"} >= {"dice", "iou", "rmse", "spearman", "pearson", sel}
+    assert _value(rows, model="ldm", task="saliency", split="test", metric="dice") > 0.5
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SceneprobeError, match="no captures"):
+        sweep.run_probes(tmp_path, ProbeConfig(), progress=False)
+    (tmp_path / "captures/noised/ldm").mkdir(parents=True)
+    with pytest.raises(SceneprobeError, match="no capture store with labels"):
+        sweep.run_probes(tmp_path, ProbeConfig(), progress=False)
+    assert main(["probe", "--run", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    with pytest.raises(SceneprobeError, match="solver"):
+        sweep.run_probes(tmp_path, ProbeConfig(solver="sgd"), progress=False)
+
+
+def test_labels_must_align_and_have_all_splits(tmp_path):
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, n=12, channels=4, size=8, steps=1, models=("ldm",))
+    lab = load_labels(run / "captures/noised")
+    save_labels(run / "captures/noised", lab["depth"], lab["saliency"], np.zeros_like(lab["split"]))
+    with pytest.raises(SceneprobeError, match="no val rows"):
+        sweep.run_probes(run, ProbeConfig(), progress=False)
+    save_labels(run / "captures/noised", lab["depth"][:10], lab["saliency"][:10], lab["split"][:10])
+    with pytest.raises(SceneprobeError, match="rows but the capture stores have"):
+        sweep.run_probes(run, ProbeConfig(), progress=False)
+
+
+def test_cli_probe_prints_results_path_last(tmp_path, capsys):
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, n=16, channels=4, size=8, steps=1, models=("ldm",))
+    assert main(["probe", "--run", str(run), "--preset", "tiny", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "report" / "results.csv")
