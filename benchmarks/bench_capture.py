@@ -1,7 +1,8 @@
 """Cost of capture (issue #4): time with capture on vs off, bytes per image, peak memory vs N, U-Net forwards.
 
 Model: the shipped ``cpu`` model if the package has one, else a freshly built (untrained) ``cpu``-preset model — the
-costs depend on the architecture, not on the weights. Times are the best of ``--repeats`` runs (the machine is shared).
+costs depend on the architecture, not on the weights. Times are the best of ``--repeats`` runs, in this process's CPU
+time by default (``--clock cpu``, one torch thread): on a machine shared with a training job, wall time varies by ±50 %.
 
 * off: ``sample.generate`` per batch (15 DDIM steps + the final decode), no hooks.
 * U-Net capture: ``run_capture`` restricted to the U-Net sites (hooks, fp16 rows streamed into shards, PNGs, manifest).
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+clock = time.process_time
 
 
 def get_model():
@@ -76,15 +78,33 @@ def main() -> None:
     ap.add_argument("--n-rss", type=int, nargs=2, default=[64, 512], help="the two N of the peak-memory runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: this process's CPU time (immune to other jobs on a shared machine); wall: elapsed")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.rss_child is not None:
         return rss_child(args.rss_child)
 
+    from sceneprobe.capture import run as caprun
     from sceneprobe.capture.run import run_capture
     from sceneprobe.models.sites import list_sites
     from sceneprobe.sample import generate
+    io_time = {"write_rows": 0.0, "images": 0.0}
+
+    def timed(fn, key):  # how much of the capture time is disk output (shard rows; PNGs and samples file)
+        def wrapper(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                io_time[key] += clock() - t0
+        return wrapper
+    caprun.write_rows = timed(caprun.write_rows, "write_rows")
+    caprun.save_images = timed(caprun.save_images, "images")
+    caprun.collect_samples = timed(caprun.collect_samples, "images")
     ldm, cfg, what = get_model()
     cc = cfg.capture
     cfg_t = with_capture(cfg, n_generate=args.n)
@@ -96,22 +116,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             with torch.no_grad():
                 for s in range(0, args.n, cc.batch_size):
                     generate(ldm, list(range(s, min(args.n, s + cc.batch_size))), cc.seed, steps=cc.steps)
-            times["off"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            times["off"].append(clock() - t0)
+            io_time.update(write_rows=0.0, images=0.0)
+            t0 = clock()
             run_capture(cfg_t, tmp / "u", "generate", ldm, force=True, progress=False, sites=unet_sites)
-            times["unet"].append(time.perf_counter() - t0)
+            times["unet"].append(clock() - t0)
+            if times["unet"][-1] == min(times["unet"]):
+                io_unet = dict(io_time)
             calls.clear()
             h = ldm.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 root = run_capture(cfg_t, tmp / "f", "generate", ldm, force=True, progress=False)
             finally:
                 h.remove()
-            times["full"].append(time.perf_counter() - t0)
+            times["full"].append(clock() - t0)
         nbytes = store_bytes(root)
     fwd_per_image = (sum(calls) - 1) / args.n  # minus the batch-1 shape pass
     rss = {}
@@ -125,10 +148,12 @@ def main() -> None:
     total = sum(nbytes.values())
     n0, n1 = args.n_rss
     print(f"model: {what}; U-Net sites {len(unet_sites)}, steps {cc.steps}, batch {cc.batch_size}, "
-          f"dtype {cc.dtype}, torch threads {args.threads}, best of {args.repeats}")
+          f"dtype {cc.dtype}, torch threads {args.threads}, {args.clock} time, best of {args.repeats}")
     print(f"sampling {args.n} images: capture off {off:.2f} s | U-Net-site capture {unet:.2f} s "
           f"(overhead {100 * (unet - off) / off:+.1f} %, goal <= 10 %) | full capture incl. per-step VAE decode "
           f"{full:.2f} s (per-step VAE decode + VAE site: {full - unet:+.2f} s, {100 * (full - off) / off:+.0f} % vs off)")
+    print(f"of the U-Net-site capture time: shard row writes {io_unet['write_rows']:.2f} s, final PNGs + "
+          f"samples.safetensors {io_unet['images']:.2f} s, hooks/hash/shape pass/manifest the rest")
     print(f"bytes written per image: {total / args.n / 2**20:.2f} MiB (U-Net sites {nbytes.get('unet', 0) / args.n / 2**20:.2f}"
           f" MiB, VAE site {nbytes.get('vae', 0) / args.n / 2**20:.2f} MiB; {cc.steps} steps, {cc.dtype})")
     print(f"peak RSS (full capture in a subprocess): {n0} images {rss[n0]:.0f} MiB, {n1} images {rss[n1]:.0f} MiB "

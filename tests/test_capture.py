@@ -199,25 +199,41 @@ def test_vae_sees_predicted_x0_and_pooling_and_float32(ldm, tmp_path):
 
 
 def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, tmp_path):
-    root = run_capture(tiny_cfg(n_noised=4), tmp_path, "noised", ldm, data=data, progress=False)
+    cfg = tiny_cfg(n_noised=4)
+    root = run_capture(cfg, tmp_path, "noised", ldm, data=data, progress=False)
     st = CaptureStore(root)
     assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
     test = data.subset("test")
     assert st.n == 4 and st.manifest["names"] == test.names[:4]
     enc0, enc1 = st.read("vae.enc.mid.attn0", 0), st.read("vae.enc.mid.attn0", 1)
     assert torch.equal(enc0, enc1) and "vae.enc.mid.attn0" in st.manifest["replicated_sites"]
-    assert not torch.allclose(st.read("unet.mid.attn0", 0), st.read("unet.mid.attn0", 1))
+    # Reference for row 2 at step 1: x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε with the sample's one fixed ε.
+    from sceneprobe.models.build import sampling_scheduler
+    from sceneprobe.sample import generators
+    sched = sampling_scheduler(ldm.scheduler_config)
+    sched.set_timesteps(2)
+    t = sched.timesteps[1]
+    x = torch.from_numpy(test.rgb[2:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad(), Recorder({"unet": ldm.unet}, ["unet.mid.attn0"]) as rec:
+        z0 = ldm.vae.encode(x).latent_dist.mode() * ldm.scaling_factor
+        eps = torch.randn(z0.shape[1:], generator=generators([2], cfg.capture.seed, caprun.NOISE_STREAM)[0])
+        ab = sched.alphas_cumprod[t]
+        ldm.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t)
+    torch.testing.assert_close(st.read("unet.mid.attn0", 1, [2]), rec.outputs["unet.mid.attn0"][0].half().float(),
+                               atol=2e-3, rtol=2e-3)
     labels = load_labels(root.parent)
     assert np.array_equal(labels["depth"], test.depth[:4]) and labels["depth"].dtype == np.float32
     assert np.array_equal(labels["saliency"], test.saliency[:4].astype(np.uint8))
     assert np.array_equal(labels["split"], probe_split(range(4)))
-    # fewer test scenes than asked: all of them; the permuted control gets the same rows and labels
-    ctl = run_capture(tiny_cfg(n_noised=99), tmp_path, "noised", ldm, data=data, control="permuted", progress=False)
+    # the permuted control: same rows, same VAE, same labels, another U-Net
+    ctl = run_capture(cfg, tmp_path, "noised", ldm, data=data, control="permuted", progress=False)
     sc = CaptureStore(ctl)
-    assert ctl.name == "permuted" and sc.n == 5 and sc.manifest["model_hash"] != st.manifest["model_hash"]
-    assert sc.manifest["vae_hash"] == st.manifest["vae_hash"]
-    assert torch.equal(sc.read("vae.enc.mid.attn0", 0)[:4], enc0)  # same VAE, same scenes
-    assert np.array_equal(load_labels(root.parent)["depth"], test.depth[:5])
+    assert ctl.name == "permuted" and sc.n == 4 and sc.manifest["model_hash"] != st.manifest["model_hash"]
+    assert sc.manifest["vae_hash"] == st.manifest["vae_hash"] and torch.equal(sc.read("vae.enc.mid.attn0", 0), enc0)
+    assert np.array_equal(load_labels(root.parent)["depth"], test.depth[:4])
+    # fewer test scenes than asked: all of them
+    assert CaptureStore(run_capture(tiny_cfg(n_noised=99), tmp_path / "all", "noised", ldm, data=data,
+                                    progress=False)).n == 5
 
 
 def test_bad_capture_inputs_are_one_line_errors(ldm, data, tmp_path):

@@ -90,6 +90,10 @@ def test_prompt_csv_and_folder_errors(sd_folder, tmp_path):
     (tmp_path / "ok.csv").write_text("prompt,seed\nx,1\n")
     with pytest.raises(SceneprobeError, match="model_index.json"):
         run_capture_sd(tmp_path, tmp_path / "ok.csv", tmp_path / "out", steps=1, progress=False)
+    from sceneprobe.cli import main
+    run = ["capture", "--run", str(tmp_path / "run"), "--no-progress", "--model", str(sd_folder)]
+    assert main(run) == 2  # a Stable Diffusion folder needs --prompts
+    assert main([*run, "--prompts", str(tmp_path / "ok.csv"), "--protocol", "noised"]) == 2
     with pytest.raises(SceneprobeError, match="not a site"):
         run_capture_sd(sd_folder, tmp_path / "ok.csv", tmp_path / "out", steps=1, sites=["unet.down5.attn0"],
                        progress=False)

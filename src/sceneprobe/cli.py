@@ -78,6 +78,40 @@ def cmd_train_ldm(args) -> Path:
                      progress=not args.no_progress)
 
 
+def cmd_train_labeller(args) -> Path:
+    """Train the depth + saliency labeller on rendered scenes (labeller/train.py); --depth-model is scored beside it."""
+    from .labeller import DepthModelLabeller, train_labeller
+    cfg = _config(args, _seeded(args, "labeller"))
+    dpt = DepthModelLabeller(Path(args.depth_model)) if args.depth_model else None
+    return train_labeller(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+                          progress=not args.no_progress, fp16=args.fp16,
+                          train_dir=Path(args.train_dir) if args.train_dir else None,
+                          command=_command_line("train-labeller", args), depth_model=dpt)
+
+
+def _command_line(name: str, args) -> str:
+    """The command as a person would retype it (recorded in training.json), rebuilt from the parsed options."""
+    parts = [f"sceneprobe {name}"]
+    for key, value in sorted(vars(args).items()):
+        if key in ("fn", "command") or value in (None, False):
+            continue
+        parts.append(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}"))
+    return " ".join(parts)
+
+
+def cmd_label(args) -> Path:
+    """Label a capture's samples.safetensors or a folder of images (labeller/apply.py)."""
+    from .labeller import DepthModelLabeller, label_path, load_labeller, shipped_labeller_path
+    path = Path(args.labeller) if args.labeller else shipped_labeller_path("cpu")
+    lab = load_labeller(path) if args.labeller or path.is_dir() else None
+    if args.depth_model:
+        lab = DepthModelLabeller(Path(args.depth_model), saliency_labeller=lab)
+    elif lab is None:
+        raise fail(f"no labeller: the shipped one ({path}) is missing; train one with `sceneprobe train-labeller` "
+                   f"and pass --labeller")
+    return label_path(lab, Path(args.images), Path(args.out) if args.out else None, force=args.force)
+
+
 def _model_root(arg: str | None) -> Path:
     from .models.io import shipped_root
     return Path(arg) if arg else shipped_root("cpu")
@@ -153,6 +187,33 @@ def cmd_report(args) -> Path:
     return write_report(Path(args.run))
 
 
+def cmd_intervene(args) -> Path:
+    """Probe-guided edits during generation, scored by the labeller vs controls (intervene/); prints the md section."""
+    from .config import load_config
+    from .intervene import run_interventions
+    run = Path(args.run)
+    if args.task not in ("saliency", "depth", "both"):
+        raise fail(f"option --task must be saliency, depth or both, got {args.task!r}")
+    path = Path(args.config) if args.config else (run / "config.yaml" if (run / "config.yaml").is_file() else None)
+    cfg = load_config(args.preset, path, _seeded(args, "intervene"))
+    return run_interventions(cfg, run, task=args.task, progress=not args.no_progress)
+
+
+def cmd_export(args) -> Path:
+    from .models.io import export_pretrained
+    dest = Path(args.out)
+    if (dest / "unet").exists() and not args.force:
+        raise fail(f"{dest} already holds a model; pass --force to replace it")
+    return export_pretrained(Path(args.run), dest, extra={"command": " ".join(sys.argv)})
+
+
+def cmd_run(args) -> Path:
+    from .study import run_study
+    cfg = _config(args, _seeded(args, "world"))
+    return run_study(cfg, Path(args.out), from_scratch=args.from_scratch, model=Path(args.model) if args.model else None,
+                     with_interventions=args.with_interventions, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="sceneprobe", formatter_class=fmt,
@@ -180,6 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
         s.add_argument("--force", action="store_true", help="retrain even if the model folder exists")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("train-labeller", formatter_class=fmt, help="train the depth + saliency labeller on rendered scenes")
+    _common(s, out_help="labeller folder to write (diffusers folder with training.json)")
+    s.add_argument("--data", required=True, help="dataset folder with depth/ and saliency/ (from `sceneprobe scenes`)")
+    s.add_argument("--train-dir", default=None, help="checkpoint and logs folder (default: OUT/../train_<OUT name>)")
+    s.add_argument("--fp16", action="store_true", help="save half-precision weights (scored as saved)")
+    s.add_argument("--depth-model", default=None, help="local transformers DPT folder: also score its depth on held-out")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the training folder")
+    s.add_argument("--force", action="store_true", help="retrain even if --out exists")
+    s.set_defaults(fn=cmd_train_labeller)
+
+    s = sub.add_parser("label", formatter_class=fmt, help="label images with depth and saliency (the trained labeller)")
+    s.add_argument("--images", required=True,
+                   help="a samples.safetensors (labels.safetensors is written beside it), a folder holding one, "
+                        "or a folder of images (then --out is required)")
+    s.add_argument("--out", default=None, help="labels file, or the labelled dataset folder for a folder of images")
+    s.add_argument("--labeller", default=None, help="labeller folder (default: the shipped cpu labeller)")
+    s.add_argument("--depth-model", default=None,
+                   help="local transformers DPT folder for depth (relative inverse depth); saliency still from the labeller")
+    s.add_argument("--force", action="store_true", help="replace existing labels")
+    s.set_defaults(fn=cmd_label)
 
     s = sub.add_parser("sample", formatter_class=fmt, help="sample images from a trained LDM")
     _common(s, out_help="folder for the PNGs and grid.png")
@@ -214,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", formatter_class=fmt, help="write figures, summary.md and report.html from the probe results")
     s.add_argument("--run", required=True, help="run folder with report/results.csv (from `sceneprobe probe`)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("intervene", formatter_class=fmt,
+                       help="edit activations through the probes during generation; score the outputs vs controls")
+    _common(s, out=False)
+    s.add_argument("--run", required=True, help="run folder with probes/generate/, labeller/ and the model; writes "
+                                                "interventions/ and report/extra/interventions.md")
+    s.add_argument("--task", default="both", help="saliency (move the object), depth (move/mirror depth) or both")
+    s.set_defaults(fn=cmd_intervene)
+
+    s = sub.add_parser("run", formatter_class=fmt, help="the whole study: world, models, labeller, capture, probes, report")
+    _common(s, out_help="run folder (resumable: rerun the same command to continue)")
+    s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
+    s.add_argument("--model", default=None, help="use this run folder's vae/, unet/, scheduler/ instead of the shipped model")
+    s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("export", formatter_class=fmt, help="export a trained run as fp16 folders (how the shipped default is made)")
+    s.add_argument("--run", required=True, help="run folder with vae/, unet/, scheduler/")
+    s.add_argument("--out", required=True, help="destination folder (e.g. src/sceneprobe/pretrained/cpu)")
+    s.add_argument("--force", action="store_true", help="replace an existing model in --out")
+    s.set_defaults(fn=cmd_export)
     return p
 
 

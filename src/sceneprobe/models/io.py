@@ -137,3 +137,35 @@ def model_hash(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
+    """Copy a trained run's vae/, unet/, scheduler/ into ``dest`` as fp16 safetensors folders, with
+    ``training.json`` (the run's resolved config, training metrics and evaluation) beside them.
+
+    This is how the shipped default in ``sceneprobe/pretrained/<preset>`` is made from a run of the project's own
+    training commands. Loading upcasts to float32 (``load_ldm`` / ``from_pretrained(torch_dtype=torch.float32)``).
+    """
+    import yaml
+    run, dest = Path(run), Path(dest)
+    ldm = load_ldm(run)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_model(ldm.vae, dest / "vae", fp16=True)
+    save_model(ldm.unet, dest / "unet", fp16=True)
+    DDPMScheduler.from_config(ldm.scheduler_config).save_pretrained(dest / "scheduler")
+    record: dict = {"run": run.name, **(extra or {})}
+    for stage in ("train_vae", "train_ldm"):
+        d = run / stage
+        info: dict = {}
+        if (d / "config.yaml").exists():
+            info["config"] = yaml.safe_load((d / "config.yaml").read_text())
+        if (d / "eval.json").exists():
+            info["eval"] = json.loads((d / "eval.json").read_text())
+        if (d / "metrics.jsonl").exists():
+            lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            info["final_metrics"] = lines[-1] if lines else {}
+            info["wall_time_s"] = lines[-1].get("elapsed_s") if lines else None
+        record[stage] = info
+    from ..atomic import atomic_write_json
+    atomic_write_json(dest / "training.json", record)
+    return dest

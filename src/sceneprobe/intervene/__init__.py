@@ -1,0 +1,19 @@
+"""Interventions (issue #7): do the probed representations *cause* the picture?
+
+During generation, the self-attention output at chosen (site, step)s is replaced by the activation optimised through
+that (site, step)'s probe toward a counterfactual label (the object moved; the depth map moved or mirrored), and the
+labeller scores the edited outputs against the counterfactual and the original, next to two controls (an equal-norm
+random edit and an edit through a probe of the permuted-weights U-Net). ``sceneprobe intervene --run RUN``.
+
+* :mod:`.editor` — :class:`Editor` (owned hooks), probes as differentiable heads, the Adam-on-activation edit;
+* :mod:`.targets` — counterfactual masks and depth maps;
+* :mod:`.run` — :func:`run_interventions`: generation, controls, scoring, ``run/interventions/*``;
+* :mod:`.report` — ``run/report/extra/interventions.md`` and ``run/report/figures/interventions.png``.
+"""
+from __future__ import annotations
+
+from .editor import TASKS, Editor, ProbeEdit, ProbeHead, RandomEdit, load_probe_head, optimise_activation
+from .run import run_interventions
+
+__all__ = ["TASKS", "Editor", "ProbeEdit", "ProbeHead", "RandomEdit", "load_probe_head", "optimise_activation",
+           "run_interventions"]

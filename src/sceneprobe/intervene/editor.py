@@ -1,0 +1,263 @@
+"""Edit self-attention outputs during generation: owned hooks, differentiable probes, and the edits themselves.
+
+* :class:`Editor` — a context manager (the recorder's twin, ``capture/recorder.py``) that hooks the U-Net's sites and
+  lets an edit function replace a site's output at chosen denoising steps. The step is counted by a forward pre-hook on
+  the U-Net itself (one U-Net call per denoising step). Its handles are removed in ``finally``.
+* :class:`ProbeHead` — a fitted probe (``probes/<protocol>/<model>/<site>/step_XX.safetensors``) as a differentiable
+  map of the activation: per-position linear map over channels at the stored resolution (average-pooled by the
+  capture's ``pool``), then nearest upsampling to the label grid — exactly the prediction the sweep scored.
+* :func:`optimise_activation` — the paper's edit: Adam on the activation itself, from the original activation,
+  minimising the probe's loss against a counterfactual label (saliency: 2-class CE = BCE on the logit difference;
+  depth: Huber δ = 1 on standardised depth).
+* :class:`ProbeEdit` / :class:`RandomEdit` — edit functions: through a probe (records ‖Δa‖ per site, step and sample),
+  or along a random direction with a given norm per (site, step, sample) (the equal-norm control).
+
+Batch independence: the loss optimised is the *sum* over samples of per-sample mean losses and Adam is element-wise,
+so each sample's edit is what it would be alone; random directions come from a generator per (edit, site, step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import fail
+from ..models.sites import resolve, site_path
+
+EditFn = Callable[[str, int, torch.Tensor], "torch.Tensor | None"]   # (site, step, a (B, C, H, W)) → replacement
+TASKS = ("saliency", "depth")
+
+
+# ------------------------------------------------------------------------------------------------------------ hooks
+class Editor:
+    """``with Editor(unet, sites, edit_fn): denoise(...)`` — ``edit_fn(site, step, a)`` may replace a site's output.
+
+    ``kind="attn"`` edits the output of ``attn.to_out[0]`` (before the residual, the paper's site), seen by
+    ``edit_fn`` as (B, C, H, W) and handed back to the model as (B, H·W, C); ``kind="block"`` edits the ``Attention``
+    module's own output. ``edit_fn`` returns the replacement (same shape) or None to leave the output as it is.
+    ``applied`` lists the (site, step) pairs that were replaced, in order.
+    """
+
+    def __init__(self, unet: nn.Module, sites: Sequence[str], edit_fn: EditFn, kind: str = "attn"):
+        if kind not in ("attn", "block"):
+            raise fail(f"site kind {kind!r} is unknown; choose attn (before the residual, the paper's) or block")
+        self.unet, self.edit_fn, self.kind = unet, edit_fn, kind
+        self.sites = list(dict.fromkeys(sites))
+        # Resolve everything before registering anything: a bad site leaves no hook behind.
+        self._targets: list[tuple[str, nn.Module, nn.Module]] = []
+        for site in self.sites:
+            key, path = site_path(site)
+            if key != "unet":
+                raise fail(f"site {site!r} is not a U-Net site; interventions edit the U-Net during generation")
+            attn = resolve(unet, "unet", site)
+            self._targets.append((site, unet.get_submodule(path), attn.to_out[0] if kind == "attn" else attn))
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.step = -1                                  # index of the U-Net call in progress (0 = noisiest step)
+        self.applied: list[tuple[str, int]] = []
+        self._hw: dict[str, tuple[int, int]] = {}
+
+    def __enter__(self) -> "Editor":
+        try:
+            self.handles.append(self.unet.register_forward_pre_hook(self._count))
+            for site, container, target in self._targets:
+                self.handles.append(container.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
+                self.handles.append(target.register_forward_hook(self._hook(site)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove exactly the handles this editor added (safe to call twice)."""
+        try:
+            for h in self.handles:
+                h.remove()
+        finally:
+            self.handles.clear()
+
+    def _count(self, module, args) -> None:
+        self.step += 1
+
+    def _pre_hook(self, site: str):
+        def fn(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, torch.Tensor) and x.ndim == 4:
+                self._hw[site] = (int(x.shape[2]), int(x.shape[3]))
+        return fn
+
+    def _hook(self, site: str):
+        def fn(module, inputs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            a = self._spatial(site, y)                                         # (B, C, H, W)
+            new = self.edit_fn(site, self.step, a)
+            if new is None:
+                return None
+            if new.shape != a.shape:
+                raise RuntimeError(f"edit of {site} at step {self.step} changed the shape {tuple(a.shape)} → "
+                                   f"{tuple(new.shape)}")
+            self.applied.append((site, self.step))
+            new = new.to(y.dtype)
+            if y.ndim == 3:
+                new = new.reshape(new.shape[0], new.shape[1], -1).transpose(1, 2).contiguous()   # (B, H·W, C)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return fn
+
+    def _spatial(self, site: str, y: torch.Tensor) -> torch.Tensor:
+        """(B, H·W, C) → (B, C, H, W) (token index = h·W + w); 4D tensors pass through."""
+        if y.ndim == 4:
+            return y
+        b, hw, c = y.shape
+        h, w = self._hw.get(site, (math.isqrt(hw), hw // max(1, math.isqrt(hw))))
+        if h * w != hw:
+            raise RuntimeError(f"site {site}: {hw} tokens do not match the spatial size {h}x{w}")
+        return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+# ------------------------------------------------------------------------------------------------------------ probes
+@dataclass
+class ProbeHead:
+    """One fitted (site, step) probe of one task as a function of the activation a (B, C, H, W).
+
+    prediction = upsample_nearest(pool(a) · w + b) at the label grid (B, H_l, W_l): the saliency logit
+    (w = w₁ − w₀ of the 2-class probe) or standardised depth.
+    """
+    task: str
+    weight: torch.Tensor            # (C,) float32
+    bias: float
+    pool: int
+    size: tuple[int, int]           # label grid (H_l, W_l)
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        from ..probe.fit import upsample_nearest
+        x = F.avg_pool2d(a, self.pool) if self.pool > 1 else a               # (B, C, h, w): the stored resolution
+        z = torch.einsum("bchw,c->bhw", x, self.weight.to(x.device, x.dtype)) + self.bias
+        return upsample_nearest(z, *self.size)                               # (B, H_l, W_l)
+
+    def loss(self, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss (B,): saliency BCE on the logit (= the 2-class CE), depth Huber (δ = 1); mean over pixels."""
+        z = self(a)
+        if self.task == "saliency":
+            per = F.binary_cross_entropy_with_logits(z, target.to(z.device, z.dtype), reduction="none")
+        else:
+            per = F.huber_loss(z, target.to(z.device, z.dtype), delta=1.0, reduction="none")
+        return per.flatten(1).mean(1)
+
+
+def load_probe_head(path: Path, task: str, pool: int, size: tuple[int, int]) -> ProbeHead:
+    """Read one probe file of the sweep (``probe/sweep.py``: ``probe_tensors``) as a :class:`ProbeHead`."""
+    from safetensors.torch import load_file
+    if task not in TASKS:
+        raise fail(f"task {task!r} is unknown; choose saliency or depth")
+    path = Path(path)
+    if not path.is_file():
+        raise fail(f"probe file {path} is missing; run `sceneprobe probe --run RUN` first")
+    try:
+        t = load_file(str(path))
+    except Exception as e:                                                     # damaged file: say which one
+        raise fail(f"probe file {path} is unreadable ({type(e).__name__}); rerun `sceneprobe probe`") from None
+    if task == "saliency":
+        w, b = t["saliency.weight"], t["saliency.bias"]
+        weight, bias = w[:, 1] - w[:, 0], float(b[1] - b[0])
+    else:
+        weight, bias = t["depth.weight"][:, 0], float(t["depth.bias"][0])
+    return ProbeHead(task, weight.float().contiguous(), bias, int(pool), (int(size[0]), int(size[1])))
+
+
+def depth_norm(path: Path) -> tuple[float, float]:
+    """(mean, std) that standardise depth for a probe file (the probe-train split's statistics)."""
+    from safetensors.torch import load_file
+    d = load_file(str(path))["depth_norm"]
+    return float(d[0]), float(d[1])
+
+
+def optimise_activation(a0: torch.Tensor, head: ProbeHead, target: torch.Tensor, lr: float,
+                        iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam on the activation itself (from ``a0`` (B, C, H, W)) toward ``target`` (B, H_l, W_l) through ``head``.
+
+    Returns (edited activation, per-sample loss before (B,), per-sample loss after (B,)). Runs in float32 with
+    gradients enabled even inside ``torch.no_grad`` (generation).
+    """
+    with torch.enable_grad():
+        a = a0.detach().float().clone().requires_grad_(True)
+        target = target.to(a.device)
+        opt = torch.optim.Adam([a], lr=lr)
+        before = head.loss(a, target).detach()
+        for _ in range(iters):
+            opt.zero_grad(set_to_none=True)
+            head.loss(a, target).sum().backward()                             # sum: samples stay independent
+            opt.step()
+        a = a.detach()
+        after = head.loss(a, target).detach()
+    return a.to(a0.dtype), before, after
+
+
+# ------------------------------------------------------------------------------------------------------------- edits
+class ProbeEdit:
+    """Edit function: at each planned (site, step), optimise the activation through that probe toward ``target``.
+
+    Records per (site, step): ``norms`` ‖a′ − a‖ (B,), ``before`` / ``after`` probe losses (B,).
+    """
+
+    def __init__(self, heads: Mapping[tuple[str, int], ProbeHead], target: torch.Tensor, lr: float, iters: int):
+        self.heads, self.target, self.lr, self.iters = dict(heads), target, lr, iters
+        self.norms: dict[tuple[str, int], torch.Tensor] = {}
+        self.before: dict[tuple[str, int], torch.Tensor] = {}
+        self.after: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, site: str, step: int, a: torch.Tensor) -> torch.Tensor | None:
+        head = self.heads.get((site, step))
+        if head is None:
+            return None
+        new, b, f = optimise_activation(a, head, self.target, self.lr, self.iters)
+        key = (site, step)
+        self.norms[key] = (new.float() - a.float()).flatten(1).norm(dim=1)
+        self.before[key], self.after[key] = b, f
+        return new
+
+
+def random_direction(shape: Sequence[int], seed: Sequence[int]) -> torch.Tensor:
+    """A unit vector of ``shape`` (Gaussian direction), from a generator seeded by the integer tuple ``seed``."""
+    import numpy as np
+    s = int(np.random.SeedSequence([int(x) for x in seed]).generate_state(1, np.uint64)[0] % (2**63 - 1))
+    g = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s))
+    return g / g.norm()
+
+
+class RandomEdit:
+    """Equal-norm control: at each (site, step) of ``norms`` add Δ = ‖Δa‖ · u, u a random unit direction per sample.
+
+    ``keys[b]`` (ints) identify sample b's edit, so its direction is the same in any batch. ``heads`` (optional)
+    score the main probe's loss before and after the random step, for comparison with :class:`ProbeEdit`.
+    """
+
+    def __init__(self, norms: Mapping[tuple[str, int], torch.Tensor], keys: Sequence[Sequence[int]],
+                 site_index: Mapping[str, int], heads: Mapping[tuple[str, int], ProbeHead] | None = None,
+                 target: torch.Tensor | None = None):
+        self.norms, self.keys, self.site_index = dict(norms), [tuple(k) for k in keys], dict(site_index)
+        self.heads, self.target = dict(heads or {}), target
+        self.applied_norms: dict[tuple[str, int], torch.Tensor] = {}
+        self.before: dict[tuple[str, int], torch.Tensor] = {}
+        self.after: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, site: str, step: int, a: torch.Tensor) -> torch.Tensor | None:
+        key = (site, step)
+        if key not in self.norms:
+            return None
+        n = self.norms[key]
+        u = torch.stack([random_direction(a.shape[1:], (*k, self.site_index[site], step)) for k in self.keys])
+        delta = n.to(a.device, a.dtype)[:, None, None, None] * u.to(a.device, a.dtype)               # (B, C, H, W)
+        new = a + delta
+        self.applied_norms[key] = (new.float() - a.float()).flatten(1).norm(dim=1)
+        head = self.heads.get(key)
+        if head is not None and self.target is not None:
+            self.before[key] = head.loss(a.float(), self.target)
+            self.after[key] = head.loss(new.float(), self.target)
+        return new

@@ -1,0 +1,208 @@
+"""Interventions (issue #7): owned edit hooks, the Adam-on-activation edit, the equal-norm control, counterfactual
+targets, one saliency edit end to end on a tiny run, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from sceneprobe.capture.recorder import Recorder, hook_count  # noqa: E402
+from sceneprobe.cli import main  # noqa: E402
+from sceneprobe.config import load_config  # noqa: E402
+from sceneprobe.errors import SceneprobeError  # noqa: E402
+from sceneprobe.intervene import Editor, ProbeEdit, RandomEdit, load_probe_head, optimise_activation  # noqa: E402
+from sceneprobe.intervene.run import CONDITIONS, COLUMNS, probe_file, run_interventions  # noqa: E402
+from sceneprobe.intervene.targets import Transform, counterfactual_depth, counterfactual_mask, draw_transform, \
+    translate  # noqa: E402
+from sceneprobe.probe.metrics import dice  # noqa: E402
+
+SITE = "unet.up1.attn0"
+
+
+@pytest.fixture(scope="module")
+def irun(tmp_path_factory, tiny_cfg, tiny_data, tiny_run) -> Path:
+    """A copy of the tiny run with generate captures (ldm + permuted), a labeller trained a few steps, labels, probes."""
+    from sceneprobe.capture.run import run_capture
+    from sceneprobe.labeller import train_labeller
+    from sceneprobe.models.io import load_ldm
+    from sceneprobe.probe.sweep import run_probes
+    from sceneprobe.study import label_generated
+    run = tmp_path_factory.mktemp("interventions") / "run"
+    for part in ("vae", "unet", "scheduler"):
+        shutil.copytree(tiny_run / part, run / part)
+    ldm = load_ldm(run)
+    run_capture(tiny_cfg, run, "generate", ldm, progress=False)
+    run_capture(tiny_cfg, run, "generate", ldm, control="permuted", progress=False)
+    train_labeller(tiny_cfg, tiny_data, run / "labeller", progress=False)
+    label_generated(run, run / "labeller")
+    run_probes(run, tiny_cfg.probe, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def unet(irun):
+    from sceneprobe.models.io import load_ldm
+    return load_ldm(irun).unet
+
+
+def _x(unet, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = unet.config.sample_size
+    return torch.randn(b, unet.config.in_channels, s, s, generator=g), torch.tensor(500)
+
+
+# ------------------------------------------------------------------------------------------------------------ hooks
+@torch.no_grad()
+def test_editor_replaces_only_planned_steps_and_removes_exactly_its_hooks(unet):
+    x, t = _x(unet)
+    base = unet(x, t).sample
+    foreign = unet.get_submodule("up_blocks.1.attentions.0").register_forward_hook(lambda *a: None)
+    try:
+        n0 = hook_count(unet)
+        with Editor(unet, [SITE], lambda site, step, a: torch.zeros_like(a) if step == 1 else None) as ed:
+            assert hook_count(unet) > n0
+            same = unet(x, t).sample                                            # step 0: not edited
+            edited = unet(x, t).sample                                          # step 1: zeroed
+        assert hook_count(unet) == n0                                           # the foreign hook survives
+        assert ed.applied == [(SITE, 1)]
+        torch.testing.assert_close(same, base)
+        assert not torch.allclose(edited, base)
+        with pytest.raises(RuntimeError, match="boom"):                         # removed on errors too
+            with Editor(unet, [SITE], lambda *a: None):
+                raise RuntimeError("boom")
+        assert hook_count(unet) == n0
+        with pytest.raises(SceneprobeError):                                   # a bad site leaves nothing behind
+            Editor(unet, [SITE, "unet.nowhere.attn9"], lambda *a: None)
+        assert hook_count(unet) == n0
+    finally:
+        foreign.remove()
+    assert hook_count(unet) == 0
+
+
+@torch.no_grad()
+def test_editor_sees_the_recorded_activation_and_identity_edit_changes_nothing(unet):
+    x, t = _x(unet)
+    with Recorder({"unet": unet}, [SITE]) as rec:
+        base = unet(x, t).sample
+    seen = []
+    with Editor(unet, [SITE], lambda site, step, a: seen.append(a.clone()) or a.clone()):
+        out = unet(x, t).sample
+    torch.testing.assert_close(seen[0], rec.outputs[SITE][0])                   # (B, C, H, W), before the residual
+    torch.testing.assert_close(out, base)
+
+
+# ------------------------------------------------------------------------------------------------------------ edits
+def test_optimisation_moves_the_probe_prediction_toward_the_target(irun, tiny_cfg):
+    from sceneprobe.capture.store import CaptureStore
+    store = CaptureStore(irun / "captures/generate/ldm")
+    a0 = store.read(SITE, 0, [0, 1])                                            # (2, C, h, w) real activations
+    head = load_probe_head(probe_file(irun, "ldm", SITE, 0), "saliency", 1, (32, 32))
+    target = torch.zeros(2, 32, 32)
+    target[0, 4:14, 18:30] = 1
+    target[1, 20:30, 2:12] = 1
+    a, before, after = optimise_activation(a0, head, target, lr=5e-3, iters=64)
+    assert (after < before).all()
+    assert torch.allclose(head.loss(a0, target), before)
+    d0 = dice(head(a0) > 0, target > 0)
+    d1 = dice(head(a) > 0, target > 0)
+    assert (d1 >= d0).all() and d1.mean() > d0.mean()
+    # batch independence: one sample alone is edited exactly as in the batch
+    a_one, _, _ = optimise_activation(a0[1:], head, target[1:], lr=5e-3, iters=64)
+    torch.testing.assert_close(a_one, a[1:], rtol=1e-5, atol=1e-6)
+    # depth through the same file: Huber on standardised depth decreases too
+    dh = load_probe_head(probe_file(irun, "ldm", SITE, 0), "depth", 1, (32, 32))
+    _, b, f = optimise_activation(a0, dh, torch.linspace(-1, 1, 32)[None, :, None].expand(2, 32, 32), 5e-3, 16)
+    assert (f < b).all()
+
+
+@torch.no_grad()
+def test_random_control_has_the_probe_edits_norm_and_a_fixed_direction(irun, unet):
+    head = load_probe_head(probe_file(irun, "ldm", SITE, 0), "saliency", 1, (32, 32))
+    x, t = _x(unet)
+    target = torch.zeros(2, 32, 32)
+    target[:, 8:20, 8:20] = 1
+    pe = ProbeEdit({(SITE, 0): head}, target, 5e-3, 8)
+    with Editor(unet, [SITE], pe):
+        unet(x, t)
+    assert set(pe.norms) == {(SITE, 0)} and (pe.norms[(SITE, 0)] > 0).all()
+    keys = [(123, 0, 0), (123, 0, 1)]
+    re = RandomEdit(pe.norms, keys, {SITE: 0}, {(SITE, 0): head}, target)
+    seen = []
+    with Editor(unet, [SITE], lambda s, st, a: seen.append(a.clone()) or re(s, st, a)):
+        unet(x, t)
+    torch.testing.assert_close(re.applied_norms[(SITE, 0)], pe.norms[(SITE, 0)], rtol=1e-4, atol=1e-5)
+    # the direction depends on the edit's key only, not on the batch it runs in
+    re1 = RandomEdit({(SITE, 0): pe.norms[(SITE, 0)][1:]}, keys[1:], {SITE: 0})
+    d_batch = re(SITE, 0, seen[0]) - seen[0]
+    d_alone = re1(SITE, 0, seen[0][1:]) - seen[0][1:]
+    torch.testing.assert_close(d_alone, d_batch[1:])
+
+
+def test_counterfactual_targets():
+    m = np.zeros((8, 8), np.uint8)
+    m[1:3, 1:3] = 1
+    moved = counterfactual_mask(m, Transform("shift", 2, 3))
+    assert moved.sum() == 4 and moved[3:5, 4:6].all()
+    assert counterfactual_mask(m, Transform("shift", -2, 0)).sum() == 2       # moved partly out: fill 0
+    d = np.arange(8, dtype=np.float32)[:, None].repeat(8, 1)                   # depth grows downwards
+    up = counterfactual_depth(d, Transform("shift", -3, 0))
+    assert up[0, 0] == 3 and (up[5:, 0] == 7).all()                            # edge-replicate fill
+    np.testing.assert_array_equal(counterfactual_depth(d.T, Transform("mirror")), d.T[:, ::-1])
+    np.testing.assert_array_equal(translate(d, 0, 0), d)
+    for k in range(20):
+        t = draw_transform(123, "saliency", k, (32, 32), 0.15, 0.25)
+        assert t.kind == "shift" and 5 <= abs(t.dy) <= 8 and 5 <= abs(t.dx) <= 8
+        assert t == draw_transform(123, "saliency", k, (32, 32), 0.15, 0.25)   # fixed by (seed, task, edit)
+    kinds = {draw_transform(1, "depth", k, (32, 32), 0.15, 0.25).kind for k in range(20)}
+    assert kinds == {"shift", "mirror"}
+    with pytest.raises(SceneprobeError):
+        draw_transform(1, "saliency", 0, (32, 32), 0.3, 0.2)
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+def test_one_saliency_edit_end_to_end_writes_results_and_is_deterministic(irun, capsys):
+    cfg = load_config("tiny", overrides={"intervene": {"n_edits": 1, "iters": 4}})
+    md = run_interventions(cfg, irun, task="saliency", progress=False)
+    out = irun / "interventions"
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(COLUMNS)
+    assert [r["condition"] for r in rows] == list(CONDITIONS)                   # 1 edit × 4 conditions
+    probe, rand = rows[1], rows[2]
+    assert float(probe["probe_loss_after"]) < float(probe["probe_loss_before"])
+    assert float(probe["delta_norm"]) > 0
+    assert abs(float(rand["delta_norm"]) / float(probe["delta_norm"]) - 1) < 1e-4   # equal norm
+    for r in rows:
+        assert r["task"] == "saliency" and 0 <= float(r["dice_cf"]) <= 1
+    s = json.loads((out / "summary.json").read_text())
+    t = s["tasks"]["saliency"]
+    assert t["regeneration_max_abs_diff"] == 0                                  # the replay is the captured sample
+    assert t["steps"] == [0] and all(x.startswith("unet.up") for x in t["sites"])
+    assert set(t["conditions"]) == set(CONDITIONS) and "probe - random" in t["paired"]
+    text = md.read_text()
+    assert md == irun / "report/extra/interventions.md" and text.startswith("# Interventions")
+    assert "](figures/interventions.png)" in text and "**Reading:**" in text
+    assert (irun / "report/figures/interventions.png").stat().st_size > 0
+    assert (out / "images.safetensors").is_file()
+    first = (out / "results.csv").read_bytes()
+    # the CLI, same seed: byte-identical rows
+    assert main(["intervene", "--run", str(irun), "--preset", "tiny", "--task", "saliency", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().endswith("interventions.md")
+    again = (out / "results.csv").read_bytes().splitlines()
+    assert len(again) == 1 + 2 * len(CONDITIONS)                                # tiny preset: n_edits 2
+    assert again[:1 + len(CONDITIONS)] == first.splitlines()                    # edit 0 is the same edit
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    assert main(["intervene", "--run", str(tmp_path), "--preset", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no probes in") and "\n" not in err
+    assert main(["intervene", "--run", str(tmp_path), "--preset", "tiny", "--task", "colour"]) == 2
+    assert "--task" in capsys.readouterr().err
