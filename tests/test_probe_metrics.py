@@ -56,3 +56,25 @@ def test_baselines_score_mean_maps():
     s = baseline_scores(depth, sal, split, 2)
     assert s[("saliency", "dice")] == 1.0
     np.testing.assert_allclose(s[("depth", "rmse")], np.sqrt(((depth[4:] - dmap) ** 2).mean((1, 2))).mean(), rtol=1e-6)
+
+
+def test_native_scorer_equals_metrics_on_upsampled_predictions():
+    """Metrics of nearest-upsampled predictions computed at native resolution (block sums, weighted ranks)."""
+    from sceneprobe.probe.fit import upsample_nearest
+    rng = np.random.default_rng(2)
+    for H, h in ((16, 4), (10, 4), (6, 6)):
+        depth = rng.normal(size=(5, H, H))
+        depth[2] = np.round(depth[2])                       # tied truth
+        depth[3] = 1.0                                      # constant truth → NaN correlations
+        mask = rng.random((5, H, H)) > 0.5
+        pred = rng.normal(size=(5, 3, h, h))
+        pred[0, 1] = 0.0                                    # constant prediction → 0
+        pred[1, 2] = np.round(pred[1, 2])                   # tied prediction
+        sc = metrics.NearestScorer(depth, mask, h, h)
+        up = upsample_nearest(torch.from_numpy(pred), H, H).numpy()
+        got_d, got_s = sc.depth(pred), sc.saliency(pred)
+        for lam in range(3):
+            for k, ref in metrics.depth_metrics(up[:, lam], depth).items():
+                np.testing.assert_allclose(got_d[k][:, lam], ref, atol=1e-10, err_msg=f"{k} {H}/{h}")
+            for k, ref in metrics.saliency_metrics(up[:, lam] > 0, mask).items():
+                np.testing.assert_allclose(got_s[k][:, lam], ref, atol=1e-12)

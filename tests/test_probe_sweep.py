@@ -120,6 +120,30 @@ def test_streaming_passes_equal_cached(tmp_path, monkeypatch):
     torch.testing.assert_close(cached.saliency, streamed.saliency, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_sweep_probe_is_the_exact_brute_force_fit(tmp_path, bias):
+    """The chosen λ's probes equal sklearn fits on every pixel of the nearest-upsampled, RMS-scaled features."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sceneprobe.probe.fit import upsample_nearest
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, noise=1.0, n=30, channels=6, size=8, steps=1,
+                        models=("ldm",))
+    store = sweep.CaptureStore(run / "captures/noised/ldm")
+    labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
+    p = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig(bias=bias))
+    tr = labels.idx(0)
+    x = upsample_nearest(store.read("unet.down0.attn0", 0, tr).double(), 8, 8)
+    X = x.permute(0, 2, 3, 1).reshape(-1, 6).numpy() / p.scale[:6].numpy()  # scaled features, one row per pixel
+    P = len(X)
+    r = Ridge(alpha=p.lam[0] * P, fit_intercept=bias, solver="cholesky").fit(X, labels.depth[tr].reshape(-1))
+    np.testing.assert_allclose(p.depth[:6].numpy() * p.scale[:6].numpy(), r.coef_, rtol=1e-8, atol=1e-10)
+    lr = LogisticRegression(C=1 / (p.lam[1] * P), fit_intercept=bias, tol=1e-12, max_iter=10_000)
+    lr.fit(X, labels.saliency[tr].reshape(-1))
+    np.testing.assert_allclose(p.saliency[:6].numpy() * p.scale[:6].numpy(), lr.coef_[0], atol=1e-5)
+    if bias:
+        np.testing.assert_allclose(p.depth[6], r.intercept_, atol=1e-8)
+        np.testing.assert_allclose(p.saliency[6], lr.intercept_[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg", [ProbeConfig(bias=True, upsample="area"),
                                  ProbeConfig(solver="adam", epochs=2, lambdas=())])
 def test_options_run_end_to_end(tmp_path, cfg):

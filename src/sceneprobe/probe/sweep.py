@@ -7,8 +7,11 @@ Usage::
 
 Per (protocol, model, site, step) one pass over the probe-train rows accumulates, in float64, ``G = XᵀDX`` and
 ``XᵀS`` for the native positions (D = pixels per position, S = label sums, see :mod:`.fit`); depth is ridge for all λ
-at once, saliency an IRLS path warm-started from the same statistics. λ is chosen on the validation split (depth:
-lowest RMSE; saliency: highest Dice; ties → the larger λ); the test split is only ever scored.
+at once, saliency an IRLS path warm-started from the same statistics (the train rows stay in memory for its passes up
+to CACHE_BYTES, else they are re-read). λ is chosen on the validation split (depth: lowest RMSE; saliency: highest
+Dice, from the path solved to 1e-3 relative; ties → the larger λ), then the chosen saliency probe is solved to float64
+precision. The test split is only ever scored. Features are divided by their train RMS inside the penalty only
+(λ‖w·s‖² in raw units), so one λ grid means the same at every site and the probe stays linear without bias.
 
 Outputs::
 
@@ -18,8 +21,9 @@ Outputs::
 Probe file tensors: ``depth.weight`` (C, 1), ``depth.bias`` (1,) — standardised depth = x·w + b, depth =
 ``depth_norm[0] + depth_norm[1]·(x·w + b)``; ``saliency.weight`` (C, 2), ``saliency.bias`` (2,) — the paper's
 2-class format, salient = argmax = (x·(w₁ − w₀) + b₁ − b₀ > 0); ``feature_scale`` (C,) the RMS used to scale the
-penalty; ``lambda`` (2,) (depth, saliency). Metadata: the config fingerprint and this probe's result rows, so a rerun
-skips finished probes and still writes the full table.
+penalty; ``lambda`` (2,) (depth, saliency; 0 for the Adam solver); ``nonfinite`` (1,) activations that were
+not finite (fp16 overflow in a control) and were read as 0. Metadata: the config fingerprint and this probe's
+result rows, so a rerun skips finished probes and still writes the full table.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from ..config import ProbeConfig, fingerprint, to_dict
 from ..errors import fail
 from . import fit
 from .baselines import BASELINE_MODEL, baseline_scores
-from .metrics import METRICS, depth_metrics, dice, nanmean, ranks, saliency_metrics
+from .metrics import METRICS, NearestScorer, nanmean, ranks
 
 COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value")
 PROBE_VERSION = 1                      # bump when the fit or the file format changes: old probes are redone
@@ -64,6 +68,7 @@ class ProtocolLabels:
     digest: str
     _native: dict = field(default_factory=dict, repr=False)
     _ranks: dict = field(default_factory=dict, repr=False)
+    _scorers: dict = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -87,10 +92,14 @@ class ProtocolLabels:
                                      fit.area_downsample(self.saliency, h, w))
         return self._native[key]
 
-    def gt_ranks(self, code: int) -> np.ndarray:
+    def scorer(self, code: int, h: int, w: int) -> NearestScorer:
+        """Exact metrics of nearest-upsampled native predictions for the rows of split ``code`` (cached)."""
         if code not in self._ranks:
             self._ranks[code] = ranks(self.depth[self.idx(code)])
-        return self._ranks[code]
+        if (code, h, w) not in self._scorers:
+            rows = self.idx(code)
+            self._scorers[code, h, w] = NearestScorer(self.depth[rows], self.saliency[rows], h, w, self._ranks[code])
+        return self._scorers[code, h, w]
 
 
 def load_protocol_labels(protocol_root: Path, n: int | None = None) -> ProtocolLabels:
@@ -123,12 +132,15 @@ def load_protocol_labels(protocol_root: Path, n: int | None = None) -> ProtocolL
 # ---------------------------------------------------------------- streaming features -------------------------------
 def _features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Non-finite activations (fp16 overflow in a control model) become 0; returns (x, how many were replaced)."""
+    if bool(torch.isfinite(x.sum())):                                          # fast path: a sum of finite values
+        return x, 0
     bad = ~torch.isfinite(x)
     nbad = int(bad.sum())
     return (torch.where(bad, torch.zeros((), dtype=x.dtype), x) if nbad else x), nbad
 
 
-def _iter_images(store: CaptureStore, site: str, step: int, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def _iter_images(store: CaptureStore, site: str, step: int,
+                 rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     for r, x in store.iter_rows(site, step, rows, CHUNK):
         yield r, _features(x)[0]                                               # (b, C, h, w) float32
 
@@ -171,32 +183,33 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
             X = torch.cat([X, torch.ones(len(X), 1)], 1)
         wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1)               # (b·h·w,)
         ps = pos[r].reshape(-1)
-        stats.add(X.double(), wt, torch.stack([dsum[r].reshape(-1), ps, wt], 1))
-        cached_bytes += X.numel() * 4
+        X64 = X.double()
+        stats.add(X64, wt, torch.stack([dsum[r].reshape(-1), ps, wt], 1))
+        cached_bytes += X.numel() * 12
         over = over or cached_bytes > CACHE_BYTES
         if over:
             cache.clear()                                                      # too big: re-read for each pass
         else:
-            cache.append((X, wt, ps))
+            cache.append((X, wt, ps, X64))
 
     def chunks():
         return _rechunk(store, site, step, labels, cfg, n_pix, pos) if over else cache
 
     scale = fit.feature_scale(stats.G, stats.P, C)
-    penalty = fit.penalty_mask(d, cfg.bias) * scale ** 2                       # λ‖w/s‖²: the scaled-coordinate penalty
+    penalty = fit.penalty_mask(d, cfg.bias) * scale ** 2                       # λ‖s·w‖²: ridge on x/s, in raw units
     lams = list(cfg.lambdas)
     theta_d = fit.ridge_path(stats, lams, cfg.bias, scale)[:, :, 0]            # (L, d)
     init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-    theta_s, info = fit.logistic_path(chunks, stats.P, lams, penalty, init=init, refine=False)
+    rows = len(labels.idx(0)) * h * w
+    stride = max(1, rows // max(4096, 64 * d))                                 # Hessian from ≥ 4096 rows (path only)
+    theta_s, _ = fit.logistic_path(chunks, stats.P, lams, penalty, init=init, refine=False, hess_stride=stride)
 
-    val = labels.idx(1)
-    zd = fit.upsample_nearest(_predict(store, site, step, val, theta_d, cfg.bias), *labels.size)   # (n, L, H, W)
-    rm = np.stack([np.sqrt(((zd[:, i].numpy() - labels.depth[val]) ** 2).mean((1, 2))) for i in range(len(lams))], 1)
-    zs = fit.upsample_nearest(_predict(store, site, step, val, theta_s, cfg.bias), *labels.size)
-    dc = np.stack([dice(zs[:, i].numpy() > 0, labels.saliency[val]) for i in range(len(lams))], 1)
-    i_d = _pick([-nanmean(rm[:, i]) for i in range(len(lams))], lams)
-    i_s = _pick([nanmean(dc[:, i]) for i in range(len(lams))], lams)
-    ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s], info.hessians[i_s])
+    L, sc = len(lams), labels.scorer(1, h, w)
+    z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias).numpy()  # (n, 2L, h, w)
+    rm, dc = sc.depth(z[:, :L], spearman=False)["rmse"], sc.saliency(z[:, L:])["dice"]            # (n, L)
+    i_d = _pick([-nanmean(rm[:, i]) for i in range(L)], lams)
+    i_s = _pick([nanmean(dc[:, i]) for i in range(L)], lams)
+    ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s])
     return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]),
                  {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, nonfinite)
 
@@ -245,14 +258,14 @@ def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, pro
           bias: bool) -> dict[tuple[str, str, str], float]:
     """{(task, split, metric): mean over images} of a fitted probe on val and test."""
     out = {}
+    _, h, w = store.shape(site)
     for split, code in SPLITS.items():
-        rows = labels.idx(code)
-        z = _predict(store, site, step, rows, torch.stack([probe.depth, probe.saliency]), bias)
-        z = fit.upsample_nearest(z, *labels.size).numpy()                      # (n, 2, H, W)
-        for k, v in depth_metrics(z[:, 0], labels.depth[rows], labels.gt_ranks(code)).items():
-            out[("depth", split, k)] = nanmean(v)
-        for k, v in saliency_metrics(z[:, 1] > 0, labels.saliency[rows].astype(bool)).items():
-            out[("saliency", split, k)] = nanmean(v)
+        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]), bias).numpy()
+        sc = labels.scorer(code, h, w)                                         # z: (n, 2, h, w) depth, logit
+        for k, v in sc.depth(z[:, :1]).items():
+            out[("depth", split, k)] = nanmean(v[:, 0])
+        for k, v in sc.saliency(z[:, 1:]).items():
+            out[("saliency", split, k)] = nanmean(v[:, 0])
     for task, (name, value) in probe.selected.items():
         out[(task, "val", name)] = value
     return out
@@ -320,7 +333,12 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     timestep = store.timesteps[store.steps.index(step)]
     rows = [_row(store.manifest.get("protocol", labels.protocol), store.manifest.get("model", store.root.name), site,
                  step, timestep, task, split, metric, v) for (task, split, metric), v in scores.items()]
-    return probe_tensors(probe, store.shape(site)[0], cfg.bias, labels), rows
+    tensors = probe_tensors(probe, store.shape(site)[0], cfg.bias, labels)
+    if probe.nonfinite:
+        print(f"warning: {store.root}/{site} step {step}: {probe.nonfinite} non-finite activations (fp16 overflow?) "
+              f"were replaced by 0", file=sys.stderr)
+    tensors["nonfinite"] = torch.tensor([float(probe.nonfinite)])
+    return tensors, rows
 
 
 def _row(protocol, model, site, step, timestep, task, split, metric, value) -> dict:
@@ -334,12 +352,33 @@ def _fmt_value(v: float) -> float:
     return v if not math.isfinite(v) else float(f"{v:.6g}")
 
 
-def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True) -> Path:
+def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True, threads: int | None = 1) -> Path:
     """Fit and score every (store, site, step) under ``run/captures``; returns ``run/report/results.csv``.
 
     Resumable: a probe file whose fingerprint (config, store manifest, labels, PROBE_VERSION) matches is not refit.
     Memory: one (site, step)'s streamed chunks, plus the train rows kept for the IRLS passes up to CACHE_BYTES.
+    ``threads``: torch and BLAS threads during the sweep (restored after; None leaves them). The sweep is many small
+    solves, and on a busy 2-core machine a second thread mostly spins: one thread was ~3× faster end to end.
     """
+    import contextlib
+
+    if threads is None:
+        return _run_probes(run, cfg, progress)
+    old = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(threads)
+    except ImportError:                                                        # sklearn's dependency; optional here
+        limit = contextlib.nullcontext()
+    torch.set_num_threads(threads)
+    try:
+        with limit:
+            return _run_probes(run, cfg, progress)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
     from safetensors.torch import save as st_save
     from tqdm import tqdm
 
@@ -359,7 +398,8 @@ def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True) -> Path:
                 raise fail(f"capture store {s.root} has {s.n} rows but {stores[0].root} has {stores[0].n}; rows must "
                            f"align with {proto / 'labels.safetensors'}")
         groups.append((proto, labels, stores))
-    jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores for site in s.sites for step in s.steps]
+    jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores
+            for site in s.sites for step in s.steps]
     rows: list[dict] = []
     bar = tqdm(total=len(jobs), desc="probes", unit="probe", disable=not progress, file=sys.stderr)
     fps: dict[Path, str] = {}

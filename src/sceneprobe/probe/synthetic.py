@@ -1,9 +1,9 @@
 """A synthetic run folder with planted linear signal, for tests, benchmarks and trying the report without a model.
 
 Scenes: a tilted ground-plane depth gradient plus one disk-shaped object nearer than the background; saliency is the
-disk. Features of site s at step t (native h×w) are ``x = α_t · A [d̄, m̄ − ½, 1] + σ ε`` with d̄, m̄ the area-downsampled
-standardised depth and mask, α_t rising with the step (information "emerges"), so a no-bias linear probe can recover
-both labels up to the block structure. ``vae.*`` sites carry only the mask, and only at late steps (the paper's VAE
+disk. Features of site s at step t (native h×w) are ``x = α_t · A [d̄, m̄ − ½, 1] + σ ε`` with d̄, m̄ the
+area-downsampled standardised depth and mask, α_t rising with the step (information "emerges"), so a no-bias
+linear probe can recover both labels up to the block structure. ``vae.*`` sites carry only the mask, and only at late steps (the paper's VAE
 finding); control models (``permuted``, ``fresh``) carry no signal at all.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ..errors import SceneprobeError  # noqa: E402
 from ..probe.metrics import HEADLINE  # noqa: E402
 from .summary import MAIN_MODEL, Results, group_label  # noqa: E402
 
@@ -110,7 +111,8 @@ def load_images(run: Path, protocol: str) -> np.ndarray | None:
     return None
 
 
-def predictions(run: Path, protocol: str, model: str, site: str, step: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predictions(run: Path, protocol: str, model: str, site: str, step: int,
+                rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(standardised depth (n, h, w), saliency logit (n, h, w)) of a saved probe on the given store rows."""
     from safetensors.torch import load_file
 
@@ -144,15 +146,18 @@ def prediction_grid(run: Path, res: Results, protocol: str, out: Path, n_images:
     if images is not None and len(images) == len(labels.split):
         cols.append(("image", images[rows], {}))
     dkw = dict(cmap="magma_r", vmin=float(labels.depth[rows].min()), vmax=float(labels.depth[rows].max()))
-    cols.append(("depth (truth)", labels.depth[rows], dkw))
-    for st in picks:
-        d, _ = predictions(run, protocol, MAIN_MODEL, bd.site, st, rows)
-        cols.append((f"depth probe\nstep {st}", upsample_nearest(torch.from_numpy(d), H, W).numpy(), dkw))
     mkw = dict(cmap="gray", vmin=0, vmax=1)
+    try:
+        dp = [upsample_nearest(torch.from_numpy(predictions(run, protocol, MAIN_MODEL, bd.site, st, rows)[0]), H, W)
+              for st in picks]
+        sp = [upsample_nearest(torch.from_numpy(predictions(run, protocol, MAIN_MODEL, bs.site, st, rows)[1]), H, W)
+              for st in picks]
+    except (FileNotFoundError, SceneprobeError):                               # probes or captures removed since
+        return None
+    cols.append(("depth (truth)", labels.depth[rows], dkw))
+    cols += [(f"depth probe\nstep {st}", d.numpy(), dkw) for st, d in zip(picks, dp)]
     cols.append(("mask (truth)", labels.saliency[rows], mkw))
-    for st in picks:
-        _, s = predictions(run, protocol, MAIN_MODEL, bs.site, st, rows)
-        cols.append((f"mask probe\nstep {st}", (upsample_nearest(torch.from_numpy(s), H, W).numpy() > 0), mkw))
+    cols += [(f"mask probe\nstep {st}", s.numpy() > 0, mkw) for st, s in zip(picks, sp)]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.25 * len(cols), 1.3 * len(rows) + 0.6), squeeze=False)
     for j, (title, arr, kw) in enumerate(cols):
         for i in range(len(rows)):

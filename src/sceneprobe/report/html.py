@@ -127,13 +127,17 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     md += "\n## Further analyses\n\n"
     if extras:
         for title, body in extras:
-            md += f"### {title}\n\n{body.strip()}\n\n" if not body.lstrip().startswith("<") else f"### {title}\n\n(see report.html)\n\n"
+            text = "(HTML section: see report.html)" if body.lstrip().startswith("<") else body.strip()
+            md += f"### {title}\n\n{text}\n\n"
     else:
         md += ("_No further analyses yet (labeller quality, interventions): later stages add sections through "
                "`write_report(run, extra_sections=...)` or `report/extra/*.md`._\n")
     atomic_write_text(out / "summary.md", md)
 
     images = {r: _data_uri(figs[c]) for c, r in rel.items()}
+    # figures written by later stages (e.g. interventions) and referenced from their sections: embed them too
+    images.update({f"figures/{f.name}": _data_uri(f) for f in sorted(fig_dir.glob("*.png"))
+                   if f"figures/{f.name}" not in images})
     summary_part, _, _ = md.partition("\n## Further analyses\n")
     body = [markdown_to_html(summary_part, images), '<h2 id="further-analyses">Further analyses</h2>',
             "<!-- HOOK: later stages add sections here (write_report(extra_sections=...) or report/extra/*.md) -->"]
@@ -142,7 +146,8 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     for title, text in extras:
         inner = text if text.lstrip().startswith("<") else markdown_to_html(text, images)
         body.append(f"<section><h3>{html.escape(title)}</h3>\n{inner}</section>")
-    cfg = json.loads((out / "results.json").read_text()).get("probe_config") if (out / "results.json").is_file() else None
+    rj = out / "results.json"
+    cfg = json.loads(rj.read_text()).get("probe_config") if rj.is_file() else None
     if cfg:
         body.append(f"<h2>Probe configuration</h2><pre>{html.escape(json.dumps(cfg, indent=2, sort_keys=True))}</pre>")
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>sceneprobe report</title>"
