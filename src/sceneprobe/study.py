@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from .atomic import atomic_write_json, atomic_write_text
 from .config import Config, dump_yaml, fingerprint
 from .errors import fail
@@ -65,14 +63,9 @@ def _copy_model_folders(src: Path, run: Path) -> None:
 
 def label_generated(run: Path, labeller_dir: Path) -> Path:
     """Label the generated images with the labeller: ``captures/generate/labels.safetensors``."""
-    from safetensors.numpy import load_file
-
-    from .capture.store import save_labels
-    from .labeller import label_images, load_labeller
-    proot = run / "captures" / "generate"
-    samples = load_file(str(proot / "samples.safetensors"))
-    lab = label_images(load_labeller(labeller_dir), samples["images"])
-    return save_labels(proot, lab["depth"], lab["saliency"], samples["split"], rgb=samples["images"])
+    from .labeller import label_samples, load_labeller
+    samples = run / "captures" / "generate" / "samples.safetensors"
+    return label_samples(load_labeller(labeller_dir), samples, force=True)
 
 
 def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | None = None,
@@ -220,4 +213,4 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-__all__ = ["run_study", "label_generated", "Stages", "np"]
+__all__ = ["run_study", "label_generated", "Stages"]
