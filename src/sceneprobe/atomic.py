@@ -28,6 +28,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     check_out_folder(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
     try:
         yield tmp
     except BaseException:

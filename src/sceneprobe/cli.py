@@ -27,7 +27,7 @@ def _seeded(args, section: str, key: str = "seed") -> dict:
 def _common(p: argparse.ArgumentParser, out: bool = True, out_help: str = "output folder") -> None:
     p.add_argument("--preset", default="cpu", help="preset: tiny, cpu or gpu")
     p.add_argument("--config", default=None, help="YAML file overriding the preset (unknown keys are errors)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--seed", type=int, default=None, help="seed; None keeps the config's")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if out:
         p.add_argument("--out", required=True, help=out_help)

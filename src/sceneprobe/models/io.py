@@ -44,8 +44,9 @@ def save_model(model: torch.nn.Module, folder: Path, fp16: bool = False) -> Path
         to_save = model
         if fp16:
             import copy
-            to_save = copy.deepcopy(model).to(torch.float16)
+            to_save = copy.deepcopy(model).half()
         to_save.save_pretrained(tmp, safe_serialization=True)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; models are for people and other tools to read
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -1,0 +1,28 @@
+"""The labeller: labels images with depth and saliency (the role MiDaS and TRACER play in the paper).
+
+* :class:`Labeller` (``model.py``): a small encoder-decoder CNN with a depth head and a saliency head, trained on
+  rendered scenes with exact labels (``train.py``: :func:`train_labeller`, :func:`evaluate_labeller`).
+* :class:`DepthModelLabeller` (``dpt.py``): a local transformers DPT depth model instead (photographs, Stable
+  Diffusion); its depth is relative *inverse* depth (``depth_kind``).
+* :func:`label_images` labels arrays; :func:`label_path` (``apply.py``) labels a capture's samples or a folder.
+
+The shipped labeller of the ``cpu`` preset lives in ``sceneprobe/pretrained/cpu/labeller`` (:func:`shipped_labeller`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .apply import label_folder, label_path, label_samples
+from .dpt import DepthModelLabeller
+from .model import Labeller, LabellerOutput, label_images, load_labeller
+from .train import evaluate_labeller, train_labeller
+
+
+def shipped_labeller_path(preset: str = "cpu") -> Path:
+    """Folder of the labeller shipped with a preset's default checkpoint (may not exist for every preset)."""
+    from ..models.io import shipped_root
+    return shipped_root(preset) / "labeller"
+
+
+__all__ = ["DepthModelLabeller", "Labeller", "LabellerOutput", "evaluate_labeller", "label_folder", "label_images",
+           "label_path", "label_samples", "load_labeller", "shipped_labeller_path", "train_labeller"]
