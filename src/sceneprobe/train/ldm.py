@@ -6,6 +6,7 @@ keyed by the VAE's weights hash). Sampling uses EMA weights: ``run/unet`` holds 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def cached_latents(vae, data, folder: Path) -> torch.Tensor:
         return load_file(path)["latents"]
     # contiguous: a strided (channels-last) z would pick other conv kernels than the cached copy and break bitwise resume
     z = (encode_mode(vae, data.rgb) * vae.config.scaling_factor).contiguous()
-    tmp = path.with_name(".latents.tmp.safetensors")
+    tmp = path.with_name(f".latents.tmp-{os.getpid()}.safetensors")  # several processes may race here
     save_file({"latents": z.contiguous()}, tmp)
     tmp.replace(path)
     atomic_write_json(meta, key)
@@ -75,6 +76,9 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, ema_decay=tc.ema_decay, desc="train-ldm")
     unet, ema = train_loop(unet, loss_fn, spec, resume=resume, progress=progress)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
+        return run / "unet"
     if ema is not None:
         ema.copy_to(unet.parameters())
     save_model(unet, run / "unet")

@@ -100,6 +100,9 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, desc="train-vae")
     vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
+        return run / "vae"
     z = encode_mode(vae, train.rgb[:1024])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     heldout = data.subset("test") if len(data.subset("test")) else data.subset("val")
