@@ -40,4 +40,6 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         out = type(model).from_config(model.config)
-    return out.to(device=param.device, dtype=param.dtype).eval()
+    if next(out.parameters()).dtype != param.dtype:  # diffusers warns on any .to(dtype), so only when needed
+        out = out.to(dtype=param.dtype)
+    return out.to(param.device).eval()

@@ -167,6 +167,13 @@ def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
             info["final_metrics"] = lines[-1] if lines else {}
             info["wall_time_s"] = lines[-1].get("elapsed_s") if lines else None
         record[stage] = info
+    # What the shipped (fp16-rounded) VAE reaches on scenes rendered afresh from a seed its training never used;
+    # tests/test_shipped.py renders them again and checks the figure still holds.
+    from ..train.vae import evaluate_vae
+    from ..world.render import render_scenes
+    check = {"render_seed": 424242, "n_images": 96}
+    rgb = render_scenes(seed=check["render_seed"], indices=range(check["n_images"]), size=ldm.vae.config.sample_size)["rgb"]
+    record["shipped_vae_check"] = {**check, **evaluate_vae(load_vae(dest / "vae"), rgb)}
     from ..atomic import atomic_write_json
     atomic_write_json(dest / "training.json", record)
     return dest
