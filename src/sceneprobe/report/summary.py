@@ -127,6 +127,25 @@ def verdict(score: float, refs: list[float]) -> str:
     return "weakly" if margin > WEAK else "no"
 
 
+def _depth_by_rmse(res: "Results", protocol: str, b: Point, ctrl: list) -> str:
+    """Depth judged by RMSE as well: in these scenes the layout alone (sky far, ground receding with image height)
+    gives the mean depth map a high per-image Spearman ρ, so ρ can under-read scene-specific depth; RMSE on
+    standardised depth rewards getting each scene's values right. Verdict: relative RMSE reduction vs the best
+    reference (baseline or control) above 10 % → yes, above 2 % → weakly."""
+    rmse = dict(b.extra).get("rmse")
+    refs = [("mean-map baseline", res.baseline(protocol, "depth", metric="rmse"))]
+    refs += [(group_label(m, "unet"), dict(c.extra).get("rmse")) for m, c in ctrl]
+    refs = [(n, r) for n, r in refs if r is not None and r == r]
+    if rmse is None or not refs:
+        return "  - by RMSE: n/a."
+    name, best_ref = min(refs, key=lambda x: x[1])
+    gain = 1 - rmse / best_ref if best_ref > 0 else 0.0
+    v = "yes" if gain > 0.10 else ("weakly" if gain > 0.02 else "no")
+    return (f"  - **depth by RMSE: {v}.** U-Net probe RMSE {_f(rmse)} vs the best reference ({name}) {_f(best_ref)}: "
+            f"{abs(100 * gain):.0f} % {'lower' if gain >= 0 else 'higher'}. (Spearman ρ rewards the scene layout that the mean map already has, so "
+            f"RMSE is the sharper test of scene-specific depth here.)")
+
+
 def _f(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None or x != x else f"{x:.{nd}f}"
 
@@ -157,6 +176,8 @@ def protocol_summary(res: Results, protocol: str) -> list[str]:
                  f"**{_f(b.test)}** ({extra}); mean-map baseline {_f(base)} "
                  f"(Δ {_f(b.test - base if base is not None else None)}); "
                  f"{ctrl_txt}.")
+        if task == "depth":
+            L.append(_depth_by_rmse(res, protocol, b, ctrl))
     L.append("")
     # 2. from which step?
     L += [f"### From which step? (first step within 90 % of the best step; {n_steps} steps, 0 = noisiest)", ""]
