@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/sceneprobe run --preset cpu --out runs/default
+	HF_HUB_OFFLINE=1 $(BIN)/sceneprobe run --preset cpu --with-interventions --out runs/default
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
