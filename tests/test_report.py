@@ -45,6 +45,11 @@ def test_report_is_self_contained_and_answers_with_numbers(run, capsys):
                      "Compared with the paper"):
         assert question in md and question in page
     assert re.search(r"\*\*depth: (yes|weakly|no)\.\*\* Best U-Net probe `unet\.\w+\.attn0` at step \d", md)
+    m = re.search(r"\*\*depth by RMSE: (yes|weakly|no)\.\*\* U-Net probe RMSE ([\d.]+) vs the best reference .*? ([\d.]+): "
+                  r"(\d+) % (lower|higher)", md)
+    assert m, "depth is also judged by RMSE against the baseline and controls"
+    gain = 1 - float(m.group(2)) / float(m.group(3))
+    assert m.group(5) == ("lower" if gain >= 0 else "higher") and abs(abs(100 * gain) - int(m.group(4))) <= 1
     assert "Labeller quality" in md and "<h3>Labeller quality</h3>" in page and "<b>0.9</b>" in page
 
 
