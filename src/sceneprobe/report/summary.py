@@ -172,12 +172,20 @@ def protocol_summary(res: Results, protocol: str) -> list[str]:
         v = verdicts[task] = verdict(b.test, [base] + [c.test for _, c in ctrl])
         extra = ", ".join(f"{k} {_f(x)}" for k, x in b.extra)
         ctrl_txt = "; ".join(f"best {group_label(m, 'unet')} {_f(c.test)}" for m, c in ctrl) or "no control stores"
-        L.append(f"- **{task}: {v}.** Best U-Net probe `{b.site}` at step {b.step} (t={b.timestep}): test {name} "
+        label = v
+        if task == "depth":
+            by_rmse = _depth_by_rmse(res, protocol, b, ctrl)
+            rv = by_rmse.split("depth by RMSE: ")[1].split(".")[0] if "depth by RMSE: " in by_rmse else "no"
+            rank = {"no": 0, "weakly": 1, "yes": 2}
+            if rank.get(rv, 0) > rank.get(v, 0):  # the overall verdict is the stronger of the two readings
+                verdicts[task] = rv
+                label = f"{rv} by RMSE ({v} by {name})"
+        L.append(f"- **{task}: {label}.** Best U-Net probe `{b.site}` at step {b.step} (t={b.timestep}): test {name} "
                  f"**{_f(b.test)}** ({extra}); mean-map baseline {_f(base)} "
                  f"(Δ {_f(b.test - base if base is not None else None)}); "
                  f"{ctrl_txt}.")
         if task == "depth":
-            L.append(_depth_by_rmse(res, protocol, b, ctrl))
+            L.append(by_rmse)
     L.append("")
     # 2. from which step?
     L += [f"### From which step? (first step within 90 % of the best step; {n_steps} steps, 0 = noisiest)", ""]
