@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from sceneprobe.sample import to_latent
 import torch.nn.functional as F
 
 torch.set_num_threads(1)
@@ -215,7 +217,7 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     t = sched.timesteps[1]
     x = torch.from_numpy(test.rgb[2:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad(), Recorder({"unet": ldm.unet}, ["unet.mid.attn0"]) as rec:
-        z0 = ldm.vae.encode(x).latent_dist.mode() * ldm.scaling_factor
+        z0 = to_latent(ldm.vae, ldm.vae.encode(x).latent_dist.mode())
         eps = torch.randn(z0.shape[1:], generator=generators([2], cfg.capture.seed, caprun.NOISE_STREAM)[0])
         ab = sched.alphas_cumprod[t]
         ldm.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t)

@@ -62,9 +62,19 @@ def denoise(
     return x
 
 
+def _shift(vae) -> float:
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def to_latent(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents → diffusion space: (z − shift_factor) · scaling_factor (diffusers' SD3/Flux convention;
+    shift_factor is absent, i.e. 0, for Stable Diffusion v1)."""
+    return (z - _shift(vae)) * vae.config.scaling_factor
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, c, h, w) in the scaled space → images (B, 3, H, W) in [−1, 1]."""
-    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    """Latents (B, c, h, w) in the diffusion space → images (B, 3, H, W) in [−1, 1]: decode(x / scale + shift)."""
+    return vae.decode(latents / vae.config.scaling_factor + _shift(vae)).sample.clamp(-1, 1)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

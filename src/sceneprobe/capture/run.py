@@ -51,7 +51,7 @@ from ..errors import fail
 from ..models.build import sampling_scheduler
 from ..models.io import LDM, model_hash
 from ..models.sites import list_sites
-from ..sample import decode, denoise, generators, initial_noise, sample_seed, to_uint8
+from ..sample import decode, denoise, generators, initial_noise, sample_seed, to_latent, to_uint8
 from .recorder import KINDS, Recorder
 from .store import CaptureStore, create_shard, finish_manifest, save_labels, shard_path, write_rows
 
@@ -439,7 +439,7 @@ def _noised_batch(unet, vae, sf: float, sched, rgb: np.ndarray, ids: Sequence[in
     dec = [v for v in vae_sites if not v.startswith("vae.enc")]
     enc_out: dict[str, torch.Tensor] = {}
     with Recorder({"vae": vae}, enc, kind, on_output=lambda site, y: enc_out.__setitem__(site, y)):
-        z0 = vae.encode(x).latent_dist.mode() * sf  # (b, c, h, w)
+        z0 = to_latent(vae, vae.encode(x).latent_dist.mode())  # (b, c, h, w); sf is recorded in the manifest
     n_steps = len(sched.timesteps)
     for site, y in enc_out.items():  # step-independent: replicated into every step shard
         for step in range(n_steps):

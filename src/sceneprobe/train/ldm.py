@@ -1,6 +1,6 @@
 """Train the latent U-Net to predict ε on scaled latents: L = ‖ε − ε̂(√ᾱ_t z + √(1−ᾱ_t) ε, t)‖².
 
-The training latents z = scaling_factor · mode(q(z|x)) are encoded once and cached (``train_ldm/latents.safetensors``,
+The training latents z = scaling_factor · (mode(q(z|x)) − shift_factor) are encoded once and cached (``train_ldm/latents.safetensors``,
 keyed by the VAE's weights hash). Sampling uses EMA weights: ``run/unet`` holds the EMA copy.
 """
 from __future__ import annotations
@@ -21,17 +21,19 @@ from ..errors import fail
 from ..models.build import build_train_scheduler, build_unet, latent_size
 from ..models.io import LDM, load_vae, model_hash, save_model
 from .loop import LoopSpec, train_loop
+from ..sample import to_latent
 from .vae import encode_mode
 
 
 def cached_latents(vae, data, folder: Path) -> torch.Tensor:
     """Scaled training latents (N, c, h, w), encoded once per (VAE weights, dataset)."""
-    key = {"vae": model_hash(vae), "n": len(data), "names": data.names[:3] + data.names[-3:]}
+    key = {"vae": model_hash(vae), "n": len(data), "names": data.names[:3] + data.names[-3:],
+           "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None)}
     path, meta = folder / "latents.safetensors", folder / "latents.json"
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == key:
         return load_file(path)["latents"]
     # contiguous: a strided (channels-last) z would pick other conv kernels than the cached copy and break bitwise resume
-    z = (encode_mode(vae, data.rgb) * vae.config.scaling_factor).contiguous()
+    z = to_latent(vae, encode_mode(vae, data.rgb)).contiguous()
     tmp = path.with_name(f".latents.tmp-{os.getpid()}.safetensors")  # several processes may race here
     save_file({"latents": z.contiguous()}, tmp)
     tmp.replace(path)

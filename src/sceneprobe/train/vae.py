@@ -103,11 +103,14 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
         return run / "vae"
+    # Centre and scale the latents for the diffusion model: z' = (z − mean) / std (diffusers' shift_factor and
+    # scaling_factor). Uncentred latents (this VAE's mean is far from 0) leave a colour cast in short LDM runs.
     z = encode_mode(vae, train.rgb[:1024])
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     heldout = data.subset("test") if len(data.subset("test")) else data.subset("val")
     metrics = evaluate_vae(vae, heldout.rgb)
     metrics["scaling_factor"] = float(vae.config.scaling_factor)
+    metrics["shift_factor"] = float(vae.config.shift_factor)
     metrics["steps"] = tc.steps
     atomic_write_json(tdir / "eval.json", metrics)
     save_model(vae, run / "vae")
