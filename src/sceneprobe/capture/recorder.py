@@ -29,21 +29,20 @@ OnOutput = Callable[[str, torch.Tensor], None]
 KINDS = ("attn", "block")
 
 
-class Recorder:
-    """``with Recorder({"unet": unet, "vae": vae}) as rec: ...`` → ``rec.outputs[site]``: list of (B, C, H, W)."""
+class SiteHooks:
+    """Owned forward hooks on sites; the shared part of :class:`Recorder` and the interventions' ``Editor``.
 
-    def __init__(self, models: Mapping[str, nn.Module], sites: Sequence[str] | None = None, kind: str = "attn",
-                 on_output: OnOutput | None = None, keep_half: str | None = None):
+    Every site is resolved before anything is registered (a bad site leaves no hook behind). On ``__enter__`` each site
+    gets a pre-hook on its container (to note the spatial size H×W) and an output hook made by ``self._hook(site)``
+    (subclasses define it), after any ``_extra_hooks()``; ``__exit__`` removes exactly these handles, also after an
+    exception.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], sites: Sequence[str], kind: str = "attn"):
         if kind not in KINDS:
             raise fail(f"site kind {kind!r} is unknown; choose attn (before the residual, the paper's) or block")
-        if keep_half not in (None, "cond"):
-            raise fail(f"keep_half {keep_half!r} is unknown; use None or 'cond'")
-        self.models = dict(models)
-        self.kind, self.on_output, self.keep_half = kind, on_output, keep_half
-        if sites is None:
-            sites = [s for key, m in self.models.items() for s in list_sites(m, key)]
+        self.models, self.kind = dict(models), kind
         self.sites: list[str] = list(dict.fromkeys(sites))
-        # Resolve everything before registering anything: a bad site leaves no hook behind.
         self._targets: list[tuple[str, nn.Module, nn.Module]] = []
         for site in self.sites:
             key, path = site_path(site)
@@ -53,12 +52,19 @@ class Recorder:
             container = self.models[key].get_submodule(path)
             target = attn.to_out[0] if kind == "attn" else attn
             self._targets.append((site, container, target))
-        self.outputs: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._hw: dict[str, tuple[int, int]] = {}
 
-    def __enter__(self) -> "Recorder":
+    def _extra_hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks besides the sites' (registered first); none by default."""
+        return []
+
+    def _hook(self, site: str):
+        raise NotImplementedError
+
+    def __enter__(self):
         try:
+            self.handles.extend(self._extra_hooks())
             for site, container, target in self._targets:
                 self.handles.append(container.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
                 self.handles.append(target.register_forward_hook(self._hook(site)))
@@ -71,16 +77,12 @@ class Recorder:
         self.remove()
 
     def remove(self) -> None:
-        """Remove exactly the handles this recorder added (safe to call twice)."""
+        """Remove exactly the handles this object added (safe to call twice)."""
         try:
             for h in self.handles:
                 h.remove()
         finally:
             self.handles.clear()
-
-    def clear(self) -> None:
-        for v in self.outputs.values():
-            v.clear()
 
     def _pre_hook(self, site: str):
         def fn(module, args, kwargs):
@@ -88,6 +90,35 @@ class Recorder:
             if isinstance(x, torch.Tensor) and x.ndim == 4:
                 self._hw[site] = (int(x.shape[2]), int(x.shape[3]))
         return fn
+
+    def to_spatial(self, site: str, y: torch.Tensor) -> torch.Tensor:
+        """(B, H·W, C) → (B, C, H, W) (token index = h·W + w); 4D tensors pass through."""
+        if y.ndim == 4:
+            return y
+        b, hw, c = y.shape
+        h, w = self._hw.get(site, (math.isqrt(hw), hw // max(1, math.isqrt(hw))))
+        if h * w != hw:
+            raise RuntimeError(f"site {site}: {hw} tokens do not match the spatial size {h}x{w}")
+        return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+
+class Recorder(SiteHooks):
+    """``with Recorder({"unet": unet, "vae": vae}) as rec: ...`` → ``rec.outputs[site]``: list of (B, C, H, W)."""
+
+    def __init__(self, models: Mapping[str, nn.Module], sites: Sequence[str] | None = None, kind: str = "attn",
+                 on_output: OnOutput | None = None, keep_half: str | None = None):
+        if keep_half not in (None, "cond"):
+            raise fail(f"keep_half {keep_half!r} is unknown; use None or 'cond'")
+        if sites is None:
+            sites = [s for key, m in dict(models).items() for s in list_sites(m, key)]
+        super().__init__(models, sites, kind)
+        self.on_output, self.keep_half = on_output, keep_half
+        self.outputs: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+
+    def clear(self) -> None:
+        for v in self.outputs.values():
+            v.clear()
 
     def _hook(self, site: str):
         def fn(module, inputs, output):
@@ -100,16 +131,6 @@ class Recorder:
             else:
                 self.outputs[site].append(y)
         return fn
-
-    def to_spatial(self, site: str, y: torch.Tensor) -> torch.Tensor:
-        """(B, H·W, C) → (B, C, H, W) (token index = h·W + w); 4D tensors pass through."""
-        if y.ndim == 4:
-            return y
-        b, hw, c = y.shape
-        h, w = self._hw.get(site, (math.isqrt(hw), hw // max(1, math.isqrt(hw))))
-        if h * w != hw:
-            raise RuntimeError(f"site {site}: {hw} tokens do not match the spatial size {h}x{w}")
-        return y.transpose(1, 2).reshape(b, c, h, w)
 
 
 def hook_count(model: nn.Module) -> int:

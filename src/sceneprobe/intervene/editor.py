@@ -17,7 +17,6 @@ so each sample's edit is what it would be alone; random directions come from a g
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -27,14 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import fail
-from ..models.sites import resolve, site_path
+from ..capture.recorder import SiteHooks
+from ..models.sites import site_path
 
 EditFn = Callable[[str, int, torch.Tensor], "torch.Tensor | None"]   # (site, step, a (B, C, H, W)) → replacement
 TASKS = ("saliency", "depth")
 
 
 # ------------------------------------------------------------------------------------------------------------ hooks
-class Editor:
+class Editor(SiteHooks):
     """``with Editor(unet, sites, edit_fn): denoise(...)`` — ``edit_fn(site, step, a)`` may replace a site's output.
 
     ``kind="attn"`` edits the output of ``attn.to_out[0]`` (before the residual, the paper's site), seen by
@@ -44,59 +44,24 @@ class Editor:
     """
 
     def __init__(self, unet: nn.Module, sites: Sequence[str], edit_fn: EditFn, kind: str = "attn"):
-        if kind not in ("attn", "block"):
-            raise fail(f"site kind {kind!r} is unknown; choose attn (before the residual, the paper's) or block")
-        self.unet, self.edit_fn, self.kind = unet, edit_fn, kind
-        self.sites = list(dict.fromkeys(sites))
-        # Resolve everything before registering anything: a bad site leaves no hook behind.
-        self._targets: list[tuple[str, nn.Module, nn.Module]] = []
-        for site in self.sites:
-            key, path = site_path(site)
-            if key != "unet":
+        for site in dict.fromkeys(sites):
+            if site_path(site)[0] != "unet":
                 raise fail(f"site {site!r} is not a U-Net site; interventions edit the U-Net during generation")
-            attn = resolve(unet, "unet", site)
-            self._targets.append((site, unet.get_submodule(path), attn.to_out[0] if kind == "attn" else attn))
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__({"unet": unet}, sites, kind)
+        self.unet, self.edit_fn = unet, edit_fn
         self.step = -1                                  # index of the U-Net call in progress (0 = noisiest step)
         self.applied: list[tuple[str, int]] = []
-        self._hw: dict[str, tuple[int, int]] = {}
 
-    def __enter__(self) -> "Editor":
-        try:
-            self.handles.append(self.unet.register_forward_pre_hook(self._count))
-            for site, container, target in self._targets:
-                self.handles.append(container.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
-                self.handles.append(target.register_forward_hook(self._hook(site)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove exactly the handles this editor added (safe to call twice)."""
-        try:
-            for h in self.handles:
-                h.remove()
-        finally:
-            self.handles.clear()
+    def _extra_hooks(self):
+        return [self.unet.register_forward_pre_hook(self._count)]
 
     def _count(self, module, args) -> None:
         self.step += 1
 
-    def _pre_hook(self, site: str):
-        def fn(module, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(x, torch.Tensor) and x.ndim == 4:
-                self._hw[site] = (int(x.shape[2]), int(x.shape[3]))
-        return fn
-
     def _hook(self, site: str):
         def fn(module, inputs, output):
             y = output[0] if isinstance(output, tuple) else output
-            a = self._spatial(site, y)                                         # (B, C, H, W)
+            a = self.to_spatial(site, y)                                         # (B, C, H, W)
             new = self.edit_fn(site, self.step, a)
             if new is None:
                 return None
@@ -109,16 +74,6 @@ class Editor:
                 new = new.reshape(new.shape[0], new.shape[1], -1).transpose(1, 2).contiguous()   # (B, H·W, C)
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return fn
-
-    def _spatial(self, site: str, y: torch.Tensor) -> torch.Tensor:
-        """(B, H·W, C) → (B, C, H, W) (token index = h·W + w); 4D tensors pass through."""
-        if y.ndim == 4:
-            return y
-        b, hw, c = y.shape
-        h, w = self._hw.get(site, (math.isqrt(hw), hw // max(1, math.isqrt(hw))))
-        if h * w != hw:
-            raise RuntimeError(f"site {site}: {hw} tokens do not match the spatial size {h}x{w}")
-        return y.transpose(1, 2).reshape(b, c, h, w)
 
 
 # ------------------------------------------------------------------------------------------------------------ probes
