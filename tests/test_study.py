@@ -75,3 +75,17 @@ def test_same_seed_same_bytes_and_sigkill_resume(tmp_path, tiny_study):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1].endswith("report.html")
     assert (out / "report" / "results.csv").read_bytes() == ref
+
+
+def test_report_sections_for_a_copied_model_come_from_its_training_record(tmp_path):
+    """With the shipped model (no train_* folders in the run) the report still says how good the VAE and samples are."""
+    import json
+
+    from sceneprobe.models.io import shipped_root
+    from sceneprobe.study import _copy_model_folders, extra_sections
+    _copy_model_folders(shipped_root("cpu"), tmp_path)
+    titles = [t for t, _ in extra_sections(tmp_path)]
+    assert "Generated image quality" in titles and "VAE reconstruction (held-out scenes)" in titles
+    rec = json.loads((tmp_path / "model_training.json").read_text())
+    body = dict(extra_sections(tmp_path))["VAE reconstruction (held-out scenes)"]
+    assert f"{rec['train_vae']['eval']['psnr_db']:.4g}" in body

@@ -59,6 +59,8 @@ def _copy_model_folders(src: Path, run: Path) -> None:
         shutil.copytree(src / part, tmp)
         shutil.rmtree(run / part, ignore_errors=True)
         tmp.rename(run / part)
+    if (src / "training.json").is_file():  # how the model was trained and how good it is, for the report
+        shutil.copyfile(src / "training.json", run / "model_training.json")
 
 
 def label_generated(run: Path, labeller_dir: Path) -> Path:
@@ -157,7 +159,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         run_probes(out, cfg.probe, progress=progress)
     st.run("probes", fingerprint(cfg.probe), [out / "report" / "results.csv"], probes, clear=[out / "probes"])
 
-    extra = extra_sections(out, cfg)
+    extra = extra_sections(out)
     if with_interventions:
         def interventions():
             from .intervene import run_interventions
@@ -182,27 +184,32 @@ def model_hash_of_folder(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def extra_sections(run: Path, cfg: Config) -> list[tuple[str, str]]:
-    """Report sections on what the generate-protocol numbers stand on: the labeller and the generated images."""
+def _metric_table(d: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in d.items())
+    return "| metric | value |\n|---|---|\n" + rows
+
+
+def extra_sections(run: Path) -> list[tuple[str, str]]:
+    """Report sections on what the generate-protocol numbers stand on: the labeller and the generated images.
+
+    Model figures come from the run's own training (``train_vae/``, ``train_ldm/``) or, for a copied model, from the
+    ``training.json`` recorded beside it (copied to ``run/model_training.json``)."""
     out = []
+    shipped = _read_json(run / "model_training.json") or {}
     lab = _read_json(run / "labeller" / "training.json") or _read_json(run / "train_labeller" / "eval.json")
     if lab:
-        m = lab.get("eval", lab)
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items())
         out.append(("Labeller quality (held-out rendered scenes)",
                     "The labeller plays MiDaS and TRACER's role: it labels the generated images. Its accuracy on "
                     "held-out rendered scenes with exact ground truth bounds what the generate-protocol probes can "
-                    "show.\n\n| metric | value |\n|---|---|\n" + rows))
-    q = _read_json(run / "train_ldm" / "eval.json") or _read_json(run / "quality.json")
+                    "show.\n\n" + _metric_table(lab.get("eval", lab))))
+    q = _read_json(run / "train_ldm" / "eval.json") or shipped.get("train_ldm", {}).get("eval")
     if q:
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in q.items())
         out.append(("Generated image quality",
                     "Fréchet Scene Distance (FSD, see `sceneprobe.quality`) of 64 DDIM samples to held-out scenes, "
-                    "with the real-vs-real floor and the noise ceiling.\n\n| metric | value |\n|---|---|\n" + rows))
-    v = _read_json(run / "train_vae" / "eval.json") or _read_json(run / "vae_eval.json")
+                    "with the real-vs-real floor and the noise ceiling.\n\n" + _metric_table(q)))
+    v = _read_json(run / "train_vae" / "eval.json") or shipped.get("train_vae", {}).get("eval")
     if v:
-        rows = "\n".join(f"| {k} | {val:.4g} |" if isinstance(val, float) else f"| {k} | {val} |" for k, val in v.items())
-        out.append(("VAE reconstruction (held-out scenes)", "| metric | value |\n|---|---|\n" + rows))
+        out.append(("VAE reconstruction (held-out scenes)", _metric_table(v)))
     return out
 
 
