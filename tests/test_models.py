@@ -84,7 +84,6 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, tiny_cfg, tiny_data
     train(cfg, tiny_data, full, progress=False)
 
     real = loop._save_checkpoint
-    calls = {"n": 0}
 
     def save_then_die(path, model, opt, ema, step):
         real(path, model, opt, ema, step)

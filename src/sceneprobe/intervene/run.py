@@ -221,7 +221,7 @@ def run_task(ctx: Context, task: str, cfg, batch_size: int, progress: bool = Tru
     edits = [(k, int(eligible[k % len(eligible)]), draw_transform(cfg.seed, task, k, size, cfg.shift_min,
                                                                   cfg.shift_max)) for k in range(cfg.n_edits)]
     site_index = {s: i for i, s in enumerate(ctx.unet_sites)}
-    unet, kind = ctx.ldm.unet, ctx.manifest.get("site_kind", "attn")
+    kind = ctx.manifest.get("site_kind", "attn")
     rows_out, examples, regen = [], {}, []
     arrays: dict[str, list[np.ndarray]] = {c: [] for c in ("target", *CONDITIONS)}
     for start in tqdm(range(0, len(edits), batch_size), desc=f"interventions {task}", unit="batch",
