@@ -79,6 +79,10 @@ class TrainLDMConfig:
     ema_decay: float = 0.999
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"  # "v_prediction" (x̂₀ error bounded at high noise) or "epsilon"
+    snr_gamma: float = 5.0        # min-SNR-γ loss weighting (Hang et al. 2023); 0 = unweighted MSE
+    zero_terminal_snr: bool = True  # rescale_betas_zero_snr + trailing spacing: the last timestep is pure noise
+    flip: bool = True             # horizontal-flip augmentation of the cached latents
     checkpoint_every: int = 250
     log_every: int = 25
     seed: int = 0
@@ -145,6 +149,22 @@ class InterveneConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """How the report turns numbers into answers (fixed before the run; see ``sceneprobe.probe.stats.verdict``).
+
+    A difference d with 95 % CI [lo, hi] reads "yes" when lo > 0 and d ≥ the minimum effect, "no" when hi < the
+    minimum effect, else "inconclusive". Minimum effects are in the metric's own units.
+    """
+    n_boot: int = 2000            # paired bootstrap resamples over test images
+    ci_level: float = 0.95
+    boot_seed: int = 0
+    min_dice: float = 0.05        # saliency: Dice gain over the strongest baseline / a control / the VAE decoder
+    min_skill: float = 0.10       # depth: skill 1 − MSE/MSE(position-only) on standardised depth (and its gaps)
+    min_edit: float = 0.05        # interventions: ρ(edit, counterfactual) − ρ(edit, original) / moved-mask gain
+    step_fraction: float = 0.9    # "from step k": first step whose gain over position-only ≥ this × the best gain
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole study's configuration; one section per stage."""
     preset: str = "cpu"
@@ -158,6 +178,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     labeller: LabellerConfig = field(default_factory=LabellerConfig)
     intervene: InterveneConfig = field(default_factory=InterveneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 PRESETS = ("tiny", "cpu", "gpu")
