@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,133 +20,225 @@ from typing import Any
 
 import yaml
 
-from .errors import fail
+from .errors import SceneprobeError, fail
+
+# ------------------------------------------------------------------------------------------- declared ranges
+# Every config key declares the values it accepts next to its field (``opt(default, ge=…, choices=…)``); they are
+# checked when the config is read (:func:`_check_rules`), before any folder is touched. Whatever the metadata,
+# every float must be finite and every int must fit in 64 bits (seeds go to torch/numpy generators as int64).
+INT64_MAX = 2**63 - 1
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple | None = None,
+        min_items: int | None = None) -> Any:
+    """A dataclass field with its allowed values; for a tuple field the value rules apply to every item."""
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, min_items=min_items).items()
+             if v is not None}
+    return field(default=default, default_factory=factory, metadata={"rules": rules})
+
+
+def seed_opt(default: int = 0) -> Any:
+    return opt(default, ge=0, le=INT64_MAX)
+
+
+def describe_rules(rules: dict) -> str:
+    """The allowed values in words: ``one of l1, mse`` / ``>= 1 and <= 512``."""
+    if "choices" in rules:
+        return "one of " + ", ".join(map(str, rules["choices"]))
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{words[k]} {rules[k]}" for k in ("ge", "gt", "le", "lt") if k in rules)
+
+
+class ConfigValueError(SceneprobeError):
+    """A bad value for one config key: ``key`` (dotted path) and ``problem`` (the rest of the sentence)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"config key {key} {problem}")
+        self.key, self.problem = key, problem
+
+
+def _check_scalar(value: Any, rules: dict, where: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigValueError(where, f"must be a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX <= value <= INT64_MAX:
+        raise ConfigValueError(where, f"must fit in 64 bits (|x| <= {INT64_MAX}), got {value}")
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigValueError(where, f"must be {describe_rules(rules)}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok = all(op(value, rules[k]) for k, op in (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
+                                                   ("le", lambda a, b: a <= b), ("lt", lambda a, b: a < b))
+                 if k in rules)
+        if not ok:
+            raise ConfigValueError(where, f"must be {describe_rules({k: v for k, v in rules.items() if k != 'min_items'})}"
+                                          f", got {value!r}")
+
+
+def _check_rules(value: Any, rules: dict, where: str) -> None:
+    """Check one coerced value against its field's declared rules (and the global finite / 64-bit rules)."""
+    if isinstance(value, tuple):
+        if len(value) < rules.get("min_items", 0):
+            raise ConfigValueError(where, f"needs at least {rules['min_items']} item(s), got {list(value)!r}")
+        for i, v in enumerate(value):
+            _check_scalar(v, rules, f"{where}[{i}]")
+    else:
+        _check_scalar(value, rules, where)
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     """The synthetic world: how many scenes, how big, which seed, how they split."""
-    n_scenes: int = 2000
-    size: int = 64
-    supersample: int = 3          # RGB anti-aliasing: s×s rays per pixel; depth/mask/ids use the pixel centre
-    seed: int = 0
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    workers: int = 1
+    n_scenes: int = opt(2000, ge=1, le=10_000_000)
+    size: int = opt(64, ge=32, le=512)
+    supersample: int = opt(3, ge=1, le=8)  # RGB anti-aliasing: s×s rays per pixel; depth/mask/ids use the pixel centre
+    seed: int = seed_opt(0)
+    val_fraction: float = opt(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = opt(0.1, ge=0.0, lt=1.0)
+    workers: int = opt(1, ge=1, le=256)
+
+    def problems(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            yield "test_fraction", (f"plus val_fraction must be < 1 (leave scenes to train on), got "
+                                    f"{self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
 class VAEConfig:
     """diffusers ``AutoencoderKL`` architecture (64×64×3 → latent_channels × 16×16 with three blocks)."""
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 16
+    block_out_channels: tuple[int, ...] = opt((16, 32, 64), ge=1, le=4096, min_items=1)
+    layers_per_block: int = opt(1, ge=1, le=16)
+    latent_channels: int = opt(4, ge=1, le=64)
+    norm_num_groups: int = opt(16, ge=1, le=4096)
     mid_block_add_attention: bool = True
+
+    def problems(self):
+        yield from _groups_divide(self)
 
 
 @dataclass(frozen=True)
 class UNetConfig:
     """diffusers ``UNet2DModel`` architecture on the VAE's latents (self-attention at two resolutions + mid)."""
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 1
-    attention_head_dim: int = 32
-    norm_num_groups: int = 32
-    down_block_types: tuple[str, ...] = ("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D")
-    up_block_types: tuple[str, ...] = ("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D")
+    block_out_channels: tuple[int, ...] = opt((32, 64, 64), ge=1, le=4096, min_items=1)
+    layers_per_block: int = opt(1, ge=1, le=16)
+    attention_head_dim: int = opt(32, ge=1, le=4096)
+    norm_num_groups: int = opt(32, ge=1, le=4096)
+    down_block_types: tuple[str, ...] = opt(("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"), min_items=1,
+                                            choices=("AttnDownBlock2D", "DownBlock2D"))
+    up_block_types: tuple[str, ...] = opt(("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"), min_items=1,
+                                          choices=("AttnUpBlock2D", "UpBlock2D"))
+
+    def problems(self):
+        yield from _groups_divide(self)
+        n = len(self.block_out_channels)
+        for key in ("down_block_types", "up_block_types"):
+            if len(getattr(self, key)) != n:
+                yield key, (f"needs one entry per block_out_channels entry ({n}), got "
+                            f"{len(getattr(self, key))}")
+        bad = [c for c in self.block_out_channels if c % self.attention_head_dim]
+        if bad:
+            yield "attention_head_dim", (f"({self.attention_head_dim}) must divide every block_out_channels entry, "
+                                         f"not {bad[0]}")
 
 
 @dataclass(frozen=True)
 class TrainVAEConfig:
-    steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_min_ratio: float = 0.05    # cosine decay to lr * lr_min_ratio
-    crop: int = 32                # train on random crops (the VAE is convolutional but for its mid attention); 0 = full
-    recon: str = "l1"             # "l1" or "mse"
-    kl_weight: float = 1e-6
-    logvar_init: float = -6.0     # bias of quant_conv's log-variance half: posterior std ≈ 0.05 at start
-    checkpoint_every: int = 250
-    log_every: int = 25
-    seed: int = 0
+    steps: int = opt(3000, ge=1, le=10_000_000)
+    batch_size: int = opt(32, ge=1, le=65536)
+    lr: float = opt(1e-3, gt=0.0, le=10.0)
+    lr_min_ratio: float = opt(0.05, ge=0.0, le=1.0)  # cosine decay to lr * lr_min_ratio
+    crop: int = opt(32, ge=0, le=512)  # train on random crops (the VAE is convolutional but for its mid attention); 0 = full
+    recon: str = opt("l1", choices=("l1", "mse"))
+    kl_weight: float = opt(1e-6, ge=0.0, le=1e3)
+    logvar_init: float = opt(-6.0, ge=-30.0, le=20.0)  # bias of quant_conv's log-variance half: posterior std ≈ 0.05
+    checkpoint_every: int = opt(250, ge=1)
+    log_every: int = opt(25, ge=1)
+    seed: int = seed_opt(0)
 
 
 @dataclass(frozen=True)
 class TrainLDMConfig:
-    steps: int = 6000
-    batch_size: int = 64
-    lr: float = 1e-3
-    lr_min_ratio: float = 0.05
-    ema_decay: float = 0.999
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "v_prediction"  # "v_prediction" (x̂₀ error bounded at high noise) or "epsilon"
-    snr_gamma: float = 5.0        # min-SNR-γ loss weighting (Hang et al. 2023); 0 = unweighted MSE
+    steps: int = opt(6000, ge=1, le=10_000_000)
+    batch_size: int = opt(64, ge=1, le=65536)
+    lr: float = opt(1e-3, gt=0.0, le=10.0)
+    lr_min_ratio: float = opt(0.05, ge=0.0, le=1.0)
+    ema_decay: float = opt(0.999, ge=0.0, lt=1.0)
+    num_train_timesteps: int = opt(1000, ge=2, le=100_000)
+    beta_schedule: str = opt("squaredcos_cap_v2", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    prediction_type: str = opt("v_prediction", choices=("v_prediction", "epsilon"))  # v: x̂₀ error bounded at high noise
+    snr_gamma: float = opt(5.0, ge=0.0, le=1e6)  # min-SNR-γ loss weighting (Hang et al. 2023); 0 = unweighted MSE
     zero_terminal_snr: bool = True  # rescale_betas_zero_snr + trailing spacing: the last timestep is pure noise
     flip: bool = True             # horizontal-flip augmentation of the cached latents
-    checkpoint_every: int = 250
-    log_every: int = 25
-    seed: int = 0
+    checkpoint_every: int = opt(250, ge=1)
+    log_every: int = opt(25, ge=1)
+    seed: int = seed_opt(0)
+
+    def problems(self):
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            yield "zero_terminal_snr", "needs prediction_type v_prediction; set one of them differently"
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"         # "ddim" or "ddpm"
-    steps: int = 15               # the paper's step count
-    eta: float = 0.0
-    n: int = 64
-    batch_size: int = 32
-    seed: int = 0
+    sampler: str = opt("ddim", choices=("ddim", "ddpm"))
+    steps: int = opt(15, ge=1, le=100_000)  # the paper's step count (at most train_ldm.num_train_timesteps)
+    eta: float = opt(0.0, ge=0.0, le=1.0)
+    n: int = opt(64, ge=1, le=1_000_000)
+    batch_size: int = opt(32, ge=1, le=65536)
+    seed: int = seed_opt(0)
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    protocols: tuple[str, ...] = ("generate", "noised")
-    n_generate: int = 256
-    n_noised: int = 256
-    steps: int = 15
-    site_kind: str = "attn"       # "attn": to_out[0] before the residual (the paper's); "block": module output
-    vae_input: str = "latent"     # "latent": z after step t's update; "x0": predicted clean latent
-    dtype: str = "float16"
-    pool: int = 1                 # spatial average pooling factor applied before storing
-    batch_size: int = 32
-    controls: tuple[str, ...] = ("permuted", "fresh")
-    control_seed: int = 100
-    seed: int = 1000
+    protocols: tuple[str, ...] = opt(("generate", "noised"), choices=("generate", "noised"))
+    n_generate: int = opt(256, ge=1, le=10_000_000)
+    n_noised: int = opt(256, ge=1, le=10_000_000)
+    steps: int = opt(15, ge=1, le=100_000)  # at most train_ldm.num_train_timesteps
+    site_kind: str = opt("attn", choices=("attn", "block"))  # "attn": to_out[0] before the residual (the paper's)
+    vae_input: str = opt("latent", choices=("latent", "x0"))  # "latent": z after step t's update; "x0": predicted
+    dtype: str = opt("float16", choices=("float16", "float32"))
+    pool: int = opt(1, ge=1, le=64)  # spatial average pooling factor applied before storing
+    batch_size: int = opt(32, ge=1, le=65536)
+    controls: tuple[str, ...] = opt(("permuted", "fresh"), choices=("permuted", "fresh"))
+    control_seed: int = seed_opt(100)
+    seed: int = seed_opt(1000)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    solver: str = "exact"         # "exact" (ridge / IRLS) or "adam" (the paper's trainer)
-    upsample: str = "nearest"     # "nearest": predictions upsampled to the label grid; "area": labels area-downsampled
+    solver: str = opt("exact", choices=("exact", "adam"))  # ridge / IRLS, or the paper's Adam trainer
+    upsample: str = opt("nearest", choices=("nearest", "area"))  # "nearest": predictions upsampled to the label grid
     bias: bool = False
-    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-    epochs: int = 30
-    lr: float = 1e-3
-    batch_size: int = 4
-    seed: int = 0
+    lambdas: tuple[float, ...] = opt((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), ge=0.0, le=1e12, min_items=1)
+    epochs: int = opt(30, ge=1, le=100_000)
+    lr: float = opt(1e-3, gt=0.0, le=10.0)
+    batch_size: int = opt(4, ge=1, le=65536)
+    seed: int = seed_opt(0)
 
 
 @dataclass(frozen=True)
 class LabellerConfig:
-    channels: tuple[int, ...] = (32, 64, 128)
-    n_scenes: int = 4000
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-3
-    seed: int = 0
+    channels: tuple[int, ...] = opt((32, 64, 128), ge=1, le=4096, min_items=1)
+    n_scenes: int = opt(4000, ge=3, le=10_000_000)
+    steps: int = opt(1500, ge=1, le=10_000_000)
+    batch_size: int = opt(32, ge=1, le=65536)
+    lr: float = opt(2e-3, gt=0.0, le=10.0)
+    seed: int = seed_opt(0)
 
 
 @dataclass(frozen=True)
 class InterveneConfig:
-    n_edits: int = 32
-    lr: float = 5e-3
-    iters: int = 128
-    shift_min: float = 0.15
-    shift_max: float = 0.25
-    saliency_step_fraction: float = 1 / 3
-    depth_steps: int = 3
-    seed: int = 123
+    n_edits: int = opt(32, ge=1, le=1_000_000)
+    lr: float = opt(5e-3, gt=0.0, le=10.0)
+    iters: int = opt(128, ge=1, le=1_000_000)
+    shift_min: float = opt(0.15, ge=0.0, le=1.0)
+    shift_max: float = opt(0.25, ge=0.0, le=1.0)
+    saliency_step_fraction: float = opt(1 / 3, gt=0.0, le=1.0)
+    depth_steps: int = opt(3, ge=1, le=100_000)
+    seed: int = seed_opt(123)
+
+    def problems(self):
+        if self.shift_min > self.shift_max:
+            yield "shift_min", f"({self.shift_min}) must be <= shift_max ({self.shift_max})"
 
 
 @dataclass(frozen=True)
@@ -155,13 +248,13 @@ class ReportConfig:
     A difference d with 95 % CI [lo, hi] reads "yes" when lo > 0 and d ≥ the minimum effect, "no" when hi < the
     minimum effect, else "inconclusive". Minimum effects are in the metric's own units.
     """
-    n_boot: int = 2000            # paired bootstrap resamples over test images
-    ci_level: float = 0.95
-    boot_seed: int = 0
-    min_dice: float = 0.05        # saliency: Dice gain over the strongest baseline / a control / the VAE decoder
-    min_skill: float = 0.10       # depth: skill 1 − MSE/MSE(position-only) on standardised depth (and its gaps)
-    min_edit: float = 0.05        # interventions: ρ(edit, counterfactual) − ρ(edit, original) / moved-mask gain
-    step_fraction: float = 0.9    # "from step k": first step whose gain over position-only ≥ this × the best gain
+    n_boot: int = opt(2000, ge=1, le=10_000_000)  # paired bootstrap resamples over test images
+    ci_level: float = opt(0.95, gt=0.0, lt=1.0)
+    boot_seed: int = seed_opt(0)
+    min_dice: float = opt(0.05, ge=0.0, le=1.0)  # saliency: Dice gain over the strongest baseline / a control / VAE
+    min_skill: float = opt(0.10, ge=0.0, le=1.0)  # depth: skill 1 − MSE/MSE(position-only) on standardised depth
+    min_edit: float = opt(0.05, ge=0.0, le=2.0)  # interventions: ρ(edit, counterfactual) − ρ(edit, original) / mask gain
+    step_fraction: float = opt(0.9, gt=0.0, le=1.0)  # "from step k": first step whose gain ≥ this × the best gain
 
 
 @dataclass(frozen=True)
@@ -178,10 +271,32 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     labeller: LabellerConfig = field(default_factory=LabellerConfig)
     intervene: InterveneConfig = field(default_factory=InterveneConfig)
+
+    def problems(self):
+        """Checks across sections (each section's own ranges are declared on its fields)."""
+        t = self.train_ldm.num_train_timesteps
+        for key in ("sample.steps", "capture.steps"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) > t:
+                yield key, f"must be <= train_ldm.num_train_timesteps ({t}), got {getattr(getattr(self, section), name)}"
+        crop, size, down = self.train_vae.crop, self.world.size, 2 ** (len(self.vae.block_out_channels) - 1)
+        if crop and crop % down:
+            yield "train_vae.crop", f"must be 0 or a multiple of {down} (the VAE's downsampling), got {crop}"
+        if size % (down * 2 ** (len(self.unet.block_out_channels) - 1)):
+            yield "world.size", (f"({size}) must be a multiple of {down * 2 ** (len(self.unet.block_out_channels) - 1)} "
+                                 f"(VAE and U-Net downsampling)")
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
 PRESETS = ("tiny", "cpu", "gpu")
+
+
+def _groups_divide(cfg: Any):
+    """GroupNorm needs ``norm_num_groups`` to divide every channel count."""
+    bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+    if bad:
+        yield "norm_num_groups", (f"({cfg.norm_num_groups}) must divide every block_out_channels entry, "
+                                  f"not {bad[0]}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -189,11 +304,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise fail(f"config key {where} must be a mapping, got {type(value).__name__}")
+            raise ConfigValueError(where, f"must be a mapping, got {type(value).__name__}")
         return _build(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise fail(f"config key {where} must be a list, got {value!r}")
+            raise ConfigValueError(where, f"must be a list, got {value!r}")
         (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
@@ -207,7 +322,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp in (str, bool) and type(value) is tp:
         return value
-    raise fail(f"config key {where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigValueError(where, f"must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
 def _build(cls: type, data: dict, where: str = "") -> Any:
@@ -216,9 +331,18 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise fail(f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigValueError(f"{prefix}{unknown[0]}", f"is unknown; known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+        _check_rules(kwargs[f.name], f.metadata.get("rules", {}), key)  # fields without rules: type and global only
+    obj = cls(**kwargs)
+    for key, problem in getattr(obj, "problems", lambda: ())():
+        raise ConfigValueError(f"{where}.{key}" if where else key, problem)
+    return obj
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -234,10 +358,18 @@ def to_dict(cfg: Any) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
+    """The guarded reader of a user's YAML config: every failure is one SceneprobeError naming the file."""
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if path.is_dir():
+            raise fail(f"config file {path} is a folder; pass a YAML file with --config")
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except FileNotFoundError:
         raise fail(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise fail(f"config file {path} is not UTF-8 text (binary or UTF-16?); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise fail(f"config file {path} cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise fail(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -252,17 +384,46 @@ def preset_dict(name: str) -> dict:
     return yaml.safe_load(text) or {}
 
 
-def load_config(preset: str = "cpu", path: Path | None = None, overrides: dict | None = None) -> Config:
-    """Defaults ← preset YAML ← user YAML (``path``) ← ``overrides``; validated, frozen."""
+def load_config(preset: str = "cpu", path: Path | None = None, overrides: dict | None = None,
+                labels: dict[str, str] | None = None) -> Config:
+    """Defaults ← preset YAML ← user YAML (``path``) ← ``overrides``; validated, frozen.
+
+    ``labels`` maps dotted keys to the command-line options that set them (``{"sample.n": "--n"}``), so a bad value
+    is reported as the option the user typed; a bad value from the YAML file names the file.
+    """
     data = _merge({"preset": preset}, preset_dict(preset))
+    layers: list[tuple[str, dict]] = [(f"preset {preset}", data)]
     if path is not None:
         user = read_yaml(path)
         data = _merge(data, user)
         if "preset" in user and user["preset"] != preset:
             data = _merge(_merge({"preset": user["preset"]}, preset_dict(user["preset"])), user)
+        layers.append((f"config file {path}", user))
     if overrides:
         data = _merge(data, overrides)
-    return _build(Config, data)
+        layers.append(("", overrides))
+    try:
+        return _build(Config, data)
+    except ConfigValueError as e:
+        raise _attribute(e, layers, labels or {}) from None
+
+
+def _attribute(e: ConfigValueError, layers: list[tuple[str, dict]], labels: dict[str, str]) -> SceneprobeError:
+    """Say where a bad value came from: the option the user typed, their config file, or the preset."""
+    base = e.key.split("[")[0]
+    for source, layer in reversed(layers):
+        node: Any = layer
+        for part in base.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT:
+            continue
+        if base in labels:
+            return fail(f"option {labels[base]} {e.problem}")
+        return fail(f"{source}: key {e.key} {e.problem}") if source else e
+    return e
+
+
+_ABSENT = object()
 
 
 def config_from_dict(data: dict) -> Config:
