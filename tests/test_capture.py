@@ -182,6 +182,18 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     assert np.array_equal(samples["images"][ids], imgs)  # the final images are the sampler's images
     assert np.array_equal(samples["split"], probe_split(range(6))) and m["split"] == samples["split"].tolist()
     assert (root.parent / "images" / "000005.png").is_file()
+    # image read-out: the decoded x̂₀ (scheduler.step's pred_original_sample) of every test row at every step
+    test_ids = [i for i, k in enumerate(probe_split(range(6))) if k == 2]
+    assert test_ids and m["readout"]["sample_ids"] == test_ids
+    from PIL import Image
+    from sceneprobe.sample import to_uint8
+    x0s = []
+    with torch.no_grad():
+        generate(ldm, test_ids, cfg.capture.seed, steps=2, callback=lambda i, t, x, x0: x0s.append(decode(ldm.vae, x0)))
+    for step in (0, 1):
+        png = np.asarray(Image.open(caprun.x0_image_path(root, step, test_ids[0])))
+        assert np.abs(png.astype(int) - to_uint8(x0s[step])[0].astype(int)).max() <= 1
+    assert not (root / "x0" / "step_00" / f"{[i for i in range(6) if i not in test_ids][0]:06d}.png").exists()
 
 
 def test_vae_sees_predicted_x0_and_pooling_and_float32(ldm, tmp_path):
@@ -207,8 +219,12 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
     test = data.subset("test")
     assert st.n == 4 and st.manifest["names"] == test.names[:4]
-    enc0, enc1 = st.read("vae.enc.mid.attn0", 0), st.read("vae.enc.mid.attn0", 1)
-    assert torch.equal(enc0, enc1) and "vae.enc.mid.attn0" in st.manifest["replicated_sites"]
+    enc0 = st.read("vae.enc.mid.attn0", 0)
+    # the encoder sees the clean image: stored once, marked step-independent; every other site at every step
+    assert st.manifest["step_independent_sites"] == ["vae.enc.mid.attn0"] and st.step_independent("vae.enc.mid.attn0")
+    assert st.site_steps("vae.enc.mid.attn0") == [0] and st.site_steps("vae.dec.mid.attn0") == [0, 1]
+    assert not shard_path(root, "vae.enc.mid.attn0", 1).exists()
+    assert "prev_sample" in st.manifest["vae_dec_input"] and "noised" in st.manifest["vae_dec_input"]
     # Reference for row 2 at step 1: x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε with the sample's one fixed ε.
     from sceneprobe.models.build import sampling_scheduler
     from sceneprobe.sample import generators
@@ -216,13 +232,17 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     sched.set_timesteps(2)
     t = sched.timesteps[1]
     x = torch.from_numpy(test.rgb[2:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad(), Recorder({"unet": ldm.unet}, ["unet.mid.attn0"]) as rec:
+    with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae}, ["unet.mid.attn0", "vae.dec.mid.attn0"]) as rec:
         z0 = to_latent(ldm.vae, ldm.vae.encode(x).latent_dist.mode())
         eps = torch.randn(z0.shape[1:], generator=generators([2], cfg.capture.seed, caprun.NOISE_STREAM)[0])
         ab = sched.alphas_cumprod[t]
-        ldm.unet(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t)
+        xt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        pred = ldm.unet(xt, t).sample
+        decode(ldm.vae, sched.step(pred, t, xt).prev_sample)   # the decoder reads this U-Net's update of x_t
     torch.testing.assert_close(st.read("unet.mid.attn0", 1, [2]), rec.outputs["unet.mid.attn0"][0].half().float(),
                                atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(st.read("vae.dec.mid.attn0", 1, [2]),
+                               rec.outputs["vae.dec.mid.attn0"][0].half().float(), atol=2e-3, rtol=2e-3)
     labels = load_labels(root.parent)
     assert np.array_equal(labels["depth"], test.depth[:4]) and labels["depth"].dtype == np.float32
     assert np.array_equal(labels["saliency"], test.saliency[:4].astype(np.uint8))
@@ -232,6 +252,10 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     sc = CaptureStore(ctl)
     assert ctl.name == "permuted" and sc.n == 4 and sc.manifest["model_hash"] != st.manifest["model_hash"]
     assert sc.manifest["vae_hash"] == st.manifest["vae_hash"] and torch.equal(sc.read("vae.enc.mid.attn0", 0), enc0)
+    # ... and its decoder rows are a real control: the decoder sees the permuted U-Net's update, not the trained one's
+    for step in (0, 1):
+        diff = (sc.read("vae.dec.mid.attn0", step) - st.read("vae.dec.mid.attn0", step)).abs().max()
+        assert diff > 1e-2, step
     assert np.array_equal(load_labels(root.parent)["depth"], test.depth[:4])
     # fewer test scenes than asked: all of them
     assert CaptureStore(run_capture(tiny_cfg(n_noised=99), tmp_path / "all", "noised", ldm, data=data,

@@ -6,18 +6,33 @@ batch's rows are written in place as the hooks produce them, so peak memory does
 
 Protocols
 ---------
-``generate`` (the paper's): sample ids 0…N−1, DDIM (η = 0) with ``capture.steps`` steps. At step t the U-Net runs once
-    on x_t (all U-Net sites are recorded), then the latent after step t's update (``vae_input="latent"``, the paper's:
-    "after t+1 updates") or the predicted x̂0 (``"x0"``) is decoded, ``vae.decode(z / scaling_factor)``, recording
-    ``vae.dec.mid.attn0``. The encoder is never run while sampling, so ``vae.enc.mid.attn0`` is not a site of this
-    protocol. Final images: ``captures/generate/samples.safetensors`` (``images`` (N, H, W, 3) uint8,
-    ``sample_ids``, ``split`` int8) and ``captures/generate/images/*.png`` (a control's own images go to its store
-    folder instead; the probes of every model use the ``ldm`` images' labels).
-``noised``: the first ``capture.n_noised`` scenes of the dataset's *test* split are encoded,
-    z0 = scaling_factor · mode q(z|x) (the encoder pass records ``vae.enc.mid.attn0`` once; being step-independent, its
-    rows are *replicated* into every step shard, so every (site, step) shard exists), then forward-diffused with ONE
-    fixed noise per sample to each sampler timestep t: x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε. The U-Net runs once per timestep
-    and the VAE decodes x_t (or x̂0 with ``vae_input="x0"``). Exact labels go to ``captures/noised/labels.safetensors``.
+In both protocols the VAE decoder site ``vae.dec.mid.attn0`` at step i is fed the same thing: the output of the
+sampler's own ``scheduler.step`` at step i, computed from *that store's* U-Net prediction (the trained model's, or the
+permuted / fresh control's) — ``prev_sample``, the latent after step i's update (``vae_input="latent"``, the paper's:
+"after t+1 updates"), or ``pred_original_sample`` x̂₀ (``"x0"``) — decoded with :func:`sceneprobe.sample.decode`. So
+a control's VAE rows are a real control: the decoder sees what the control U-Net made of the latent. No ε or v
+formula is written here; the scheduler's ``prediction_type`` decides. The manifest records it (``vae_dec_input``).
+
+``generate`` (the paper's): sample ids 0…N−1, DDIM (η = 0) with ``capture.steps`` steps. At step i the U-Net runs once
+    on x_t (all U-Net sites are recorded), then the decoder runs on the step's update as above. The encoder is never
+    run while sampling, so ``vae.enc.mid.attn0`` is not a site of this protocol. Final images:
+    ``captures/generate/samples.safetensors`` (``images`` (N, H, W, 3) uint8, ``sample_ids``, ``split`` int8) and
+    ``captures/generate/images/*.png`` (a control's own images go to its store folder instead; the probes of every
+    model use the ``ldm`` images' labels).
+``noised``: the first ``capture.n_noised`` scenes of the dataset's *test* split are encoded, z0 = to_latent(mode
+    q(z|x)), then forward-diffused with ONE fixed noise per sample to each sampler timestep t_i:
+    x_{t_i} = ``scheduler.add_noise(z0, ε, t_i)``. The U-Net runs once per timestep on x_{t_i}; the decoder then reads
+    ``scheduler.step(unet(x_{t_i}), t_i, x_{t_i})`` (one DDIM update from the *noised* latent, not a sampling chain).
+    Exact labels go to ``captures/noised/labels.safetensors``.
+    The encoder site ``vae.enc.mid.attn0`` (the encoder on the clean image) does not depend on the step or on the
+    U-Net: it is stored ONCE, as ``step_00``, and the manifest marks it ``"step_independent": true`` with
+    ``"steps": [0]`` in its ``sites`` entry and lists it in ``step_independent_sites``; read its steps with
+    :meth:`~sceneprobe.capture.store.CaptureStore.site_steps`. The report shows it as its own group, not as a step curve.
+
+Image read-out (the ``ldm`` store only, test-split rows only): at every step the decoded x̂₀ (``pred_original_sample``)
+of the test rows is written to ``<store>/x0/step_XX/<sample id>.png``, for the labeller's read-out per step
+(:mod:`sceneprobe.labeller.readout`). With ``vae_input="x0"`` this reuses the site's decode; otherwise it is one extra
+decode of the test rows per step.
 
 The probe split of the N rows is 60 % / 15 % / 25 % train / val / test, a fixed function of the sample ids
 (:func:`probe_split`), stored in the manifest and beside the images or labels.
@@ -55,7 +70,7 @@ from ..sample import decode, denoise, generators, initial_noise, sample_seed, to
 from .recorder import KINDS, Recorder
 from .store import CaptureStore, create_shard, finish_manifest, save_labels, shard_path, write_rows
 
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2  # 2: decoder fed this U-Net's update in noised; encoder stored once; x̂₀ read-out
 PROTOCOLS = ("generate", "noised")
 CONTROLS = ("permuted", "fresh")
 DTYPES = ("float16", "float32")
@@ -63,7 +78,20 @@ VAE_INPUTS = ("latent", "x0")
 SPLIT_FRACTIONS = (0.60, 0.15, 0.25)
 NOISE_STREAM = 2  # sample.generators stream of the noised protocol's fixed ε (0: x_T, 1: DDPM/η steps)
 
+VAE_DEC_INPUT = {  # what the decoder site reads at step i (recorded in the manifest as ``vae_dec_input``)
+    "generate": {"latent": "prev_sample of scheduler.step at step i (the latent after step i's update), from this "
+                           "store's U-Net prediction on the sampling chain",
+                 "x0": "pred_original_sample of scheduler.step at step i (predicted x0), from this store's U-Net "
+                       "prediction on the sampling chain"},
+    "noised": {"latent": "prev_sample of scheduler.step(unet(x_t_i), t_i, x_t_i): one update of the noised latent "
+                         "x_t_i = add_noise(z0, eps, t_i), from this store's U-Net prediction",
+               "x0": "pred_original_sample of scheduler.step(unet(x_t_i), t_i, x_t_i) (predicted x0 from the noised "
+                     "latent), from this store's U-Net prediction"},
+}
+STEP_INDEPENDENT = ("vae.enc.mid.attn0",)  # sites that do not depend on the step: stored once, as step 0
+
 Emit = Callable[[str, int, torch.Tensor], None]  # (site, step, rows (b, C, h, w))
+X0Sink = Callable[[int, torch.Tensor], None]     # (step, decoded x̂₀ of the read-out rows (k, 3, H, W) in [−1, 1])
 
 
 # ---------------------------------------------------------------------------------------------------------- splits
@@ -95,6 +123,14 @@ class StoreSpec:
     dtype: str
     pool: int
     fingerprint: str
+    site_steps: dict[str, list[int]] | None = None   # steps stored per site (default: all); step-independent: [0]
+
+    def steps_of(self, site: str) -> list[int]:
+        return list((self.site_steps or {}).get(site, range(self.n_steps)))
+
+    def pairs(self) -> list[tuple[str, int]]:
+        """Every (site, step) shard of the store."""
+        return [(s, t) for s in self.shapes for t in self.steps_of(s)]
 
 
 class _PendingStore(CaptureStore):
@@ -102,7 +138,7 @@ class _PendingStore(CaptureStore):
 
     def __init__(self, spec: StoreSpec):
         self.root = Path(spec.root)
-        self.manifest = {"sites": {s: {"shape": list(sh)} for s, sh in spec.shapes.items()},
+        self.manifest = {"sites": {s: {"shape": list(sh), "steps": spec.steps_of(s)} for s, sh in spec.shapes.items()},
                          "steps": list(range(spec.n_steps)), "timesteps": [], "n": spec.n, "dtype": spec.dtype}
         self.sites, self.steps, self.timesteps, self.n = list(spec.shapes), list(range(spec.n_steps)), [], spec.n
 
@@ -124,7 +160,7 @@ def fill_store(spec: StoreSpec, run_batch: Callable[[int, int, Emit], None], for
     """Create the shards and fill them batch by batch; returns False if a finished, matching store was skipped.
 
     ``run_batch(start, stop, emit)`` computes rows [start, stop) and calls ``emit(site, step, rows)`` exactly once per
-    (site, step). Every process of an ``accelerate launch`` calls this; rank 0 creates and removes files.
+    stored (site, step) (``spec.pairs()``). Every process of an ``accelerate launch`` calls this; rank 0 creates and removes files.
     """
     state = _state()
     root, main = Path(spec.root), state.is_main_process
@@ -153,20 +189,19 @@ def fill_store(spec: StoreSpec, run_batch: Callable[[int, int, Emit], None], for
             done[a:b] = True
         if f.name == f"rank{state.process_index}.json":
             own = [list(r) for r in p["done"]]
-    missing = [(s, t) for s in spec.shapes for t in range(spec.n_steps) if not shard_path(root, s, t).is_file()]
+    missing = [(s, t) for s, t in spec.pairs() if not shard_path(root, s, t).is_file()]
     if done.any():
         pending = _PendingStore(spec)
-        for site in spec.shapes:
-            for step in range(spec.n_steps):
-                if (site, step) not in missing:
-                    pending.check_shard(site, step)  # names a truncated or mismatched shard
+        for site, step in spec.pairs():
+            if (site, step) not in missing:
+                pending.check_shard(site, step)  # names a truncated or mismatched shard
         if missing:  # a lost shard lost its rows: every batch is redone
             done[:], own = False, []
     state.wait_for_everyone()
     if main:
         if not done.any():
             shutil.rmtree(root / "progress", ignore_errors=True)
-            missing = [(s, t) for s in spec.shapes for t in range(spec.n_steps)]
+            missing = spec.pairs()
         for site, step in missing:
             create_shard(shard_path(root, site, step), (spec.n, *spec.shapes[site]), spec.dtype)
     state.wait_for_everyone()
@@ -187,8 +222,8 @@ def fill_store(spec: StoreSpec, run_batch: Callable[[int, int, Emit], None], for
             seen.add((site, step))
 
         run_batch(start, stop, emit)
-        if len(seen) != len(spec.shapes) * spec.n_steps:
-            raise RuntimeError(f"batch {start}: {len(seen)} of {len(spec.shapes) * spec.n_steps} shards written")
+        if seen != set(spec.pairs()):
+            raise RuntimeError(f"batch {start}: {len(seen)} of {len(spec.pairs())} shards written")
         own.append([start, stop])
         atomic_write_json(ppath, {"fingerprint": spec.fingerprint, "batch_size": spec.batch_size, "done": own})
     state.wait_for_everyone()
@@ -230,22 +265,37 @@ def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callabl
 def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], unet, vae, scheduler,
                       z: torch.Tensor, sample_ids: Sequence[int], seed: int, steps: int, unet_sites: Sequence[str],
                       vae_sites: Sequence[str], kind: str, vae_input: str, emit: Emit,
-                      keep_half: str | None = None) -> np.ndarray:
+                      keep_half: str | None = None, x0_rows: Sequence[int] = (),
+                      x0_sink: X0Sink | None = None) -> np.ndarray:
     """One sampling pass from x_T = ``z`` (B, c, h, w) recording every site at every step; returns uint8 images.
 
-    ``unet_fn`` calls ``unet`` exactly once per step (twice the batch with CFG: ``keep_half="cond"``).
+    ``unet_fn`` calls ``unet`` exactly once per step (twice the batch with CFG: ``keep_half="cond"``). The VAE sites
+    at step i read ``scheduler.step``'s ``prev_sample`` (``vae_input="latent"``) or ``pred_original_sample``
+    (``"x0"``). ``x0_sink(step, images)`` (optional) receives the decoded x̂₀ of the batch rows ``x0_rows``.
     """
-    cur = {"step": 0}
+    cur = {"step": 0, "mute": False}
     final: dict[str, torch.Tensor] = {}
+    rows = list(x0_rows)
 
     def on_out(site: str, y: torch.Tensor) -> None:
-        emit(site, cur["step"], y)
+        if not cur["mute"]:
+            emit(site, cur["step"], y)
 
     def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        img = None
         if vae_sites:  # the per-step decode is the dominant extra cost of capture: only when a VAE site is asked for
             img = decode(vae, x if vae_input == "latent" else x0)  # (B, 3, H, W): records the VAE sites at step i
             if i == steps - 1 and vae_input == "latent":
                 final["img"] = img  # the last step's latent is the final latent: reuse its decode
+        if x0_sink is not None and rows:
+            if img is not None and vae_input == "x0":
+                x0_sink(i, img[rows])
+            else:
+                cur["mute"] = True  # the read-out decode is not a capture of the VAE site
+                try:
+                    x0_sink(i, decode(vae, x0[rows]))  # (k, 3, H, W)
+                finally:
+                    cur["mute"] = False
         cur["step"] = i + 1  # the next U-Net call is step i + 1
 
     with Recorder({"unet": unet}, unet_sites, kind, on_out, keep_half=keep_half), \
@@ -261,6 +311,18 @@ def save_images(folder: Path, sample_ids: Sequence[int], images: np.ndarray) -> 
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in zip(sample_ids, images):
         Image.fromarray(im).save(folder / f"{int(i):06d}.png")
+
+
+def x0_image_path(store_root: Path, step: int, sample_id: int) -> Path:
+    """Where the capture writes the decoded x̂₀ of a read-out row at ``step`` (PNG, uint8 RGB)."""
+    return Path(store_root) / "x0" / f"step_{step:02d}" / f"{int(sample_id):06d}.png"
+
+
+def _x0_saver(store_root: Path, sample_ids: Sequence[int]) -> X0Sink:
+    """An :data:`X0Sink` that saves each step's decoded x̂₀ of ``sample_ids`` as PNGs under ``store_root/x0``."""
+    def sink(step: int, images: torch.Tensor) -> None:
+        save_images(Path(store_root) / "x0" / f"step_{step:02d}", sample_ids, to_uint8(images))
+    return sink
 
 
 def collect_samples(image_dir: Path, out: Path, sample_ids: Sequence[int], split: np.ndarray) -> Path:
@@ -303,10 +365,13 @@ def control_unet(unet, control: str | None, seed: int):
 
 # ------------------------------------------------------------------------------------------------------ protocols
 def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, control: str | None = None,
-                force: bool = False, progress: bool = True, sites: Sequence[str] | None = None) -> Path:
+                force: bool = False, progress: bool = True, sites: Sequence[str] | None = None,
+                readout: bool | None = None) -> Path:
     """Capture ``protocol`` for the LDM (or a control of its U-Net) into ``run/captures/<protocol>/<model>/``.
 
-    ``sites`` (default: every site of the protocol) restricts the capture to some canonical site names.
+    ``sites`` (default: every site of the protocol) restricts the capture to some canonical site names. ``readout``
+    (default: for the ``ldm`` store, not for controls) also writes the decoded x̂₀ of the test rows at every step
+    (``<store>/x0/step_XX/*.png``) for the labeller's image read-out.
     """
     cc = cfg.capture
     if protocol not in PROTOCOLS:
@@ -351,6 +416,14 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                        f"{', '.join(unet_sites + vae_sites)}")
         unet_sites, vae_sites = [x for x in unet_sites if x in sites], [x for x in vae_sites if x in sites]
     sites = unet_sites + vae_sites
+    site_steps = {v: [0] for v in sites if v in STEP_INDEPENDENT}
+    readout = control is None if readout is None else bool(readout)
+    test_rows = [k for k in range(n) if split[k] == 2] if readout else []
+
+    def x0_for(start: int, stop: int) -> tuple[list[int], X0Sink | None]:
+        """Batch-relative read-out rows of [start, stop) and the sink that saves their x̂₀ images."""
+        rows = [k - start for k in test_rows if start <= k < stop]
+        return rows, (_x0_saver(root, [ids[start + r] for r in rows]) if rows else None)
 
     def shape_pass() -> None:
         z = torch.zeros(1, c, s, s, device=device)
@@ -364,20 +437,22 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                 "site_kind": cc.site_kind, "vae_input": cc.vae_input, "dtype": cc.dtype, "pool": cc.pool,
                 "seed": cc.seed, "control_seed": cc.control_seed if control else None, "sites": sites,
                 "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(ldm.scheduler_config),
-                "names": names}
-    spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity))
+                "names": names, "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input], "readout": readout}
+    spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity), site_steps)
     image_dir = (proot if control is None else root) / "images"
 
     def run_generate(start: int, stop: int, emit: Emit) -> None:
         b_ids = ids[start:stop]
         z = initial_noise(b_ids, cc.seed, (c, s, s)).to(device)  # (b, c, s, s)
+        rows, sink = x0_for(start, stop)
         images = sample_and_record(lambda x, t: unet(x, t).sample, unet, vae, sched, z, b_ids, cc.seed, cc.steps,
-                                   unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit)
+                                   unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit, x0_rows=rows, x0_sink=sink)
         save_images(image_dir, b_ids, images)
 
     def run_noised(start: int, stop: int, emit: Emit) -> None:
-        _noised_batch(unet, vae, sf, sched, test.rgb[start:stop], ids[start:stop], cc.seed, unet_sites, vae_sites,
-                      cc.site_kind, cc.vae_input, emit, device)
+        rows, sink = x0_for(start, stop)
+        _noised_batch(unet, vae, sched, test.rgb[start:stop], ids[start:stop], cc.seed, unet_sites, vae_sites,
+                      cc.site_kind, cc.vae_input, emit, device, x0_rows=rows, x0_sink=sink)
 
     ran = fill_store(spec, run_generate if protocol == "generate" else run_noised, force, progress,
                      desc=f"capture {protocol}/{model}")
@@ -391,14 +466,19 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
             save_labels(proot, test.depth.astype(np.float32), sal, split)
     manifest = {
         "protocol": protocol, "model": model, "control": control,
-        "sites": {name: {"shape": list(shapes[name])} for name in sites},
+        "sites": {name: {"shape": list(shapes[name]), "steps": spec.steps_of(name),
+                         "step_independent": name in site_steps} for name in sites},
         "site_order": sites, "steps": list(range(cc.steps)), "timesteps": timesteps, "n": n, "sample_ids": ids,
         "seeds": seeds, "seed": cc.seed, "noise_stream": 0 if protocol == "generate" else NOISE_STREAM,
         "control_seed": cc.control_seed if control else None, "dtype": cc.dtype, "pool": cc.pool,
         "site_kind": cc.site_kind, "vae_input": cc.vae_input, "sampler": "ddim", "eta": 0.0,
         "model_hash": unet_hash, "vae_hash": vae_hash, "base_model_hash": base_hash,
         "scaling_factor": sf, "split": split.tolist(), "names": names, "fingerprint": spec.fingerprint,
-        "config": to_dict(cc), "replicated_sites": ["vae.enc.mid.attn0"] if "vae.enc.mid.attn0" in sites else [],
+        "config": to_dict(cc), "step_independent_sites": [v for v in sites if v in site_steps],
+        "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input] if any(v.startswith("vae.dec") for v in sites) else None,
+        "readout": {"rows": test_rows, "sample_ids": [ids[k] for k in test_rows],
+                    "images": "x0/step_XX/<sample id:06d>.png", "what": "decoded pred_original_sample of "
+                    "scheduler.step at each step (uint8 RGB)"} if readout else None,
         "model_root": str(ldm.root) if ldm.root else None,
     }
     finish_store(root, manifest)
@@ -431,32 +511,44 @@ class _Rows:
 
 
 @torch.no_grad()
-def _noised_batch(unet, vae, sf: float, sched, rgb: np.ndarray, ids: Sequence[int], seed: int, unet_sites, vae_sites,
-                  kind: str, vae_input: str, emit: Emit, device) -> None:
-    """Encode, then x_t = √ᾱ_t z0 + √(1−ᾱ_t) ε at every timestep with one fixed ε per sample; record every site."""
+def _noised_batch(unet, vae, sched, rgb: np.ndarray, ids: Sequence[int], seed: int, unet_sites, vae_sites,
+                  kind: str, vae_input: str, emit: Emit, device, x0_rows: Sequence[int] = (),
+                  x0_sink: X0Sink | None = None) -> None:
+    """Encode, then x_t = add_noise(z0, ε, t) at every timestep with one fixed ε per sample; record every site.
+
+    The decoder reads ``scheduler.step(unet(x_t), t, x_t)``'s ``prev_sample`` (``vae_input="latent"``) or
+    ``pred_original_sample`` (``"x0"``): the update computed with *this* U-Net's prediction. The encoder site is
+    emitted once, as step 0.
+    """
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
     enc = [v for v in vae_sites if v.startswith("vae.enc")]
     dec = [v for v in vae_sites if not v.startswith("vae.enc")]
-    enc_out: dict[str, torch.Tensor] = {}
-    with Recorder({"vae": vae}, enc, kind, on_output=lambda site, y: enc_out.__setitem__(site, y)):
-        z0 = to_latent(vae, vae.encode(x).latent_dist.mode())  # (b, c, h, w); sf is recorded in the manifest
-    n_steps = len(sched.timesteps)
-    for site, y in enc_out.items():  # step-independent: replicated into every step shard
-        for step in range(n_steps):
-            emit(site, step, y)
+    with Recorder({"vae": vae}, enc, kind, on_output=lambda site, y: emit(site, 0, y)):
+        z0 = to_latent(vae, vae.encode(x).latent_dist.mode())  # (b, c, h, w) in the diffusion space
     eps = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators(ids, seed, NOISE_STREAM)]).to(device)
-    cur = {"step": 0}
+    cur = {"step": 0, "mute": False}
+    rows = list(x0_rows)
+
+    def on_dec(site: str, y: torch.Tensor) -> None:
+        if not cur["mute"]:
+            emit(site, cur["step"], y)
+
     with Recorder({"unet": unet}, unet_sites, kind, lambda s, y: emit(s, cur["step"], y)), \
-            Recorder({"vae": vae}, dec, kind, lambda s, y: emit(s, cur["step"], y)):
+            Recorder({"vae": vae}, dec, kind, on_dec):
         for i, t in enumerate(sched.timesteps):
             cur["step"] = i
             xt = sched.add_noise(z0, eps, t.reshape(1).expand(len(ids)).to(device))  # (b, c, h, w)
-            eps_hat = unet(sched.scale_model_input(xt, t), t).sample
-            if not dec:
+            pred = unet(sched.scale_model_input(xt, t), t).sample                  # ε̂ or v̂: the scheduler knows
+            if not dec and not (x0_sink is not None and rows):
                 continue
-            if vae_input == "latent":
-                v = xt
-            else:
-                ab = sched.alphas_cumprod.to(device)[t]
-                v = (xt - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # x̂0
-            decode(vae, v)
+            out = sched.step(pred, t, xt)                                           # stateless for DDIM (η = 0)
+            img = decode(vae, out.prev_sample if vae_input == "latent" else out.pred_original_sample) if dec else None
+            if x0_sink is not None and rows:
+                if img is not None and vae_input == "x0":
+                    x0_sink(i, img[rows])
+                else:
+                    cur["mute"] = True
+                    try:
+                        x0_sink(i, decode(vae, out.pred_original_sample[rows]))
+                    finally:
+                        cur["mute"] = False

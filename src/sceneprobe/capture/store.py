@@ -95,6 +95,14 @@ class CaptureStore:
     def shape(self, site: str) -> tuple[int, int, int]:
         return tuple(self.manifest["sites"][site]["shape"])
 
+    def site_steps(self, site: str) -> list[int]:
+        """The steps stored for ``site``: all steps, or ``[0]`` for a step-independent site (the VAE encoder, which
+        sees the clean image: ``manifest["sites"][site]["step_independent"]``)."""
+        return list(self.manifest["sites"][site].get("steps", self.steps))
+
+    def step_independent(self, site: str) -> bool:
+        return bool(self.manifest["sites"][site].get("step_independent", False))
+
     def check_shard(self, site: str, step: int) -> Path:
         """Raise a clear error if the shard is missing, truncated or disagrees with the manifest."""
         path = shard_path(self.root, site, step)
@@ -116,7 +124,7 @@ class CaptureStore:
 
     def verify(self) -> None:
         for site in self.sites:
-            for step in self.steps:
+            for step in self.site_steps(site):
                 self.check_shard(site, step)
 
     def read(self, site: str, step: int, rows: slice | np.ndarray | Sequence[int] | None = None) -> torch.Tensor:

@@ -399,7 +399,7 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
                            f"align with {proto / 'labels.safetensors'}")
         groups.append((proto, labels, stores))
     jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores
-            for site in s.sites for step in s.steps]
+            for site in s.sites for step in s.site_steps(site)]
     rows: list[dict] = []
     bar = tqdm(total=len(jobs), desc="probes", unit="probe", disable=not progress, file=sys.stderr)
     fps: dict[Path, str] = {}
