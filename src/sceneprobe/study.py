@@ -139,7 +139,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
 
     ldm = load_ldm(out)
     mh = model_hash(ldm.unet) + model_hash(ldm.vae)
-    from .capture.run import run_capture
+    from .capture.run import CAPTURE_VERSION, run_capture
     for protocol in cfg.capture.protocols:
         for control in (None, *cfg.capture.controls):
             name = control or "ldm"
@@ -148,11 +148,18 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
             def cap(protocol=protocol, control=control):
                 run_capture(cfg, out, protocol, ldm, data=data() if protocol == "noised" else None, control=control,
                             progress=progress)
-            st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, cfg.world), [root / "manifest.json"], cap,
-                   clear=[root])
+            st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, cfg.world, CAPTURE_VERSION),
+                   [root / "manifest.json"], cap, clear=[root])
         if protocol == "generate":
             st.run("label-generated", fingerprint(mh, model_hash_of_folder(lab_dir)),
                    [out / "captures" / "generate" / "labels.safetensors"], lambda: label_generated(out, lab_dir))
+
+        def readout(protocol=protocol):
+            from .labeller import load_labeller
+            from .labeller.readout import run_readout
+            run_readout(out, protocol, load_labeller(lab_dir))
+        st.run(f"readout-{protocol}", fingerprint(mh, model_hash_of_folder(lab_dir), "readout-1"),
+               [out / "readout" / f"{protocol}.csv"], readout)
 
     def probes():
         from .probe.sweep import run_probes

@@ -1,0 +1,95 @@
+"""Image read-out per step (issue #10): the labeller on each step's decoded x̂₀, scored per test image like the probes."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from sceneprobe.labeller.readout import DEPTH_METRICS, SALIENCY_METRICS, load_readout, readout_path, run_readout, \
+    score_readout  # noqa: E402
+
+
+def test_scores_of_a_perfect_and_of_a_wrong_read_out():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(1, 20, (3, 8, 8))
+    d[:, :2] = 50.0                                                            # sky rows at the far depth
+    m = np.zeros((3, 8, 8), bool)
+    m[:, 3:6, 2:5] = True
+    logits = np.where(m, 2.0, -2.0)
+    v = score_readout(d, logits, m, d, m, mean=10.0, std=5.0, far_depth=50.0)
+    assert set(v) == {("saliency", k) for k in SALIENCY_METRICS} | {("depth", k) for k in DEPTH_METRICS}
+    for key in (("saliency", "dice"), ("saliency", "auroc"), ("saliency", "ap"), ("depth", "spearman"),
+                ("depth", "delta1"), ("depth", "spearman_nonsky"), ("depth", "delta1_nonsky")):
+        np.testing.assert_allclose(v[key], 1.0, err_msg=str(key))
+    for key in (("depth", "mse"), ("depth", "mse_nonsky"), ("depth", "absrel"), ("depth", "absrel_nonsky")):
+        np.testing.assert_allclose(v[key], 0.0, atol=1e-12, err_msg=str(key))
+    # a read-out that inverts depth and misses the object scores accordingly; MSE is on standardised depth
+    w = score_readout(70 - d, -logits, ~m, d, m, mean=10.0, std=5.0, far_depth=50.0)
+    assert (w[("depth", "spearman")] < 0).all() and (w[("saliency", "auroc")] == 0).all()
+    assert (w[("saliency", "dice")] < 1e-6).all()
+    np.testing.assert_allclose(w[("depth", "mse")], (((70 - 2 * d) / 5.0) ** 2).reshape(3, -1).mean(1))
+    # non-sky metrics leave the sky out; a one-class mask has no AUROC
+    nonsky = d < 0.99 * 50
+    np.testing.assert_allclose(w[("depth", "mse_nonsky")],
+                               [(((70 - 2 * d[i]) / 5.0)[nonsky[i]] ** 2).mean() for i in range(3)])
+    e = score_readout(d, logits, m, d, np.zeros_like(m), 10.0, 5.0, 50.0)
+    assert np.isnan(e[("saliency", "auroc")]).all()
+
+
+@pytest.fixture(scope="module")
+def noised_run(tmp_path_factory, tiny_cfg, tiny_data, tiny_run):
+    from sceneprobe.capture.run import run_capture
+    from sceneprobe.models.io import load_ldm
+    run = tmp_path_factory.mktemp("readout") / "run"
+    run_capture(tiny_cfg, run, "noised", load_ldm(tiny_run), data=tiny_data, progress=False)
+    return run
+
+
+def test_readout_file_aligns_with_the_test_rows_and_matches_the_labeller_on_the_png(noised_run, tiny_cfg):
+    from PIL import Image
+
+    from sceneprobe.capture.run import x0_image_path
+    from sceneprobe.capture.store import CaptureStore, load_labels
+    from sceneprobe.labeller import Labeller
+    torch.manual_seed(0)
+    lab = Labeller(channels=(8, 16), norm_num_groups=4).eval()
+    torch.nn.init.normal_(lab.conv_out.weight, std=0.1)                        # not a constant labeller
+    path = run_readout(noised_run, "noised", lab)
+    assert path == readout_path(noised_run, "noised") and path.with_suffix(".json").is_file()
+    with open(path, newline="") as f:
+        head = next(csv.reader(f))
+    assert head == ["protocol", "step", "timestep", "row", "sample_id", "task", "metric", "value"]
+    store = CaptureStore(noised_run / "captures/noised/ldm")
+    labels = load_labels(noised_run / "captures/noised")
+    test = np.flatnonzero(labels["split"] == 2)
+    r = load_readout(noised_run, "noised")
+    assert r.steps == store.steps and r.timesteps == store.timesteps and list(r.rows) == list(test)
+    assert r.values[("saliency", "dice")].shape == (len(store.steps), len(test))
+    # step 1, recomputed from the PNGs with the labeller's forward pass
+    ids = [store.manifest["sample_ids"][k] for k in test]
+    imgs = np.stack([np.asarray(Image.open(x0_image_path(store.root, 1, i))) for i in ids])
+    with torch.no_grad():
+        out = lab(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    train = labels["depth"][labels["split"] == 0].astype(np.float64)
+    ref = score_readout(out.depth.numpy(), out.saliency_logits.numpy(), out.saliency_logits.numpy() > 0,
+                        labels["depth"][test], labels["saliency"][test].astype(bool), train.mean(), train.std(),
+                        lab.config.far_depth)
+    for key in (("saliency", "dice"), ("depth", "spearman"), ("depth", "mse")):
+        np.testing.assert_allclose(r.values[key][1], ref[key][:], rtol=1e-5, atol=1e-6, err_msg=str(key))
+    assert r.curve("depth", "mse").shape == (len(store.steps),)
+    assert load_readout(noised_run, "generate") is None
+
+
+def test_readout_without_x0_images_is_a_one_line_error(tmp_path, tiny_cfg, tiny_data, tiny_run):
+    from sceneprobe.capture.run import run_capture
+    from sceneprobe.errors import SceneprobeError
+    from sceneprobe.labeller import Labeller
+    from sceneprobe.models.io import load_ldm
+    run_capture(tiny_cfg, tmp_path, "noised", load_ldm(tiny_run), data=tiny_data, progress=False, readout=False,
+                sites=["unet.mid.attn0"])
+    with pytest.raises(SceneprobeError, match="no x̂₀ read-out images"):
+        run_readout(tmp_path, "noised", Labeller(channels=(8, 16), norm_num_groups=4))
