@@ -11,21 +11,35 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
 from sceneprobe.models.io import load_ldm, model_hash
 from sceneprobe.sample import decode, denoise, generate, initial_noise, to_latent
-from sceneprobe.train.vae import images_to_tensor
+from sceneprobe.models.latents import images_to_tensor
 
 
-def test_vae_scale_round_trip(tiny_run, tiny_data):
-    """encode → shift, scale → unscale, unshift → decode equals decode(encode); the factors centre the latents."""
+def test_vae_latent_stats_round_trip(tiny_run, tiny_data):
+    """encode → normalise → denormalise → decode equals decode(encode); the per-channel statistics (diffusers'
+    latents_mean / latents_std keys) give every channel zero mean and unit std on the images they were computed on."""
     ldm = load_ldm(tiny_run)
+    cfg = ldm.vae.config
+    assert len(cfg.latents_mean) == cfg.latent_channels == len(cfg.latents_std)
     x = images_to_tensor(tiny_data.rgb[:4])
     with torch.no_grad():
         z = ldm.vae.encode(x).latent_dist.mode()
         direct = ldm.vae.decode(z).sample.clamp(-1, 1)
         via_scaled = decode(ldm.vae, to_latent(ldm.vae, z))
     assert torch.allclose(direct, via_scaled, atol=1e-5)
-    assert ldm.scaling_factor > 0 and ldm.scaling_factor != 1.0
-    zs = to_latent(ldm.vae, z)
-    assert abs(float(zs.mean())) < 0.5 and 0.5 < float(zs.std()) < 2.0
+    from sceneprobe.models.latents import encode_mode
+    zs = to_latent(ldm.vae, encode_mode(ldm.vae, tiny_data.subset("train").rgb))  # (N, c, h, w)
+    assert torch.allclose(zs.mean(dim=(0, 2, 3)), torch.zeros(cfg.latent_channels), atol=1e-4)
+    assert torch.allclose(zs.std(dim=(0, 2, 3)), torch.ones(cfg.latent_channels), atol=1e-3)
+
+
+def test_scalar_latent_keys_still_work(tiny_run):
+    """A folder with only scaling_factor / shift_factor (Stable Diffusion's layout) maps z → (z − shift)·scale."""
+    ldm = load_ldm(tiny_run)
+    ldm.vae.register_to_config(latents_mean=None, latents_std=None, scaling_factor=0.5, shift_factor=0.25)
+    z = torch.randn(2, ldm.vae.config.latent_channels, 4, 4)
+    assert torch.allclose(to_latent(ldm.vae, z), (z - 0.25) * 0.5)
+    ldm.vae.register_to_config(shift_factor=None)
+    assert torch.allclose(to_latent(ldm.vae, z), z * 0.5)
 
 
 def test_plain_diffusers_loads_the_same_model(tiny_run):
@@ -35,12 +49,16 @@ def test_plain_diffusers_loads_the_same_model(tiny_run):
     sched = DDIMScheduler.from_pretrained(tiny_run / "scheduler", local_files_only=True)
     ldm = load_ldm(tiny_run)
     assert model_hash(vae) == model_hash(ldm.vae) and model_hash(unet) == model_hash(ldm.unet)
+    assert sched.config.prediction_type == "v_prediction" and sched.config.timestep_spacing == "trailing"
     ids = [0, 1]
     ours, _ = generate(ldm, ids, seed=3, steps=3)
     c, s = unet.config.in_channels, unet.config.sample_size
     with torch.no_grad():
         z = denoise(lambda x, t: unet(x, t).sample, sched, initial_noise(ids, 3, (c, s, s)), ids, 3, steps=3)
-        z = z / vae.config.scaling_factor + vae.config.shift_factor  # diffusers' SD3-style latent convention
+        # diffusers' per-channel convention (as its SDXL pipelines): z = z·std_c/scaling_factor + mean_c
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        z = z * std / vae.config.scaling_factor + mean
         img = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round()
     assert np.array_equal(ours, img.to(torch.uint8).permute(0, 2, 3, 1).numpy())
 

@@ -28,7 +28,7 @@ def test_shipped_files_are_small_fp16_and_load_with_plain_diffusers():
 
 def test_shipped_vae_reaches_its_recorded_psnr_on_fresh_scenes():
     """Scenes rendered now from the recorded seed (never seen in training) reconstruct at the recorded PSNR."""
-    from sceneprobe.train.vae import evaluate_vae
+    from sceneprobe.models.latents import evaluate_vae
     from sceneprobe.world.render import render_scenes
     record = json.loads((ROOT / "training.json").read_text())
     check = record["shipped_vae_check"]

@@ -46,35 +46,57 @@ def denoise(
 ) -> torch.Tensor:
     """Run the reverse process from x_T = ``latents`` (B, C, h, w) and return x_0.
 
-    ``unet_fn(x_t, t) -> ε̂`` (B, C, h, w) is the noise predictor (the U-Net, or a classifier-free-guidance wrapper);
-    after each step ``callback(step, timestep, latents_after_update, predicted_x0)`` is called.
+    ``unet_fn(x_t, t)`` (B, C, h, w) is the model output in the scheduler's ``prediction_type`` (ε or v; the U-Net,
+    or a classifier-free-guidance wrapper): the update and x̂₀ come from ``scheduler.step``, never from hand-written
+    ε formulas. After each step ``callback(step, timestep, latents_after_update, predicted_x0)`` is called.
     """
     scheduler.set_timesteps(steps)
     gens = generators(sample_ids, seed, stream=1)
     x = latents * scheduler.init_noise_sigma
     kwargs = {"eta": eta} if "eta" in scheduler.step.__code__.co_varnames else {}
     for i, t in enumerate(scheduler.timesteps):
-        eps = unet_fn(scheduler.scale_model_input(x, t), t)  # (B, C, h, w)
-        out = scheduler.step(eps, t, x, generator=gens, **kwargs)
+        pred = unet_fn(scheduler.scale_model_input(x, t), t)  # (B, C, h, w): ε̂ or v̂
+        out = scheduler.step(pred, t, x, generator=gens, **kwargs)
         x = out.prev_sample
         if callback is not None:
             callback(i, int(t), x, out.pred_original_sample)
     return x
 
 
-def _shift(vae) -> float:
-    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+def latent_stats(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std), each (1, c, 1, 1), that map VAE latents to the diffusion space.
+
+    Folders with diffusers' per-channel keys ``latents_mean``/``latents_std`` (set by ``train-vae`` or
+    :func:`~sceneprobe.models.io.set_latent_stats`) use them, with ``scaling_factor`` as an extra common gain (the
+    SDXL/Playground convention: z' = (z − mean)·scaling_factor/std). Folders with only the scalar keys (Stable
+    Diffusion) use mean = ``shift_factor`` (absent = 0) and std = 1: z' = (z − shift_factor)·scaling_factor.
+    """
+    cfg = vae.config
+    c = cfg.latent_channels
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
+        return m, s
+    shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+    return torch.full((1, c, 1, 1), shift), torch.ones(1, c, 1, 1)
 
 
 def to_latent(vae, z: torch.Tensor) -> torch.Tensor:
-    """VAE latents → diffusion space: (z − shift_factor) · scaling_factor (diffusers' SD3/Flux convention;
-    shift_factor is absent, i.e. 0, for Stable Diffusion v1)."""
-    return (z - _shift(vae)) * vae.config.scaling_factor
+    """VAE latents (B, c, h, w) → diffusion space: (z − mean_c)·scaling_factor/std_c (see :func:`latent_stats`)."""
+    m, s = latent_stats(vae)
+    return (z - m.to(z)) * vae.config.scaling_factor / s.to(z)
+
+
+def from_latent(vae, x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_latent`: diffusion-space latents → what the VAE decoder reads, x·std_c/scaling_factor + mean_c."""
+    m, s = latent_stats(vae)
+    return x * s.to(x) / vae.config.scaling_factor + m.to(x)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, c, h, w) in the diffusion space → images (B, 3, H, W) in [−1, 1]: decode(x / scale + shift)."""
-    return vae.decode(latents / vae.config.scaling_factor + _shift(vae)).sample.clamp(-1, 1)
+    """Latents (B, c, h, w) in the diffusion space → images (B, 3, H, W) in [−1, 1]."""
+    return vae.decode(from_latent(vae, latents)).sample.clamp(-1, 1)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -51,12 +51,29 @@ def build_unet(cfg: UNetConfig, latent_channels: int, sample_size: int) -> UNet2
 
 
 def build_train_scheduler(cfg: TrainLDMConfig) -> DDPMScheduler:
+    """The training noise schedule; its config (saved as ``run/scheduler``) is what every sampler is built from.
+
+    ``zero_terminal_snr``: betas rescaled so that ᾱ_T = 0 (Lin et al. 2024, diffusers' ``rescale_betas_zero_snr``)
+    with ``trailing`` timestep spacing, so sampling starts from the pure noise it was trained on. Needs v-prediction
+    (ε is not identifiable from pure noise).
+    """
+    if cfg.prediction_type not in ("epsilon", "v_prediction"):
+        from ..errors import fail
+        raise fail(f"config key train_ldm.prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        from ..errors import fail
+        raise fail("config train_ldm: zero_terminal_snr needs prediction_type v_prediction; set one of them differently")
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=cfg.prediction_type, clip_sample=False, **extra)
 
 
 def sampling_scheduler(train_scheduler_config: dict, sampler: str = "ddim"):
-    """A sampling scheduler sharing the training scheduler's noise schedule."""
+    """A sampling scheduler sharing the training scheduler's noise schedule, prediction type and spacing.
+
+    DDIM gets ``set_alpha_to_one`` (the final step lands on the clean latent); a zero-terminal-SNR schedule keeps its
+    trailing spacing (from the saved config), so step 0 is t = T − 1, where the input is pure noise.
+    """
     if sampler == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config, set_alpha_to_one=True, clip_sample=False)
     if sampler == "ddpm":

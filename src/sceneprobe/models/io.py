@@ -1,8 +1,8 @@
 """Models on disk: diffusers ``save_pretrained`` folders (config.json + safetensors), never pickles.
 
 A run (or the shipped default) is a folder with ``vae/``, ``unet/`` and ``scheduler/``, each loadable by plain
-diffusers with ``local_files_only=True``. The VAE's latent scaling factor (1/std of the training latents, as Stable
-Diffusion's 0.18215) lives in ``vae/config.json`` as ``scaling_factor``.
+diffusers with ``local_files_only=True``. The VAE's latent normalisation lives in ``vae/config.json``: per-channel
+``latents_mean``/``latents_std`` for our VAEs, the scalar ``scaling_factor`` (Stable Diffusion's 0.18215) otherwise.
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
         record[stage] = info
     # What the shipped (fp16-rounded) VAE reaches on scenes rendered afresh from a seed its training never used;
     # tests/test_shipped.py renders them again and checks the figure still holds.
-    from ..train.vae import evaluate_vae
+    from .latents import evaluate_vae
     from ..world.render import render_scenes
     check = {"render_seed": 424242, "n_images": 96}
     rgb = render_scenes(seed=check["render_seed"], indices=range(check["n_images"]), size=ldm.vae.config.sample_size)["rgb"]

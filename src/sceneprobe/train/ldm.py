@@ -1,6 +1,7 @@
-"""Train the latent U-Net to predict ε on scaled latents: L = ‖ε − ε̂(√ᾱ_t z + √(1−ᾱ_t) ε, t)‖².
+"""Train the latent U-Net on normalised latents: x_t = √ᾱ_t z + √(1−ᾱ_t) ε, target v (default) or ε, min-SNR-γ weights.
 
-The training latents z = scaling_factor · (mode(q(z|x)) − shift_factor) are encoded once and cached (``train_ldm/latents.safetensors``,
+The training latents z = (mode(q(z|x)) − mean_c)·scaling_factor/std_c (per-channel statistics of the VAE folder,
+see :func:`sceneprobe.sample.to_latent`) are encoded once and cached (``train_ldm/latents.safetensors``,
 keyed by the VAE's weights hash). Sampling uses EMA weights: ``run/unet`` holds the EMA copy.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -22,13 +22,15 @@ from ..models.build import build_train_scheduler, build_unet, latent_size
 from ..models.io import LDM, load_vae, model_hash, save_model
 from .loop import LoopSpec, train_loop
 from ..sample import to_latent
-from .vae import encode_mode
+from ..models.latents import encode_mode
 
 
 def cached_latents(vae, data, folder: Path) -> torch.Tensor:
     """Scaled training latents (N, c, h, w), encoded once per (VAE weights, dataset)."""
     key = {"vae": model_hash(vae), "n": len(data), "names": data.names[:3] + data.names[-3:],
-           "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None)}
+           "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),
+           "latents_mean": getattr(vae.config, "latents_mean", None), "latents_std": getattr(vae.config, "latents_std", None)}
+    key = json.loads(json.dumps(key))  # tuples → lists, as the saved copy reads back
     path, meta = folder / "latents.safetensors", folder / "latents.json"
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == key:
         return load_file(path)["latents"]
@@ -39,6 +41,28 @@ def cached_latents(vae, data, folder: Path) -> torch.Tensor:
     tmp.replace(path)
     atomic_write_json(meta, key)
     return z
+
+
+def diffusion_loss(sched, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   snr_gamma: float) -> torch.Tensor:
+    """MSE to the scheduler's target (ε, or v = √ᾱ ε − √(1−ᾱ) x₀), per sample weighted by min-SNR-γ.
+
+    With SNR = ᾱ/(1−ᾱ), the min-SNR-γ weight (Hang et al. 2023, as in diffusers' training examples) is
+    min(SNR, γ)/SNR for ε and min(SNR, γ)/(SNR + 1) for v: both equal min(SNR, γ) on the x₀ error, so low-noise
+    steps stop dominating. ``snr_gamma`` = 0 gives the plain mean squared error.
+    """
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(x0, noise, t)
+    else:
+        target = noise
+    per = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    if not snr_gamma:
+        return per.mean()
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(sched, t)  # (B,)
+    w = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
+    return (per * w).mean()
 
 
 def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
@@ -70,10 +94,13 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     def loss_fn(model, g, step):
         idx = torch.randint(len(z), (tc.batch_size,), generator=g)
         x0 = z[idx]  # (B, c, h, w)
+        if tc.flip:  # the scenes have no preferred left/right: flip half the latents (drawn from g, so resumable)
+            flip = torch.rand(tc.batch_size, generator=g) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, tc.num_train_timesteps, (tc.batch_size,), generator=g)
-        eps = model(sched.add_noise(x0, noise, t), t).sample
-        return F.mse_loss(eps, noise), {}
+        pred = model(sched.add_noise(x0, noise, t), t).sample  # (B, c, h, w)
+        return diffusion_loss(sched, pred, x0, noise, t, tc.snr_gamma), {}
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, ema_decay=tc.ema_decay, desc="train-ldm")

@@ -1,14 +1,13 @@
 """Train the KL-VAE: reconstruction (L1 or MSE) + β·KL, on random crops of the training scenes.
 
 The VAE is convolutional but for its mid-block attention, so training on 32×32 crops of 64×64 scenes costs ~4×
-less per sample and transfers to full images (reference/cpu-calibration.md §2.4). After training, the latent scaling
-factor 1/std(z) over training latents (Stable Diffusion's 0.18215) is stored in the saved config.
+less per sample and transfers to full images (reference/cpu-calibration.md §2.4). After training, per-channel latent
+statistics over training latents are stored in the saved config (``latents_mean``/``latents_std``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +16,8 @@ from ..config import Config, dump_yaml
 from ..errors import fail
 from ..models.build import build_vae, init_vae_logvar
 from ..models.io import save_model
+from ..models.latents import evaluate_vae, set_latent_stats
 from .loop import LoopSpec, train_loop
-
-
-def images_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32 in [−1, 1]."""
-    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _batch(rgb: torch.Tensor, g: torch.Generator, batch: int, crop: int) -> torch.Tensor:
@@ -42,33 +37,6 @@ def vae_loss(vae, x: torch.Tensor, g: torch.Generator, recon: str, kl_weight: fl
     r = F.l1_loss(rec, x) if recon == "l1" else F.mse_loss(rec, x)
     kl = post.kl().mean() / x[0].numel()
     return r + kl_weight * kl, {"recon": float(r.detach()), "kl": float(kl.detach())}
-
-
-@torch.no_grad()
-def encode_mode(vae, rgb: np.ndarray, batch: int = 64) -> torch.Tensor:
-    """Posterior means (N, c, h, w) of uint8 images (N, H, W, 3), unscaled."""
-    outs = [vae.encode(images_to_tensor(rgb[i:i + batch])).latent_dist.mode() for i in range(0, len(rgb), batch)]
-    return torch.cat(outs)
-
-
-@torch.no_grad()
-def evaluate_vae(vae, rgb: np.ndarray, batch: int = 64) -> dict:
-    """Held-out PSNR and SSIM (scikit-image, data range 255) of encode(mode) → decode, and latent mean/std."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    from ..sample import to_uint8
-    psnr, ssim, zs = [], [], []
-    for i in range(0, len(rgb), batch):
-        x = images_to_tensor(rgb[i:i + batch])
-        z = vae.encode(x).latent_dist.mode()
-        rec = to_uint8(vae.decode(z).sample)
-        zs.append(z)
-        for a, b in zip(rgb[i:i + batch], rec):
-            psnr.append(peak_signal_noise_ratio(a, b, data_range=255))
-            ssim.append(structural_similarity(a, b, channel_axis=-1, data_range=255))
-    z = torch.cat(zs)
-    return {"psnr_db": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "latent_mean": float(z.mean()),
-            "latent_std": float(z.std()), "n_images": int(len(rgb))}
 
 
 def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
@@ -103,14 +71,12 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
         return run / "vae"
-    # Centre and scale the latents for the diffusion model: z' = (z − mean) / std (diffusers' shift_factor and
-    # scaling_factor). Uncentred latents (this VAE's mean is far from 0) leave a colour cast in short LDM runs.
-    z = encode_mode(vae, train.rgb[:1024])
-    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    # Normalise the latents per channel for the diffusion model (diffusers' latents_mean / latents_std keys).
+    set_latent_stats(vae, train.rgb[:1024])
     heldout = data.subset("test") if len(data.subset("test")) else data.subset("val")
     metrics = evaluate_vae(vae, heldout.rgb)
-    metrics["scaling_factor"] = float(vae.config.scaling_factor)
-    metrics["shift_factor"] = float(vae.config.shift_factor)
+    metrics["latents_mean"] = list(vae.config.latents_mean)
+    metrics["latents_std"] = list(vae.config.latents_std)
     metrics["steps"] = tc.steps
     atomic_write_json(tdir / "eval.json", metrics)
     save_model(vae, run / "vae")
