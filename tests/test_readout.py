@@ -93,3 +93,14 @@ def test_readout_without_x0_images_is_a_one_line_error(tmp_path, tiny_cfg, tiny_
                 sites=["unet.mid.attn0"])
     with pytest.raises(SceneprobeError, match="no x̂₀ read-out images"):
         run_readout(tmp_path, "noised", Labeller(channels=(8, 16), norm_num_groups=4))
+
+
+def test_inverse_depth_target_standardises_inverse_depth():
+    rng = np.random.default_rng(1)
+    d = rng.uniform(1, 20, (2, 6, 6))
+    p = d * 1.1
+    inv = 1 / d
+    v = score_readout(p, None, np.zeros_like(d, bool), d, np.zeros_like(d, bool), inv.mean(), inv.std(), 50.0,
+                      target="inverse")
+    np.testing.assert_allclose(v[("depth", "mse")], (((1 / p - 1 / d) / inv.std()) ** 2).reshape(2, -1).mean(1))
+    np.testing.assert_allclose(v[("depth", "absrel")], 0.1)                   # raw-depth metrics stay raw

@@ -34,11 +34,11 @@ class Stages:
         fp = fingerprint({"own": fp, "before": self.chain})
         self.chain = fp
         rec = self.dir / f"{name}.json"
-        done = rec.exists() and json.loads(rec.read_text()).get("fingerprint") == fp and all(p.exists() for p in outputs)
+        done = _record_fingerprint(rec) == fp and all(p.exists() for p in outputs)
         if done:
             self.log(f"[{name}] up to date, skipped")
             return
-        if rec.exists():  # the config changed since this stage ran: its old outputs are stale
+        if rec.exists():  # the config changed since this stage ran (or the record is damaged): its outputs are stale
             rec.unlink()
             for p in clear:
                 shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
@@ -48,6 +48,16 @@ class Stages:
         dt = time.time() - t0
         atomic_write_json(rec, {"fingerprint": fp, "seconds": round(dt, 1)})
         self.log(f"[{name}] done in {dt:.0f} s")
+
+
+def _record_fingerprint(rec: Path) -> str | None:
+    """The fingerprint of a stage record, checked before it is trusted: a truncated or hand-edited record (not a
+    JSON object with a 16-hex-digit fingerprint) counts as absent, so the stage is redone rather than skipped."""
+    try:
+        fp = json.loads(rec.read_text()).get("fingerprint")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return fp if isinstance(fp, str) and len(fp) == 16 and all(c in "0123456789abcdef" for c in fp) else None
 
 
 def _copy_model_folders(src: Path, run: Path) -> None:
@@ -75,6 +85,14 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     """Run (or resume) the whole study into ``out``; returns the path of ``report/report.html``."""
     from .models.io import load_ldm, model_hash, shipped_root
     out = Path(out)
+    shipped = shipped_root(cfg.preset)
+    if not from_scratch:  # fail before writing anything into the run folder
+        src = Path(model) if model else shipped
+        for part in ("unet", "vae", "scheduler"):
+            if not (src / part).is_dir():
+                raise fail(f"no {part}/ in the model folder {src}" + (" (the shipped model of preset "
+                           f"{cfg.preset!r})" if not model else "") + "; pass --from-scratch to train one or "
+                           "--model RUN_FOLDER with vae/, unet/ and scheduler/")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     st = Stages(out, log)
@@ -91,7 +109,6 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         from .world.dataset import load_dataset
         return load_dataset(data_dir)
 
-    shipped = shipped_root(cfg.preset)
     if from_scratch:
         def models():
             from .train.ldm import train_ldm
@@ -104,11 +121,6 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
             train_ldm(cfg, d, out, resume=resume, force=True, progress=progress)
         fp = fingerprint("scratch", cfg.vae, cfg.unet, cfg.train_vae, cfg.train_ldm)
     else:
-        src = Path(model) if model else shipped
-        if not (src / "unet").is_dir():
-            raise fail(f"no pretrained model for preset {cfg.preset!r} at {src}; pass --from-scratch to train one or "
-                       f"--model RUN_FOLDER")
-
         def models():
             _copy_model_folders(src, out)
         fp = fingerprint("copy", str(src), model_hash_of_folder(src))
@@ -157,8 +169,9 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         def readout(protocol=protocol):
             from .labeller import load_labeller
             from .labeller.readout import run_readout
-            run_readout(out, protocol, load_labeller(lab_dir))
-        st.run(f"readout-{protocol}", fingerprint(mh, model_hash_of_folder(lab_dir), "readout-1"),
+            run_readout(out, protocol, load_labeller(lab_dir), target=cfg.probe.depth_target)
+        st.run(f"readout-{protocol}", fingerprint(mh, model_hash_of_folder(lab_dir), "readout-1",
+                                                  cfg.probe.depth_target),
                [out / "readout" / f"{protocol}.csv"], readout)
 
     def probes():

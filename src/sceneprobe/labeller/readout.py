@@ -13,7 +13,7 @@ Metrics per (step, test image) — the probes' definitions (:mod:`sceneprobe.pro
 * saliency (the labeller's mask = logit > 0, its own decision rule): ``dice``, ``iou``; threshold-free on its logit:
   ``auroc``, ``ap`` (average precision), NaN for an image whose label mask is empty or full;
 * depth, standardised with the mean and std of the label depth over the *train* rows (as the probe sweep does),
-  y = (d − μ)/σ: ``mse``, ``rmse``, ``pearson``, ``spearman``; the same over non-sky pixels (label depth
+  y = (g(d) − μ)/σ with g the probes' ``probe.depth_target`` (identity, or 1/d for ``inverse``): ``mse``, ``rmse``, ``pearson``, ``spearman``; the same over non-sky pixels (label depth
   < ``SKY_FRACTION``·far depth): ``mse_nonsky``, ``rmse_nonsky``, ``spearman_nonsky``; on raw depth (same units as the
   labels): ``absrel`` = mean |d̂ − d|/d and ``delta1`` = fraction with max(d̂/d, d/d̂) < 1.25, and their ``_nonsky``
   versions. A skill over a layout prior is 1 − Σ mse / Σ mse_prior over the same images (per-image ``mse`` here).
@@ -134,11 +134,23 @@ def _ranking(logits: np.ndarray | None, mask: np.ndarray) -> tuple[np.ndarray, n
     return auroc, ap
 
 
+def depth_target(d: np.ndarray, target: str = "depth") -> np.ndarray:
+    """What depth probes predict: depth itself, or 1/depth (``inverse``, MiDaS's convention), float64."""
+    d = np.asarray(d, np.float64)
+    if target not in ("depth", "inverse"):
+        raise fail(f"depth target {target!r} is unknown; choose depth or inverse")
+    return d if target == "depth" else 1.0 / np.maximum(d, 1e-3)
+
+
 def score_readout(depth_pred: np.ndarray, logits: np.ndarray | None, mask_pred: np.ndarray, depth_true: np.ndarray,
-                  mask_true: np.ndarray, mean: float, std: float, far_depth: float) -> dict[tuple[str, str], np.ndarray]:
-    """Per-image read-out metrics (see the module docstring) of one step: {(task, metric): (n,)}."""
+                  mask_true: np.ndarray, mean: float, std: float, far_depth: float,
+                  target: str = "depth") -> dict[tuple[str, str], np.ndarray]:
+    """Per-image read-out metrics (see the module docstring) of one step: {(task, metric): (n,)}.
+
+    ``mean``, ``std`` standardise ``depth_target(d, target)``; AbsRel and δ use the raw depths."""
     from ..probe.metrics import dice, iou, pearson, rmse, spearman
-    p, t = (depth_pred.astype(np.float64) - mean) / std, (depth_true.astype(np.float64) - mean) / std
+    p = (depth_target(depth_pred, target) - mean) / std
+    t = (depth_target(depth_true, target) - mean) / std
     nonsky = depth_true < SKY_FRACTION * far_depth
     everything = np.ones_like(nonsky)
     mse = ((p - t) ** 2).reshape(len(p), -1).mean(1)
@@ -160,7 +172,7 @@ def _fmt(v: float) -> str:
     return "nan" if not math.isfinite(v) else f"{v:.6g}"
 
 
-def run_readout(run: Path, protocol: str, labeller) -> Path:
+def run_readout(run: Path, protocol: str, labeller, target: str = "depth") -> Path:
     """Label every step's x̂₀ of the ``ldm`` store's test rows and write ``run/readout/<protocol>.csv`` (+ ``.json``)."""
     from PIL import Image
 
@@ -181,7 +193,7 @@ def run_readout(run: Path, protocol: str, labeller) -> Path:
     if getattr(labeller, "depth_kind", "depth") != "depth":
         raise fail("the image read-out needs a labeller whose depth is camera-space z (the run's labeller), not a "
                    "relative inverse-depth model")
-    train = labels["depth"][split == 0].astype(np.float64)
+    train = depth_target(labels["depth"][split == 0], target)
     mean, std = float(train.mean()), float(train.std()) or 1.0
     far = float(getattr(getattr(labeller, "config", None), "far_depth", 0) or 0) or _far_depth()
     ids = [int(store.manifest["sample_ids"][r]) for r in rows]
@@ -194,7 +206,7 @@ def run_readout(run: Path, protocol: str, labeller) -> Path:
             raise fail(f"read-out image {missing[0]} is missing; rerun the capture with --force")
         images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
         d, z, m = _label(labeller, images)
-        vals = score_readout(d, z, m, d_true, m_true, mean, std, far)
+        vals = score_readout(d, z, m, d_true, m_true, mean, std, far, target)
         for (task, metric), v in vals.items():
             for k, (r, sid) in enumerate(zip(rows, ids)):
                 out_rows.append((protocol, step, timestep, int(r), sid, task, metric, float(v[k])))
@@ -210,7 +222,8 @@ def run_readout(run: Path, protocol: str, labeller) -> Path:
         "protocol": protocol, "what": "labeller on the decoded x0 (scheduler.step pred_original_sample) of each step",
         "labels": "labeller on the final image" if protocol == "generate" else "exact (rendered) labels",
         "labeller": str(getattr(labeller, "path", "")), "n_test": int(len(rows)), "steps": store.steps,
-        "depth_standardisation": {"mean": mean, "std": std, "from": "label depth over the train rows"},
+        "depth_standardisation": {"mean": mean, "std": std, "target": target,
+                                  "from": "label depth (or 1/depth for target inverse) over the train rows"},
         "sky": f"label depth >= {SKY_FRACTION} * {far}", "saliency_rule": "labeller logit > 0"})
     return path
 
@@ -251,4 +264,4 @@ def readout_info(run: Path, protocol: str) -> dict | None:
         return None
 
 
-__all__ = ["Readout", "load_readout", "readout_info", "readout_path", "run_readout", "score_readout"]
+__all__ = ["Readout", "depth_target", "load_readout", "readout_info", "readout_path", "run_readout", "score_readout"]
