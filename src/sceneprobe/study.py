@@ -16,7 +16,7 @@ from typing import Callable
 
 from .atomic import atomic_write_json, atomic_write_text
 from .config import Config, dump_yaml, fingerprint
-from .errors import fail
+from .errors import SceneprobeError, fail
 
 CONTROL_MODELS = ("permuted", "fresh")
 
@@ -30,11 +30,14 @@ class Stages:
         self.log = log
         self.chain = ""  # fingerprints of earlier stages: a changed stage redoes every later one
 
-    def run(self, name: str, fp: str, outputs: list[Path], fn: Callable[[], object], clear: list[Path] = ()) -> None:
+    def run(self, name: str, fp: str, outputs: list[Path], fn: Callable[[], object], clear: list[Path] = (),
+            check: Callable[[], object] | None = None) -> None:
+        """Run stage ``name`` unless its record matches ``fp`` and its outputs exist (and pass ``check``: a
+        damaged output, e.g. a capture store that lost a shard, makes the stage run again)."""
         fp = fingerprint({"own": fp, "before": self.chain})
         self.chain = fp
         rec = self.dir / f"{name}.json"
-        done = _record_fingerprint(rec) == fp and all(p.exists() for p in outputs)
+        done = _record_fingerprint(rec) == fp and all(p.exists() for p in outputs) and _passes(check)
         if done:
             self.log(f"[{name}] up to date, skipped")
             return
@@ -48,6 +51,14 @@ class Stages:
         dt = time.time() - t0
         atomic_write_json(rec, {"fingerprint": fp, "seconds": round(dt, 1)})
         self.log(f"[{name}] done in {dt:.0f} s")
+
+
+def _passes(check: Callable[[], object] | None) -> bool:
+    try:
+        check and check()
+    except SceneprobeError:
+        return False
+    return True
 
 
 def _record_fingerprint(rec: Path) -> str | None:
@@ -151,7 +162,14 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
 
     ldm = load_ldm(out)
     mh = model_hash(ldm.unet) + model_hash(ldm.vae)
+
+    def labeller_eval():
+        from .labeller import labeller_provenance, load_labeller
+        atomic_write_json(out / "labeller_eval.json", labeller_provenance(load_labeller(lab_dir), data(), ldm.vae))
+    st.run("labeller-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir), cfg.world, "provenance-1"),
+           [out / "labeller_eval.json"], labeller_eval)
     from .capture.run import CAPTURE_VERSION, run_capture
+    from .capture.store import CaptureStore
     for protocol in cfg.capture.protocols:
         for control in (None, *cfg.capture.controls):
             name = control or "ldm"
@@ -161,7 +179,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
                 run_capture(cfg, out, protocol, ldm, data=data() if protocol == "noised" else None, control=control,
                             progress=progress)
             st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, cfg.world, CAPTURE_VERSION),
-                   [root / "manifest.json"], cap, clear=[root])
+                   [root / "manifest.json"], cap, clear=[root], check=lambda root=root: CaptureStore(root).verify())
         if protocol == "generate":
             st.run("label-generated", fingerprint(mh, model_hash_of_folder(lab_dir)),
                    [out / "captures" / "generate" / "labels.safetensors"], lambda: label_generated(out, lab_dir))
@@ -222,6 +240,16 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
                     "The labeller plays MiDaS and TRACER's role: it labels the generated images. Its accuracy on "
                     "held-out rendered scenes with exact ground truth bounds what the generate-protocol probes can "
                     "show.\n\n" + _metric_table(lab.get("eval", lab))))
+    prov = _read_json(run / "labeller_eval.json")
+    if prov and "vae_reconstruction" in prov:
+        c, r = prov["clean"], prov["vae_reconstruction"]
+        rows = "\n".join(f"| {k} | {c[k]:.4g} | {r[k]:.4g} |" for k in c
+                         if isinstance(c.get(k), float) and isinstance(r.get(k), float))
+        out.append(("Label provenance: the labeller on VAE reconstructions",
+                    "The generate-protocol labels are the labeller's reading of decoded latents, not exact labels. "
+                    f"Its accuracy against the exact labels of {c.get('n_images')} held-out scenes, on the renders "
+                    "and on the run's VAE reconstructions of the same scenes (`labeller_eval.json`):\n\n"
+                    "| metric | clean renders | VAE reconstructions |\n|---|---|---|\n" + rows))
     q = _read_json(run / "train_ldm" / "eval.json") or shipped.get("train_ldm", {}).get("eval")
     if q:
         out.append(("Generated image quality",

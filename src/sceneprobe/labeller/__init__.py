@@ -5,6 +5,8 @@
 * :class:`DepthModelLabeller` (``dpt.py``): a local transformers DPT depth model instead (photographs, Stable
   Diffusion); its depth is relative *inverse* depth (``depth_kind``).
 * :func:`label_images` labels arrays; :func:`label_path` (``apply.py``) labels a capture's samples or a folder.
+* :func:`labeller_provenance`: its accuracy on held-out renders and on their VAE reconstructions (``train.py``);
+  :mod:`.readout`: the labeller on each denoising step's decoded x̂₀ (the image read-out curve).
 
 The shipped labeller of the ``cpu`` preset lives in ``sceneprobe/pretrained/cpu/labeller`` (:func:`shipped_labeller`).
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 from .apply import label_folder, label_path, label_samples
 from .dpt import DepthModelLabeller
 from .model import Labeller, LabellerOutput, label_images, load_labeller
-from .train import evaluate_labeller, train_labeller
+from .train import evaluate_labeller, labeller_provenance, train_labeller, vae_reconstructions
 
 
 def shipped_labeller_path(preset: str = "cpu") -> Path:
@@ -25,4 +27,5 @@ def shipped_labeller_path(preset: str = "cpu") -> Path:
 
 
 __all__ = ["DepthModelLabeller", "Labeller", "LabellerOutput", "evaluate_labeller", "label_folder", "label_images",
-           "label_path", "label_samples", "load_labeller", "shipped_labeller_path", "train_labeller"]
+           "label_path", "label_samples", "labeller_provenance", "load_labeller", "shipped_labeller_path", "train_labeller",
+           "vae_reconstructions"]

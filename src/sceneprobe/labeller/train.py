@@ -83,12 +83,18 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() or 1.0)
 
 
-def evaluate_labeller(labeller, data, batch: int = 64) -> dict:
-    """Scores of ``labeller`` on ``data``'s held-out split (test, else val); a dict of floats for the report."""
+def evaluate_labeller(labeller, data, batch: int = 64, images: np.ndarray | None = None) -> dict:
+    """Scores of ``labeller`` on ``data``'s held-out split (test, else val); a dict of floats for the report.
+
+    ``images`` (optional, (n, H, W, 3) uint8, the held-out images in the same order) are labelled instead of the
+    clean renders, e.g. their VAE reconstructions; the truth stays the renders' exact labels."""
     from ..probe.metrics import depth_metrics, nanmean, saliency_metrics   # pure numpy; no stage state
     check_labelled(data, "scoring")
     test = heldout(data)
-    pred = label_images(labeller, test.rgb, batch=batch)
+    if images is not None and images.shape != test.rgb.shape:
+        raise fail(f"images to score the labeller on have shape {images.shape}, but the held-out split has "
+                   f"{test.rgb.shape}")
+    pred = label_images(labeller, test.rgb if images is None else images, batch=batch)
     truth = test.depth.astype(np.float64)
     kind = getattr(labeller, "depth_kind", "depth")
     if kind == "depth":
@@ -101,6 +107,37 @@ def evaluate_labeller(labeller, data, batch: int = 64) -> dict:
     if pred.get("saliency") is not None:
         res.update({f"saliency_{k}": nanmean(v) for k, v in saliency_metrics(pred["saliency"], test.saliency).items()})
     return res
+
+
+@torch.no_grad()
+def vae_reconstructions(vae, rgb: np.ndarray, batch: int = 32) -> np.ndarray:
+    """uint8 images (n, H, W, 3) → their VAE reconstructions decode(to_latent(mode q(z|x))), uint8 (n, H, W, 3).
+
+    What the generate protocol's images are made of: the labeller labels decoded latents, not renders."""
+    from .model import images_to_tensor
+    from ..sample import decode, to_latent, to_uint8
+    vae.eval()
+    dev = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(rgb), batch):
+        x = images_to_tensor(rgb[i:i + batch]).to(dev)                             # (b, 3, H, W) in [−1, 1]
+        z = to_latent(vae, vae.encode(x).latent_dist.mode())                       # (b, c, h, w) diffusion space
+        out.append(to_uint8(decode(vae, z)))
+    return np.concatenate(out)
+
+
+def labeller_provenance(labeller, data, vae, batch: int = 64) -> dict:
+    """The labeller's accuracy on the held-out scenes as rendered (``clean``) and as the run's VAE reconstructs them
+    (``vae_reconstruction``), against the renders' exact labels — the second bounds what the labeller's labels of
+    generated images (the ``generate`` protocol's labels) can be trusted for. Keys of each: those of
+    :func:`evaluate_labeller` (``depth_rmse``, ``depth_spearman``, ``depth_pearson``, ``saliency_dice``,
+    ``saliency_iou``, ``n_images``, ``split``, ``depth_kind``)."""
+    test = heldout(data)
+    recon = vae_reconstructions(vae, test.rgb)
+    return {"what": "labeller vs exact labels of held-out rendered scenes: clean renders and their VAE "
+                    "reconstructions (decode(to_latent(mode q(z|x))))",
+            "clean": evaluate_labeller(labeller, data, batch),
+            "vae_reconstruction": evaluate_labeller(labeller, data, batch, images=recon)}
 
 
 def train_labeller(cfg: Config, data, out: Path, resume: bool = False, force: bool = False, progress: bool = True,
