@@ -148,10 +148,9 @@ def cmd_capture(args) -> Path:
                        f"got {model}")
         if args.protocol not in (None, "generate"):
             raise fail(f"Stable Diffusion supports only --protocol generate, got {args.protocol!r}")
-        from .capture.sd import run_capture_sd
+        from .capture.sd import run_capture_sd, sd_options
         return run_capture_sd(model, Path(args.prompts), run / "captures" / "sd" / (args.control or "ldm"),
-                              steps=cc.steps, guidance=args.guidance, site_kind=cc.site_kind, vae_input=cc.vae_input,
-                              dtype=cc.dtype, pool=cc.pool, batch_size=cc.batch_size, control=args.control,
+                              **sd_options(cc, args.guidance), batch_size=cc.batch_size, control=args.control,
                               control_seed=cc.control_seed, force=args.force, progress=not args.no_progress)
     if args.protocol not in PROTOCOLS:
         raise fail(f"option --protocol must be generate or noised, got {args.protocol!r}")
@@ -283,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: a run folder with vae/, unet/, scheduler/ or a local Stable Diffusion folder "
                         "(default: RUN if it holds unet/, else the shipped model)")
     s.add_argument("--prompts", default=None, help="CSV with columns prompt,seed (Stable Diffusion only)")
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion only)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (Stable Diffusion only; default: capture.guidance_scale)")
     s.add_argument("--force", action="store_true", help="redo the store even if it is finished")
     s.set_defaults(fn=cmd_capture)
 

@@ -201,6 +201,15 @@ class CaptureConfig:
     controls: tuple[str, ...] = opt(("permuted", "fresh"), choices=("permuted", "fresh"))
     control_seed: int = seed_opt(100)
     seed: int = seed_opt(1000)
+    # Stable Diffusion only (capture/sd.py, study_sd.py):
+    sd_scheduler: str = opt("folder", choices=("folder", "ddim", "lms", "pndm", "euler", "euler_a", "dpm"))
+    guidance_scale: float = opt(7.5, ge=0.0, le=1000.0)  # 1 (or less): no classifier-free guidance, no doubled batch
+    negative_prompt: str = ""     # the unconditional prompt of classifier-free guidance
+    height: int = opt(0, ge=0, le=8192)  # pixels; 0: the U-Net's native size (as the pipeline)
+    width: int = opt(0, ge=0, le=8192)
+    variant: str = ""             # weight-file variant ("fp16" for *.fp16.safetensors); "": found by itself
+    store: str = opt("full", choices=("full", "streamed"))  # streamed: sufficient statistics, no activation store
+    subsample: int = opt(64, ge=1, le=1_000_000)  # streamed: stored train positions per image, site and step
 
 
 @dataclass(frozen=True)

@@ -1,165 +1,394 @@
 """Capture a real Stable Diffusion model (a local diffusers ``StableDiffusionPipeline`` folder, offline).
 
-The same explicit loop as our LDM (``sample.denoise``, DDIM η = 0 on the pipeline's noise schedule) with
-classifier-free guidance, ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)) with the empty prompt as ∅. Sites: every U-Net ``attn1``
-(self-attention, canonical names ``unet.down{b}.attn{j}`` …, 16 in SD v1.4) and the VAE decoder's mid attention
-(``vae.dec.mid.attn0``) fed the latent after each step's update. Only the conditional half of the CFG batch is kept.
-Prompts and seeds come from a CSV with columns ``prompt`` and ``seed``; row k is sample id k, and its initial noise is
-drawn from ``torch.Generator().manual_seed(seed)``.
+Sampling is diffusers' own pipeline loop, step for step (:func:`sd_sample`): for the same prompt, seed, steps,
+guidance scale, negative prompt and size our latents and images equal
+``StableDiffusionPipeline(...)(prompt, generator=torch.Generator().manual_seed(seed))`` (a test checks it). The
+scheduler is the folder's own (``scheduler: folder``, e.g. PNDM for v1.4/v1.5) unless ``capture.sd_scheduler``
+names another (``ddim``, ``lms`` — the paper's, ``pndm``, ``euler``, ``euler_a``, ``dpm``), built from the folder's
+scheduler config, so ε- and v-prediction folders (SD 2.x) both work. Classifier-free guidance,
+ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)) with ∅ the negative prompt (default ""), runs the doubled batch only when g > 1 (as the
+pipeline does); only the conditional half is recorded.
 
-Stable Diffusion v1.4 on a GPU (16 U-Net sites × 15 steps ≈ 347 MB per image in float16, plus the VAE site at
-64×64×512 ≈ 63 MB; ``pool: 2`` stores a quarter). Batch 8 prompts (16 with CFG) is a starting point, not a measured
-fit: lower ``capture.batch_size`` if the card runs out of memory (the per-step VAE decode at 512 px is the peak)::
+Sites: every U-Net ``attn1`` (self-attention, canonical names ``unet.down{b}.attn{j}`` …, 16 in SD v1.x) and the VAE
+decoder's mid attention (``vae.dec.mid.attn0``) fed the latent after each step's update. Prompts and seeds come from
+a CSV with columns ``prompt`` and ``seed`` (the paper's ``prompts``, ``seeds`` also work); row k is sample id k.
 
-    printf 'capture: {batch_size: 8, steps: 15}\n' > sd.yaml
-    accelerate launch -m sceneprobe capture --model /path/to/stable-diffusion-v1-4 --prompts prompts.csv \
-        --run runs/sd14 --config sd.yaml
+Folder layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; ``feature_extractor/`` and
+``safety_checker/`` are never loaded (they need not exist). Folders that hold only fp16 variant files
+(``*.fp16.safetensors``) are found by themselves (``capture.variant`` forces one). No download is ever attempted.
 
-writes ``runs/sd14/captures/sd/ldm/`` (add ``--control permuted`` for the permuted-weights control). With
-``accelerate launch --num_processes K`` the prompts are dealt out to K GPUs, all writing the same store; a rerun
-resumes. The folder must hold model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (no download
-is ever attempted; the safety checker is not loaded).
+Where things go (``RUN/captures/sd/``): ``ldm/`` (the store), ``images/`` and ``samples.safetensors`` (the model's
+images: ``sceneprobe label --images RUN/captures/sd`` writes ``labels.safetensors`` beside them, where ``sceneprobe
+probe`` reads them), ``permuted/`` (the control's store, with its own images inside). The whole study — capture,
+labels, probes, report — is ``sceneprobe run --sd PATH --prompts CSV --out RUN`` (:mod:`sceneprobe.study_sd`).
 """
 from __future__ import annotations
 
+import copy
 import csv
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..config import fingerprint
 from ..errors import fail
 from ..models.io import model_hash
 from ..models.sites import list_sites
-from .run import (CAPTURE_VERSION, StoreSpec, _jsonable, _state, check_capture_options, collect_samples,
-                  control_unet, fill_store, finish_store, probe_split, sample_and_record, save_images, site_shapes)
+from .identity import canonical, store_fingerprint
+from .recorder import Recorder
+from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, collect_samples, control_unet,
+                  fill_store, finish_store, probe_split, save_images, site_shapes)
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler", "pndm": "PNDMScheduler",
+              "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+              "dpm": "DPMSolverMultistepScheduler"}
+OnSite = Callable[[str, int, torch.Tensor], None]   # (site, step, rows (b, C, h, w))
 
 
+# ------------------------------------------------------------------------------------------------ prompts, folders
 def read_prompts(path: Path) -> tuple[list[str], list[int]]:
-    """(prompts, seeds) from a CSV with a header holding ``prompt`` and ``seed`` columns."""
+    """(prompts, seeds) from a CSV with a header naming ``prompt`` and ``seed`` (or the paper's ``prompts``,
+    ``seeds``); UTF-8, else ISO-8859-1 (the paper's CSVs)."""
     path = Path(path)
     if not path.is_file():
         raise fail(f"prompts file {path} does not exist; pass a CSV with columns prompt,seed")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        for need in ("prompt", "seed"):
-            if need not in cols:
-                raise fail(f"prompts file {path} has no {need!r} column (columns: {', '.join(cols) or 'none'}); "
-                           f"the header must name prompt and seed")
-        prompts, seeds = [], []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in row.items()}
-            try:
-                seeds.append(int(str(row["seed"]).strip()))
-            except ValueError:
-                raise fail(f"prompts file {path}, line {line}: seed {row['seed']!r} is not an integer") from None
-            prompts.append(row["prompt"] or "")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="iso-8859-1")
+    reader = csv.DictReader(text.splitlines())
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    names = {}
+    for need in ("prompt", "seed"):
+        have = [c for c in (need, need + "s") if c in cols]
+        if not have:
+            raise fail(f"prompts file {path} has no {need!r} column (columns: {', '.join(cols) or 'none'}); "
+                       f"the header must name prompt and seed")
+        names[need] = have[0]
+    prompts, seeds = [], []
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): v for k, v in row.items()}
+        try:
+            seeds.append(int(str(row[names["seed"]]).strip()))
+        except ValueError:
+            raise fail(f"prompts file {path}, line {line}: seed {row[names['seed']]!r} is not an integer") from None
+        prompts.append(row[names["prompt"]] or "")
     if not prompts:
         raise fail(f"prompts file {path} has no rows below its header")
     return prompts, seeds
 
 
-def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32):
-    """Load a local ``StableDiffusionPipeline`` folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, …)."""
+def find_variant(model_path: Path) -> str | None:
+    """``"fp16"`` (or another variant) when unet/ holds only variant weight files, else None."""
+    unet = Path(model_path) / "unet"
+    if not unet.is_dir():
+        return None
+    plain = [p for p in unet.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin")
+             and len(p.name.split(".")) == 2 and "-of-" not in p.name]
+    if plain or any(unet.glob("diffusion_pytorch_model-*-of-*.safetensors")):
+        return None
+    variants = sorted({p.name.split(".")[1] for p in unet.glob("diffusion_pytorch_model.*.*")
+                       if p.suffix in (".safetensors", ".bin") and len(p.name.split(".")) == 3})
+    return variants[0] if variants else None
+
+
+def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant: str | None = None):
+    """Load a local ``StableDiffusionPipeline`` folder; safety checker and feature extractor are not loaded."""
     from diffusers import StableDiffusionPipeline
     model_path = Path(model_path)
     if not (model_path / "model_index.json").is_file():
         raise fail(f"model folder {model_path} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (model_path / sub).is_dir():
+            raise fail(f"Stable Diffusion folder {model_path} has no {sub}/; it needs unet/, vae/, text_encoder/, "
+                       f"tokenizer/ and scheduler/")
+    variant = variant or find_variant(model_path)
     try:
         return StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
+                                                       variant=variant, safety_checker=None, feature_extractor=None,
+                                                       image_encoder=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise fail(f"Stable Diffusion folder {model_path} could not be loaded ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                   f"{str(e).splitlines()[0] if str(e) else ''}); an fp16-only folder needs capture.variant: fp16"
+                   if variant is None else
+                   f"Stable Diffusion folder {model_path} could not be loaded with variant {variant!r} "
+                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def make_scheduler(pipe, name: str = "folder"):
+    """The sampler: the folder's own scheduler (a copy), or ``name`` built from the folder's scheduler config."""
+    if name == "folder":
+        return copy.deepcopy(pipe.scheduler)
+    if name not in SCHEDULERS:
+        raise fail(f"capture.sd_scheduler {name!r} is unknown; choose folder, {', '.join(SCHEDULERS)}")
+    import diffusers
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}  # PLMS only, as SD's own PNDM config
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config, **extra)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@dataclass
+class SDSampler:
+    """Everything one sampling pass needs; ``unet`` may be a control copy of ``pipe.unet``."""
+    pipe: object
+    unet: torch.nn.Module
+    scheduler: object
+    steps: int = 15
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the options, else the U-Net's native size (as the pipeline defaults)."""
+        native = int(self.unet.config.sample_size) * self.vae_scale
+        h, w = self.height or native, self.width or native
+        if h % self.vae_scale or w % self.vae_scale:
+            raise fail(f"capture.height/width must be multiples of {self.vae_scale}, got {h}x{w}")
+        return h, w
+
+    @property
+    def n_steps(self) -> int:
+        """U-Net calls per image: ``steps``, or one more for PNDM's PLMS warm-up (v1.4/v1.5's own scheduler)."""
+        self.scheduler.set_timesteps(self.steps)
+        return len(self.scheduler.timesteps)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str], device) -> torch.Tensor:
+        """Text embeddings (B, L, D), as ``encode_prompt`` (no clip skip)."""
+        pipe = self.pipe
+        tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(device) if getattr(pipe.text_encoder.config, "use_attention_mask", False) else None
+        return pipe.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], device, dtype,
+               callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Final latents (B, c, h, w) for ``prompts`` with one CPU generator per seed, as the pipeline draws them.
+
+        ``callback(step, timestep, latents)`` runs after each step's update (the VAE site reads it)."""
+        from diffusers.utils.torch_utils import randn_tensor
+        sched = self.scheduler
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        cond = self.embed(prompts, device)                                          # (B, L, D)
+        if self.cfg:
+            neg = self.embed([self.negative_prompt] * len(prompts), device)
+            emb = torch.cat([neg, cond])                                            # (2B, L, D): [uncond, cond]
+        else:
+            emb = cond
+        sched.set_timesteps(self.steps, device=device)
+        h, w = self.size
+        shape = (len(prompts), self.unet.config.in_channels, h // self.vae_scale, w // self.vae_scale)
+        x = randn_tensor(shape, generator=gens if len(gens) > 1 else gens[0], device=torch.device(device),
+                         dtype=emb.dtype) * sched.init_noise_sigma                  # (B, c, h, w)
+        params = set(inspect.signature(sched.step).parameters)
+        extra = {"eta": 0.0} if "eta" in params else {}
+        if "generator" in params:
+            extra["generator"] = gens if len(gens) > 1 else gens[0]
+        for i, t in enumerate(sched.timesteps):
+            inp = torch.cat([x, x]) if self.cfg else x
+            inp = sched.scale_model_input(inp, t)
+            eps = self.unet(inp, t, encoder_hidden_states=emb, return_dict=False)[0]
+            if self.cfg:
+                e_u, e_c = eps.chunk(2)
+                eps = e_u + self.guidance_scale * (e_c - e_u)
+            x = sched.step(eps, t, x, **extra, return_dict=False)[0]
+            if callback is not None:
+                callback(i, int(t), x)
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, 3, H, W) in [−1, 1] (not clamped), as the pipeline decodes."""
+        vae = self.pipe.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """The pipeline's post-processing: (B, 3, H, W) in [−1, 1] → (B, H, W, 3) uint8 via ((x/2 + ½) clamp) · 255."""
+    x = (images.detach() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return (x * 255).round().astype("uint8")
 
 
 @torch.no_grad()
-def _embed(pipe, prompts: Sequence[str], device) -> torch.Tensor:
-    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(device))[0]  # (B, L, D)
+def sample_and_record_sd(sampler: SDSampler, prompts: Sequence[str], seeds: Sequence[int], unet_sites: Sequence[str],
+                         vae_sites: Sequence[str], site_kind: str, on_site: OnSite, device, dtype) -> np.ndarray:
+    """One sampling pass recording every site at every step (cond half only); returns the uint8 images."""
+    cur = {"step": 0}
+    final: dict[str, torch.Tensor] = {}
+    steps = sampler.n_steps
+
+    def on_out(site: str, y: torch.Tensor) -> None:
+        on_site(site, cur["step"], y)
+
+    def callback(i: int, t: int, x: torch.Tensor) -> None:
+        if vae_sites:                      # the VAE site reads the latent after step i's update
+            img = sampler.decode(x)
+            if i == steps - 1:
+                final["img"] = img         # the last step's latent is the final latent: reuse its decode
+        cur["step"] = i + 1
+
+    with Recorder({"unet": sampler.unet}, unet_sites, site_kind, on_out, keep_half="cond" if sampler.cfg else None), \
+            Recorder({"vae": sampler.pipe.vae}, vae_sites, site_kind, on_out):
+        x = sampler.sample(prompts, seeds, device, dtype, callback)
+    img = final.get("img")
+    if img is None:
+        img = sampler.decode(x)
+    return to_uint8(img)
 
 
-def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 15, guidance: float = 7.5, *,
-                   site_kind: str = "attn", vae_input: str = "latent", dtype: str = "float16", pool: int = 1,
-                   batch_size: int = 4, sites: Sequence[str] | None = None, control: str | None = None,
-                   control_seed: int = 100, torch_dtype: torch.dtype | None = None, force: bool = False,
-                   progress: bool = True) -> Path:
-    """Capture SD's self-attention at every step for every prompt into the store ``out`` (see the module doc)."""
-    from diffusers import DDIMScheduler
-    check_capture_options(site_kind, vae_input, dtype, pool, batch_size, steps)
+# ------------------------------------------------------------------------------------------------ the capture
+def sd_options(cc, guidance: float | None = None) -> dict:
+    """Keyword options of :func:`run_capture_sd` from a ``CaptureConfig`` (``guidance`` overrides the config's)."""
+    return dict(steps=cc.steps, guidance=cc.guidance_scale if guidance is None else float(guidance),
+                negative_prompt=cc.negative_prompt, height=cc.height or None, width=cc.width or None,
+                scheduler=cc.sd_scheduler, variant=cc.variant or None, site_kind=cc.site_kind,
+                vae_input=cc.vae_input, dtype=cc.dtype, pool=cc.pool)
+
+
+@dataclass
+class SDModel:
+    """A loaded folder prepared for capture: sampler, sites, shapes and the store identity."""
+    sampler: SDSampler
+    prompts: list[str]
+    seeds: list[int]
+    unet_sites: list[str]
+    vae_sites: list[str]
+    shapes: dict
+    identity: dict
+    device: torch.device
+    dtype: torch.dtype
+    hashes: dict
+
+    @property
+    def sites(self) -> list[str]:
+        return self.unet_sites + self.vae_sites
+
+    @property
+    def n_steps(self) -> int:
+        return self.sampler.n_steps
+
+    @property
+    def fingerprint(self) -> str:
+        return store_fingerprint(self.identity)
+
+
+def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance: float = 7.5,
+               negative_prompt: str = "", height: int | None = None, width: int | None = None,
+               scheduler: str = "folder", variant: str | None = None, site_kind: str = "attn",
+               vae_input: str = "latent", dtype: str = "float16", pool: int = 1, sites: Sequence[str] | None = None,
+               control: str | None = None, control_seed: int = 100, torch_dtype: torch.dtype | None = None,
+               pipe=None, extra_identity: dict | None = None) -> SDModel:
+    """Load (or reuse ``pipe``), build the sampler, resolve sites and shapes, and compute the store identity."""
+    if vae_input != "latent":
+        raise fail("Stable Diffusion captures feed the VAE site the latent after each step (capture.vae_input: latent); "
+                   f"got {vae_input!r}")
     prompts, seeds = read_prompts(prompts_csv)
-    state = _state()
-    device = state.device
+    device = _state().device
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = load_sd(model_path, torch_dtype)
+    pipe = pipe if pipe is not None else load_sd(model_path, torch_dtype, variant)
     unet = control_unet(pipe.unet, control, control_seed)
-    vae, sf = pipe.vae, float(pipe.vae.config.scaling_factor)
-    unet_hash, vae_hash = model_hash(unet), model_hash(vae)
-    unet, vae, pipe.text_encoder = unet.to(device).eval(), vae.to(device).eval(), pipe.text_encoder.to(device).eval()
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    sched.set_timesteps(steps)
-    timesteps = [int(t) for t in sched.timesteps]
-    unet_sites = [s for s in list_sites(unet, "unet")]
-    vae_sites = [s for s in list_sites(vae, "vae") if s.startswith("vae.dec")]
+    hashes = {"model_hash": model_hash(unet), "vae_hash": model_hash(pipe.vae),
+              "text_hash": model_hash(pipe.text_encoder)}                         # on the CPU, before any move
+    unet = unet.to(device).eval()
+    pipe.vae.to(device).eval()
+    pipe.text_encoder.to(device).eval()
+    sampler = SDSampler(pipe, unet, make_scheduler(pipe, scheduler), steps, float(guidance), negative_prompt or "",
+                        height, width)
+    h, w = sampler.size
+    unet_sites = list_sites(unet, "unet")
+    vae_sites = [s for s in list_sites(pipe.vae, "vae") if s.startswith("vae.dec")]
     if sites is not None:
         unknown = [s for s in sites if s not in unet_sites + vae_sites]
         if unknown:
             raise fail(f"site {unknown[0]!r} is not a site of this model; sites: {', '.join(unet_sites + vae_sites)}")
         unet_sites = [s for s in unet_sites if s in sites]
         vae_sites = [s for s in vae_sites if s in sites]
-    all_sites = unet_sites + vae_sites
-    n, ids = len(prompts), list(range(len(prompts)))
-    c, s = unet.config.in_channels, unet.config.sample_size
-    uncond = _embed(pipe, [""], device)  # (1, L, D)
+    emb = sampler.embed([""], device)
+    lh, lw = h // sampler.vae_scale, w // sampler.vae_scale
 
     def shape_pass() -> None:
-        z = torch.zeros(1, c, s, s, device=device, dtype=torch_dtype)
-        unet(z, sched.timesteps[0], encoder_hidden_states=uncond).sample
-        vae.decode(z)
-    shapes = site_shapes({"unet": unet, "vae": vae}, all_sites, site_kind, shape_pass, pool)
+        z = torch.zeros(1, unet.config.in_channels, lh, lw, device=device, dtype=emb.dtype)
+        unet(z, int(sampler.scheduler.config.num_train_timesteps) - 1, encoder_hidden_states=emb)
+        sampler.decode(z)
+    shapes = site_shapes({"unet": unet, "vae": pipe.vae}, unet_sites + vae_sites, site_kind, shape_pass, pool)
+    sched = sampler.scheduler
+    identity = {"version": CAPTURE_VERSION, "protocol": "sd", "model": control or "ldm", "prompts": prompts,
+                "seeds": seeds, "steps": steps, "guidance_scale": float(guidance), "cfg": sampler.cfg,
+                "negative_prompt": sampler.negative_prompt, "size": [h, w], "site_kind": site_kind,
+                "vae_input": vae_input, "dtype": dtype, "pool": pool, "sites": unet_sites + vae_sites,
+                "control_seed": control_seed if control else None, **hashes,
+                "scheduler": {"class": type(sched).__name__, "config": canonical(dict(sched.config))},
+                "torch_dtype": str(torch_dtype), **(extra_identity or {})}
+    return SDModel(sampler, prompts, seeds, unet_sites, vae_sites, shapes, identity, device, torch_dtype, hashes)
 
-    model = control or "ldm"
-    identity = {"version": CAPTURE_VERSION, "protocol": "sd", "model": model, "prompts": prompts, "seeds": seeds,
-                "steps": steps, "guidance": guidance, "site_kind": site_kind, "vae_input": vae_input, "dtype": dtype,
-                "pool": pool, "sites": all_sites, "control_seed": control_seed if control else None,
-                "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(dict(sched.config)),
-                "torch_dtype": str(torch_dtype)}
+
+def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 15, guidance: float = 7.5, *,
+                   negative_prompt: str = "", height: int | None = None, width: int | None = None,
+                   scheduler: str = "folder", variant: str | None = None, site_kind: str = "attn",
+                   vae_input: str = "latent", dtype: str = "float16", pool: int = 1, batch_size: int = 4,
+                   sites: Sequence[str] | None = None, control: str | None = None, control_seed: int = 100,
+                   torch_dtype: torch.dtype | None = None, force: bool = False, progress: bool = True,
+                   pipe=None) -> Path:
+    """Capture SD's self-attention at every step for every prompt into the store ``out`` (see the module doc).
+
+    ``out`` is ``RUN/captures/sd/<model>``; the model's images go to ``RUN/captures/sd/`` (``images/``,
+    ``samples.safetensors``), a control's into its own store folder. A finished store with the same identity is
+    skipped; an unfinished one resumes (also in another process or under ``accelerate launch``)."""
+    check_capture_options(site_kind, vae_input, dtype, pool, batch_size, steps)
     out = Path(out)
-    spec = StoreSpec(out, shapes, n, steps, batch_size, dtype, pool, fingerprint(identity))
+    m = prepare_sd(model_path, prompts_csv, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                   height=height, width=width, scheduler=scheduler, variant=variant, site_kind=site_kind,
+                   vae_input=vae_input, dtype=dtype, pool=pool, sites=sites, control=control,
+                   control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe)
+    n, ids = len(m.prompts), list(range(len(m.prompts)))
+    spec = StoreSpec(out, m.shapes, n, m.n_steps, batch_size, dtype, pool, m.fingerprint)
+    image_root = out.parent if control is None else out
 
     def run_batch(start: int, stop: int, emit) -> None:
         b_ids = ids[start:stop]
-        z = torch.stack([torch.randn((c, s, s), generator=torch.Generator().manual_seed(seeds[i])) for i in b_ids])
-        z = z.to(device=device, dtype=torch_dtype)  # (b, c, s, s)
-        cond = _embed(pipe, [prompts[i] for i in b_ids], device)  # (b, L, D)
-        emb = torch.cat([uncond.expand(len(b_ids), -1, -1), cond])  # (2b, L, D): [uncond, cond]
+        images = sample_and_record_sd(m.sampler, [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids],
+                                      m.unet_sites, m.vae_sites, site_kind, emit, m.device, m.dtype)
+        save_images(image_root / "images", b_ids, images)
 
-        def unet_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            e_u, e_c = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
-            return e_u + guidance * (e_c - e_u)
-
-        images = sample_and_record(unet_fn, unet, vae, sched, z, b_ids, 0, steps, unet_sites, vae_sites, site_kind,
-                                   vae_input, emit, keep_half="cond")
-        save_images(out / "images", b_ids, images)
-
+    model = control or "ldm"
     if not fill_store(spec, run_batch, force, progress, desc=f"capture sd/{model}"):
         return out
     split = probe_split(ids)
-    if state.is_main_process:
-        collect_samples(out / "images", out / "samples.safetensors", ids, split)
-    manifest = {
-        "protocol": "sd", "model": model, "control": control, "model_root": str(Path(model_path).resolve()),
-        "sites": {name: {"shape": list(shapes[name])} for name in all_sites},
-        "site_order": all_sites, "steps": list(range(steps)), "timesteps": timesteps, "n": n, "sample_ids": ids,
-        "seeds": seeds,
-        "prompts": prompts, "guidance": guidance, "cfg_half": "cond", "dtype": dtype, "pool": pool,
-        "site_kind": site_kind, "vae_input": vae_input, "sampler": "ddim", "eta": 0.0, "model_hash": unet_hash,
-        "vae_hash": vae_hash, "scaling_factor": sf, "split": split.tolist(), "fingerprint": spec.fingerprint,
-        "control_seed": control_seed if control else None,
-    }
+    if _state().is_main_process:
+        collect_samples(image_root / "images", image_root / "samples.safetensors", ids, split)
+    manifest = sd_manifest(m, model_path, control, n, ids, split, spec.fingerprint)
     finish_store(out, manifest)
     return out
+
+
+def sd_manifest(m: SDModel, model_path: Path, control: str | None, n: int, ids: list[int], split: np.ndarray,
+                fp: str, **extra) -> dict:
+    sched = m.sampler.scheduler
+    sched.set_timesteps(m.sampler.steps)
+    return {
+        "protocol": "sd", "model": control or "ldm", "control": control, "model_root": str(Path(model_path).resolve()),
+        "sites": {name: {"shape": list(m.shapes[name])} for name in m.sites},
+        "site_order": m.sites, "steps": list(range(m.n_steps)), "sampling_steps": m.sampler.steps,
+        "timesteps": [int(round(float(t))) for t in sched.timesteps], "n": n, "sample_ids": ids, "seeds": m.seeds,
+        "prompts": m.prompts, "guidance": m.sampler.guidance_scale, "cfg_half": "cond" if m.sampler.cfg else None,
+        "negative_prompt": m.sampler.negative_prompt, "size": list(m.sampler.size),
+        "dtype": m.identity["dtype"], "pool": m.identity["pool"], "site_kind": m.identity["site_kind"],
+        "vae_input": "latent", "sampler": type(sched).__name__, "scheduler_config": canonical(dict(sched.config)),
+        **m.hashes, "scaling_factor": float(m.sampler.pipe.vae.config.scaling_factor), "split": split.tolist(),
+        "fingerprint": fp, "control_seed": m.identity["control_seed"], **extra,
+    }

@@ -75,7 +75,8 @@ def resolve(model: nn.Module, model_key: str, site: str) -> nn.Module:
     try:
         module = model.get_submodule(path)
     except AttributeError:
-        raise fail(f"site {site!r} ({path}) does not exist in this {model_key}; list sites with `sceneprobe sites`") from None
+        raise fail(f"site {site!r} ({path}) does not exist in this {model_key}; its sites: "
+                   f"{', '.join(list_sites(model, model_key)) or 'none'}") from None
     if _is_self_attention(module):
         return module
     for sub in ("transformer_blocks.0.attn1", "attn1"):
