@@ -429,7 +429,7 @@ def _attribute(e: ConfigValueError, layers: list[tuple[str, dict]], labels: dict
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
         if node is _ABSENT:
             continue
-        if base in labels:
+        if not source and base in labels:
             return fail(f"option {labels[base]} {e.problem}")
         return fail(f"{source}: key {e.key} {e.problem}") if source else e
     return e

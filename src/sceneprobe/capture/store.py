@@ -70,6 +70,42 @@ def write_rows(path: Path, start: int, rows: torch.Tensor | np.ndarray) -> None:
         f.write(arr.tobytes())
 
 
+def redo_advice(root: Path) -> str:
+    """What repairs a damaged finished store: the capture command with --force (a plain rerun would skip it)."""
+    root = Path(root)
+    protocol, model = root.parent.name, root.name
+    if protocol in ("generate", "noised"):
+        control = "" if model == "ldm" else f" --control {model}"
+        return (f"redo the store with `sceneprobe capture --run {root.parents[2]} --protocol {protocol}{control} "
+                f"--force` (or rerun `sceneprobe run`, which redoes it)")
+    return "redo the store: rerun the same `sceneprobe capture` command with --force"
+
+
+_MANIFEST_FIELDS = {"sites": dict, "steps": list, "timesteps": list, "n": int, "dtype": str}
+
+
+def read_manifest(path: Path) -> dict:
+    """The guarded reader of a store's ``manifest.json``: damaged JSON, missing or mistyped fields are one error."""
+    path = Path(path)
+    try:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise fail(f"capture manifest {path} is unreadable or not valid JSON; {redo_advice(path.parent)}") from None
+    bad = [k for k, tp in _MANIFEST_FIELDS.items() if not isinstance(m, dict) or not isinstance(m.get(k), tp)
+           or (tp is int and isinstance(m.get(k), bool))] if isinstance(m, dict) else ["(not an object)"]
+    if not bad:
+        if m["dtype"] not in _DT or m["n"] < 0:
+            bad = ["dtype" if m["dtype"] not in _DT else "n"]
+        elif not all(isinstance(v, dict) and isinstance(v.get("shape"), list) and len(v["shape"]) == 3
+                     and all(isinstance(c, int) and c > 0 for c in v["shape"]) for v in m["sites"].values()):
+            bad = ["sites"]
+        elif not all(isinstance(t, int) and not isinstance(t, bool) for t in m["steps"] + m["timesteps"]):
+            bad = ["steps"]
+    if bad:
+        raise fail(f"capture manifest {path} has a missing or mistyped field {bad[0]!r}; {redo_advice(path.parent)}")
+    return m
+
+
 class CaptureStore:
     """Read side of a finished store: lazy, validated against the manifest.
 
@@ -83,10 +119,7 @@ class CaptureStore:
         if not mpath.is_file():
             raise fail(f"capture store {self.root} has no manifest.json; the capture did not finish — rerun "
                        f"`sceneprobe capture` with the same options to resume it")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            raise fail(f"capture manifest {mpath} is not valid JSON; rerun the capture with --force") from None
+        self.manifest = read_manifest(mpath)
         self.sites: list[str] = list(self.manifest["sites"])
         self.steps: list[int] = list(self.manifest["steps"])
         self.timesteps: list[int] = list(self.manifest["timesteps"])
@@ -107,19 +140,19 @@ class CaptureStore:
         """Raise a clear error if the shard is missing, truncated or disagrees with the manifest."""
         path = shard_path(self.root, site, step)
         if not path.is_file():
-            raise fail(f"capture shard {path} is missing; rerun the capture to resume it")
+            raise fail(f"capture shard {path} is missing; {redo_advice(self.root)}")
         try:
             offset, shape, code = _layout(path)
         except (OSError, ValueError, KeyError):
-            raise fail(f"capture shard {path} has a damaged header; delete it and rerun the capture") from None
+            raise fail(f"capture shard {path} has a damaged header; {redo_advice(self.root)}") from None
         want = [self.n, *self.shape(site)]
         if shape != want or code != _DT[self.manifest["dtype"]][0]:
             raise fail(f"capture shard {path} holds {code}{shape} but the manifest says "
-                       f"{_DT[self.manifest['dtype']][0]}{want}; delete it and rerun the capture")
+                       f"{_DT[self.manifest['dtype']][0]}{want}; {redo_advice(self.root)}")
         size = offset + int(np.prod(shape)) * _DT[self.manifest["dtype"]][2]
         if path.stat().st_size < size:
-            raise fail(f"capture shard {path} is truncated ({path.stat().st_size} of {size} bytes); delete it and rerun "
-                       f"the capture")
+            raise fail(f"capture shard {path} is truncated ({path.stat().st_size} of {size} bytes); "
+                       f"{redo_advice(self.root)}")
         return path
 
     def verify(self) -> None:

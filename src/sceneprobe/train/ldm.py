@@ -104,6 +104,8 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, ema_decay=tc.ema_decay, desc="train-ldm")
+    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
+        (spec.out / "checkpoint.pt").unlink(missing_ok=True)
     unet, ema = train_loop(unet, loss_fn, spec, resume=resume, progress=progress)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves

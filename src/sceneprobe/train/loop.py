@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..errors import fail
 from ..sample import sample_seed
 
 LossFn = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict]]
@@ -54,6 +55,18 @@ def _save_checkpoint(path: Path, model, opt, ema, step: int) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """The guarded reader of a training checkpoint: a truncated or foreign file is one error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file (RuntimeError, EOFError, UnpicklingError…)
+        raise fail(f"checkpoint {path} is truncated or unreadable ({type(e).__name__}); pass --force to start over") \
+            from None
+    if not isinstance(state, dict) or not {"model", "opt", "step"} <= set(state):
+        raise fail(f"checkpoint {path} is not a sceneprobe training checkpoint; pass --force to start over")
+    return state
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the log lines of steps already in the checkpoint (the rest will be replayed)."""
     if not path.exists():
@@ -79,13 +92,22 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, spec: LoopSpec, resume: 
                    foreach=True) \
         if spec.ema_decay else None
     start = 0
+    if ckpt.exists() and not resume:
+        # A rerun after a kill must not silently start again from step 0 (nor silently resume): say which to pass.
+        raise fail(f"{out} holds a checkpoint of an interrupted training ({ckpt.name}); pass --resume to continue it, "
+                   f"or --force to start over")
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        start = state["step"]
+        state = read_checkpoint(ckpt)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            if ema is not None and state["ema"] is not None:
+                ema.load_state_dict(state["ema"])
+            start = int(state["step"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise fail(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:120] if str(e) else ''}); it is from another architecture or "
+                       f"config: pass --force to start over with this config") from None
         _truncate_metrics(log_path, start)
     elif log_path.exists():
         log_path.unlink()

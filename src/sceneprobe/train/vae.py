@@ -67,6 +67,8 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, desc="train-vae")
+    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
+        (spec.out / "checkpoint.pt").unlink(missing_ok=True)
     vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves

@@ -269,7 +269,7 @@ def _cache_key(folder: Path, listing: _Listing) -> str:
 def _write_cache(folder: Path, key: str, data: SceneData) -> None:
     """Packed arrays in ``folder/.cache`` (replaced in one rename). A read-only folder just goes without a cache."""
     try:
-        with atomic_folder(folder / CACHE_DIR, force=True) as tmp:
+        with atomic_folder(folder / CACHE_DIR, force=True, made_by=None) as tmp:
             np.save(tmp / "rgb.npy", data.rgb)
             if data.depth is not None:
                 np.save(tmp / "depth.npy", data.depth)
@@ -301,6 +301,39 @@ class _Bad(Exception):
     """One unusable input file (message: "file: problem; what to do")."""
 
 
+_WIDE_GRAY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_uint8_planes(im: Image.Image) -> np.ndarray:
+    """Any PIL image → (H, W) or (H, W, C) uint8, *scaling* wide modes to 0…255 (PIL's ``convert`` clips them).
+
+    16-bit grayscale (``I;16*``) is divided by 65535/255; 32-bit ``I`` by its type's range when any value exceeds 255
+    (a 16-bit PNG read as ``I``: by 65535, else by 2³¹−1); float ``F`` is read as 0…1 when its maximum is ≤ 1, else
+    as 0…255. Palette images go through their palette (RGBA when they carry transparency, so nothing is clipped).
+    """
+    if im.mode in _WIDE_GRAY or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)                                         # (H, W)
+        top = _WIDE_GRAY.get(im.mode) or (255 if a.max(initial=0) <= 255 else 65535 if a.max() <= 65535 else 2**31 - 1)
+        return np.clip(np.round(a * (255 / top)), 0, 255).astype(np.uint8)
+    if im.mode == "F":
+        a = np.nan_to_num(np.asarray(im).astype(np.float64))
+        a = a * 255 if a.max(initial=0) <= 1 else a
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if im.mode in ("P", "PA"):
+        return np.asarray(im.convert("RGBA"))
+    return np.asarray(im)
+
+
+def _rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from any mode: gray repeated, alpha dropped, wide modes scaled (see :func:`to_uint8_planes`)."""
+    if im.mode == "RGB":
+        return np.asarray(im)
+    if im.mode in ("L", "LA", "RGBA", "RGBX", "1", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"):
+        return np.asarray(im.convert("RGB"))
+    a = to_uint8_planes(im)
+    return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else np.ascontiguousarray(a[..., :3])
+
+
 def _read_image(path: Path) -> tuple[np.ndarray, str | None]:
     """(H, W, 3) uint8 and the original mode if it was converted to RGB."""
     try:
@@ -308,7 +341,7 @@ def _read_image(path: Path) -> tuple[np.ndarray, str | None]:
             im.load()
             if im.mode == "RGB":
                 return np.asarray(im), None
-            return np.asarray(im.convert("RGB")), im.mode
+            return _rgb(im), im.mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _Bad(f"{path}: cannot read this image ({e}); re-save it as PNG or JPEG, or remove it") from None
 
@@ -340,7 +373,10 @@ def _read_mask(path: Path, image: Path, hw: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            m = np.asarray(im) if im.mode == "1" else np.asarray(im.convert("L"))
+            m = np.asarray(im) if im.mode == "1" else np.asarray(im.convert("L")) if im.mode in ("L", "LA", "RGB", \
+                "RGBA") else to_uint8_planes(im)
+            if m.ndim == 3:                                               # palette or colour mask: its first channel
+                m = m[..., 0]
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _Bad(f"{path}: cannot read this mask ({e}); re-save it as PNG, or remove it") from None
     if m.shape != hw:

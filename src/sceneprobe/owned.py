@@ -1,0 +1,229 @@
+"""Owned output folders: a marker says what made a folder, a lock keeps a second writer out.
+
+* **Marker** ``.sceneprobe.json`` (``{"made_by": "sceneprobe run", "version": …}``): written into every folder a
+  command creates (or adopts while empty). A command refuses to write into a non-empty folder that carries neither the
+  marker nor the unmistakable layout of an older sceneprobe folder (``.stages/``, ``vae/config.json``, …): the user's
+  own files are never touched. The error says what is there and what to pass instead.
+* **Lock** (``fcntl.flock`` on ``.sceneprobe.lock`` inside the folder, or ``.<name>.lock`` beside a folder that is
+  replaced whole): a second writer fails at once with one line naming the holder's pid. The OS releases the lock
+  when its process dies (even by SIGKILL), so a killed run never blocks its own resume. The lock file is removed on
+  release; an acquirer checks that the file it locked is still the one on disk (so removal is race-free).
+* **Rollback**: a folder created by a command that then fails with a user error is removed again when it holds only
+  scaffolding (marker, lock, ``config.yaml``, an empty ``.stages/``); a marker added to an empty folder is removed too.
+
+Under ``accelerate launch`` only the main process (RANK 0) takes the lock; the other ranks write into the folder the
+main process holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from .errors import SceneprobeError, fail
+
+MARKER = ".sceneprobe.json"
+LOCK = ".sceneprobe.lock"
+OURS = (MARKER, LOCK)
+# Layouts only sceneprobe writes: a folder holding one of these was made by an older sceneprobe (before markers).
+LEGACY_SIGNS = (".stages", "vae/config.json", "unet/config.json", "captures", "train_vae", "train_ldm", "probes",
+                "report/results.csv", "scenes.jsonl", "grid.png", "training.json", "labels.safetensors")
+SCAFFOLDING = {MARKER, LOCK, "config.yaml", ".stages"}
+
+_held: dict[str, list] = {}  # realpath of a lock file → [fd, count]: re-entrant within one process
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(folder: Path, made_by: str) -> None:
+    from . import __version__
+    from .atomic import atomic_write_json
+    atomic_write_json(Path(folder) / MARKER, {"made_by": made_by, "version": __version__})
+
+
+def user_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` other than sceneprobe's own marker and lock, sorted (folders with a trailing /)."""
+    out = []
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if e.name in OURS or e.name.startswith(f"{LOCK}"):
+            continue
+        out.append(e.name + ("/" if e.is_dir() else ""))
+    return out
+
+
+def is_ours(folder: Path) -> bool:
+    """Made by sceneprobe: marker present, or the layout of a folder an older sceneprobe made."""
+    folder = Path(folder)
+    return read_marker(folder) is not None or any((folder / s).exists() for s in LEGACY_SIGNS) or \
+        _is_our_dataset(folder)
+
+
+def _is_our_dataset(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("format") == "sceneprobe-scenes"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _listing(entries: list[str]) -> str:
+    more = f" and {len(entries) - 4} more" if len(entries) > 4 else ""
+    return ", ".join(entries[:4]) + more
+
+
+def check_target(path: Path, option: str) -> None:
+    """``path`` may be created or written by a command: not a file, and (if it exists) writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise fail(f"{option} {path} is a file, not a folder; pass a folder path as {option}")
+    probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise fail(f"{option} {path}: {probe} is not writable; pass a folder you can write to as {option}")
+
+
+def check_not_foreign(path: Path, option: str) -> None:
+    """Refuse a non-empty folder that sceneprobe did not make (it holds the user's own files)."""
+    path = Path(path)
+    if path.is_dir() and not is_ours(path):
+        entries = user_entries(path)
+        if entries:
+            raise fail(f"{option} {path} already holds files sceneprobe did not make ({_listing(entries)}); "
+                       f"sceneprobe never writes into them: pass a new or empty folder as {option}")
+
+
+# ------------------------------------------------------------------------------------------------------- locks
+@contextlib.contextmanager
+def file_lock(lock_path: Path, what: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) or fail at once naming the holder's pid."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield                                                          # accelerate: rank 0 holds it for all
+        return
+    lock_path = Path(lock_path)
+    key = os.path.realpath(lock_path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise fail(f"cannot create the lock file {lock_path} ({e.strerror}); pass a folder you can write to") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+            os.close(fd)
+            raise fail(f"{what} is in use by another sceneprobe process ({holder}); wait for it to finish or stop "
+                       f"it, then rerun") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)                                                   # the holder removed it as we opened it: retry
+    import sys
+    cmd = " ".join(["sceneprobe", *sys.argv[1:2]]) if sys.argv else "sceneprobe"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, {cmd}".encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def sibling_lock(out: Path) -> contextlib.AbstractContextManager:
+    """The lock of a folder that is replaced whole (``.<name>.lock`` in its parent)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(out.parent / f".{out.name}.lock", out)
+
+
+def clean_stale_temps(out: Path) -> None:
+    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings left by a killed writer (call with the lock held)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*"):
+        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ owned folders
+@contextlib.contextmanager
+def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: bool = False) -> Iterator[Path]:
+    """A folder that a command fills in place: claimed (created with a marker, or checked to be ours) and locked.
+
+    ``must_exist``: the command reads the folder (``probe --run``), so a missing one is an error, not created.
+    """
+    folder = Path(folder)
+    check_target(folder, option)
+    if must_exist and not folder.is_dir():
+        raise fail(f"{option} {folder} does not exist; pass a run folder (made by `sceneprobe run` or the training "
+                   f"commands)")
+    check_not_foreign(folder, option)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"{option} {folder} cannot be created ({e.strerror}); pass a folder you can write to") from None
+    locked = added_marker = False
+    try:
+        with file_lock(folder / LOCK, folder):
+            locked = True
+            added_marker = read_marker(folder) is None
+            if added_marker and int(os.environ.get("RANK", "0") or 0) == 0:
+                write_marker(folder, made_by)
+            yield folder
+    except SceneprobeError:
+        if locked:
+            _rollback(folder, created, added_marker)
+        raise
+
+
+def _rollback(folder: Path, created: bool, added_marker: bool) -> None:
+    """After a user error: leave the folder as the command found it when nothing of value was written."""
+    try:
+        entries = set(os.listdir(folder))
+        stages = folder / ".stages"
+        scaffold_only = entries <= SCAFFOLDING and not (stages.is_dir() and any(stages.iterdir()))
+    except OSError:
+        return
+    if created and scaffold_only:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif added_marker and entries <= {MARKER}:
+        (folder / MARKER).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_folder(out: Path, option: str = "--out") -> Iterator[Path]:
+    """A folder that a command replaces whole (built in a temporary sibling, renamed at the end): locked beside it,
+    never a file or a folder of the user's own files; stale temporaries of a killed writer are removed first."""
+    out = Path(out)
+    check_target(out, option)
+    check_not_foreign(out, option)
+    with sibling_lock(out):
+        clean_stale_temps(out)
+        yield out
