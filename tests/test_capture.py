@@ -361,3 +361,15 @@ def test_manifest_mismatch_and_truncated_shards_are_named(ldm, tmp_path, monkeyp
     run_capture(cfg, tmp_path, "generate", ldm, progress=False)
     assert count["n"] == 2
     CaptureStore(root).verify()
+
+
+def test_store_steps_keeps_only_those_shards_with_the_same_values(ldm, tmp_path):
+    full = CaptureStore(run_capture(tiny_cfg(), tmp_path / "a", "generate", ldm, progress=False,
+                                    sites=["unet.mid.attn0"], readout=False))
+    part = CaptureStore(run_capture(tiny_cfg(), tmp_path / "b", "generate", ldm, progress=False,
+                                    sites=["unet.mid.attn0"], readout=False, store_steps=[1]))
+    assert part.site_steps("unet.mid.attn0") == [1] and not shard_path(part.root, "unet.mid.attn0", 0).exists()
+    part.verify()
+    assert torch.equal(part.read("unet.mid.attn0", 1), full.read("unet.mid.attn0", 1))
+    with pytest.raises(SceneprobeError, match="store_steps"):
+        run_capture(tiny_cfg(), tmp_path / "c", "generate", ldm, progress=False, store_steps=[5])

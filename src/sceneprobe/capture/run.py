@@ -211,11 +211,14 @@ def fill_store(spec: StoreSpec, run_batch: Callable[[int, int, Emit], None], for
     mine = todo[state.process_index::state.num_processes]
     ppath = root / "progress" / f"rank{state.process_index}.json"
     tdtype = getattr(torch, spec.dtype)
+    stored = set(spec.pairs())
     for start in tqdm(mine, desc=desc, unit="batch", disable=not progress or not main, dynamic_ncols=True):
         stop = min(spec.n, start + spec.batch_size)
         seen: set[tuple[str, int]] = set()
 
         def emit(site: str, step: int, rows: torch.Tensor, start: int = start, seen: set = seen) -> None:
+            if (site, step) not in stored:  # a step this store does not keep (``store_steps``)
+                return
             if spec.pool > 1:
                 rows = F.avg_pool2d(rows.float(), spec.pool)  # (b, C, h/p, w/p)
             write_rows(shard_path(root, site, step), start, rows.to(tdtype).cpu())
@@ -366,12 +369,13 @@ def control_unet(unet, control: str | None, seed: int):
 # ------------------------------------------------------------------------------------------------------ protocols
 def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, control: str | None = None,
                 force: bool = False, progress: bool = True, sites: Sequence[str] | None = None,
-                readout: bool | None = None) -> Path:
+                readout: bool | None = None, store_steps: Sequence[int] | None = None) -> Path:
     """Capture ``protocol`` for the LDM (or a control of its U-Net) into ``run/captures/<protocol>/<model>/``.
 
     ``sites`` (default: every site of the protocol) restricts the capture to some canonical site names. ``readout``
     (default: for the ``ldm`` store, not for controls) also writes the decoded x̂₀ of the test rows at every step
-    (``<store>/x0/step_XX/*.png``) for the labeller's image read-out.
+    (``<store>/x0/step_XX/*.png``) for the labeller's image read-out. ``store_steps`` (default: all) keeps only
+    those steps' shards (the sampler still runs every step), e.g. the steps an intervention edits.
     """
     cc = cfg.capture
     if protocol not in PROTOCOLS:
@@ -417,6 +421,11 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         unet_sites, vae_sites = [x for x in unet_sites if x in sites], [x for x in vae_sites if x in sites]
     sites = unet_sites + vae_sites
     site_steps = {v: [0] for v in sites if v in STEP_INDEPENDENT}
+    if store_steps is not None:
+        keep = sorted({int(t) for t in store_steps})
+        if not keep or keep[0] < 0 or keep[-1] >= cc.steps:
+            raise fail(f"store_steps {list(store_steps)} must be steps of 0…{cc.steps - 1}")
+        site_steps.update({v: keep for v in sites if v not in site_steps})
     readout = control is None if readout is None else bool(readout)
     test_rows = [k for k in range(n) if split[k] == 2] if readout else []
 
@@ -437,7 +446,8 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                 "site_kind": cc.site_kind, "vae_input": cc.vae_input, "dtype": cc.dtype, "pool": cc.pool,
                 "seed": cc.seed, "control_seed": cc.control_seed if control else None, "sites": sites,
                 "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(ldm.scheduler_config),
-                "names": names, "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input], "readout": readout}
+                "names": names, "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input], "readout": readout,
+                "site_steps": site_steps}
     spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity), site_steps)
     image_dir = (proot if control is None else root) / "images"
 
@@ -467,14 +477,14 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
     manifest = {
         "protocol": protocol, "model": model, "control": control,
         "sites": {name: {"shape": list(shapes[name]), "steps": spec.steps_of(name),
-                         "step_independent": name in site_steps} for name in sites},
+                         "step_independent": name in STEP_INDEPENDENT} for name in sites},
         "site_order": sites, "steps": list(range(cc.steps)), "timesteps": timesteps, "n": n, "sample_ids": ids,
         "seeds": seeds, "seed": cc.seed, "noise_stream": 0 if protocol == "generate" else NOISE_STREAM,
         "control_seed": cc.control_seed if control else None, "dtype": cc.dtype, "pool": cc.pool,
         "site_kind": cc.site_kind, "vae_input": cc.vae_input, "sampler": "ddim", "eta": 0.0,
         "model_hash": unet_hash, "vae_hash": vae_hash, "base_model_hash": base_hash,
         "scaling_factor": sf, "split": split.tolist(), "names": names, "fingerprint": spec.fingerprint,
-        "config": to_dict(cc), "step_independent_sites": [v for v in sites if v in site_steps],
+        "config": to_dict(cc), "step_independent_sites": [v for v in sites if v in STEP_INDEPENDENT],
         "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input] if any(v.startswith("vae.dec") for v in sites) else None,
         "readout": {"rows": test_rows, "sample_ids": [ids[k] for k in test_rows],
                     "images": "x0/step_XX/<sample id:06d>.png", "what": "decoded pred_original_sample of "
