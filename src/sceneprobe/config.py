@@ -247,6 +247,9 @@ class InterveneConfig:
     saliency_step_fraction: float = opt(1 / 3, gt=0.0, le=1.0)
     depth_steps: int = opt(3, ge=1, le=100_000)
     seed: int = seed_opt(123)
+    # where edits act: "attn" = to_out[0] (before the residual, the paper's), "block" = the residual stream (the
+    # Attention module's output); each through probes fitted on that reading (interventions/probes_<kind>/)
+    site_kinds: tuple[str, ...] = opt(("attn", "block"), choices=("attn", "block"), min_items=1)
 
     def problems(self):
         if self.shift_min > self.shift_max:
