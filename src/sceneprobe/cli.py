@@ -5,6 +5,7 @@ A user mistake (:class:`SceneprobeError`) is printed as one line ``error: …`` 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -14,10 +15,36 @@ from .errors import SceneprobeError, fail
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub, ever: everything is local
 
 
+# Options that set a config key of another name (the rest are named like their key: --steps → sample.steps).
+OPTION_OF = {"world.n_scenes": "--n"}
+
+
+def _labels(over: dict) -> dict[str, str]:
+    """Dotted config keys set from options → the option's name, so a bad value is reported as the option typed."""
+    return {f"{sec}.{k}": OPTION_OF.get(f"{sec}.{k}", f"--{k.replace('_', '-')}")
+            for sec, keys in over.items() if isinstance(keys, dict) for k in keys}
+
+
 def _config(args, overrides: dict | None = None):
+    """The resolved config: preset ← --config ← options; every value checked against its declared range here,
+    before any folder is written."""
     from .config import load_config
     over = dict(overrides or {})
-    return load_config(args.preset, Path(args.config) if args.config else None, over)
+    return load_config(args.preset, Path(args.config) if args.config else None, over, labels=_labels(over))
+
+
+def _options(section: str, args, **keys: str) -> dict:
+    """{section: {config key: option value}} for the options the user gave (None = keep the config's)."""
+    vals = {key: getattr(args, attr) for key, attr in keys.items() if getattr(args, attr, None) is not None}
+    return {section: vals} if vals else {}
+
+
+def _merged(*overs: dict) -> dict:
+    out: dict = {}
+    for o in overs:
+        for sec, keys in o.items():
+            out.setdefault(sec, {}).update(keys)
+    return out
 
 
 def _seeded(args, section: str, key: str = "seed") -> dict:
@@ -35,14 +62,11 @@ def _common(p: argparse.ArgumentParser, out: bool = True, out_help: str = "outpu
 
 def cmd_scenes(args) -> Path:
     from .world.dataset import make_dataset
-    cfg = _config(args, _seeded(args, "world"))
+    cfg = _config(args, _merged(_seeded(args, "world"), _options("world", args, n_scenes="n", size="size",
+                                                                  supersample="supersample", workers="workers")))
     w = cfg.world
-    n = args.n if args.n is not None else w.n_scenes
-    size = args.size if args.size is not None else w.size
-    if n < 1:
-        raise fail(f"option --n must be at least 1, got {n}")
-    return make_dataset(Path(args.out), n=n, size=size, seed=w.seed, supersample=args.supersample or w.supersample,
-                        workers=args.workers or w.workers, val_fraction=w.val_fraction, test_fraction=w.test_fraction,
+    return make_dataset(Path(args.out), n=w.n_scenes, size=w.size, seed=w.seed, supersample=w.supersample,
+                        workers=w.workers, val_fraction=w.val_fraction, test_fraction=w.test_fraction,
                         force=args.force, progress=not args.no_progress)
 
 
@@ -64,17 +88,33 @@ def _load_data(path: str, skip_bad: bool = False):
     return load_dataset(Path(path), skip_bad=skip_bad)
 
 
+def _data(args):
+    """The --data folder of a training or capture command (its --skip-bad applies)."""
+    return _load_data(args.data, skip_bad=getattr(args, "skip_bad", False))
+
+
 def cmd_train_vae(args) -> Path:
     from .train.vae import train_vae
     cfg = _config(args, _seeded(args, "train_vae"))
-    return train_vae(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+    return train_vae(cfg, _data(args), Path(args.out), resume=args.resume, force=args.force,
                      progress=not args.no_progress)
+
+
+def cmd_latent_stats(args) -> Path:
+    from .models.io import load_vae, save_model
+    from .models.latents import set_latent_stats
+    data = _load_data(args.data)
+    vae = load_vae(Path(args.vae))
+    stats = set_latent_stats(vae, data.subset("train").rgb[:1024])
+    print("latents_mean " + " ".join(f"{v:.4f}" for v in stats["latents_mean"]))
+    print("latents_std  " + " ".join(f"{v:.4f}" for v in stats["latents_std"]))
+    return save_model(vae, Path(args.vae))
 
 
 def cmd_train_ldm(args) -> Path:
     from .train.ldm import train_ldm
     cfg = _config(args, _seeded(args, "train_ldm"))
-    return train_ldm(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+    return train_ldm(cfg, _data(args), Path(args.out), resume=args.resume, force=args.force,
                      progress=not args.no_progress)
 
 
@@ -83,7 +123,7 @@ def cmd_train_labeller(args) -> Path:
     from .labeller import DepthModelLabeller, train_labeller
     cfg = _config(args, _seeded(args, "labeller"))
     dpt = DepthModelLabeller(Path(args.depth_model)) if args.depth_model else None
-    return train_labeller(cfg, _load_data(args.data), Path(args.out), resume=args.resume, force=args.force,
+    return train_labeller(cfg, _data(args), Path(args.out), resume=args.resume, force=args.force,
                           progress=not args.no_progress, fp16=args.fp16,
                           train_dir=Path(args.train_dir) if args.train_dir else None,
                           command=_command_line("train-labeller", args), depth_model=dpt)
@@ -120,14 +160,38 @@ def _model_root(arg: str | None) -> Path:
 def cmd_sample(args) -> Path:
     from .models.io import load_ldm
     from .sample import sample_to_folder
-    cfg = _config(args, _seeded(args, "sample"))
+    cfg = _config(args, _merged(_seeded(args, "sample"), _options("sample", args, n="n", steps="steps",
+                                                                   sampler="sampler")))
     s = cfg.sample
-    if args.sampler not in (None, "ddim", "ddpm"):
-        raise fail(f"option --sampler must be ddim or ddpm, got {args.sampler!r}")
+    from .atomic import check_out_folder
+    check_out_folder(Path(args.out), args.force)                   # before loading the model
     ldm = load_ldm(_model_root(args.model))
-    return sample_to_folder(ldm, Path(args.out), n=args.n or s.n, seed=s.seed, steps=args.steps or s.steps,
-                            sampler=args.sampler or s.sampler, eta=s.eta, batch_size=s.batch_size, force=args.force,
-                            progress=not args.no_progress)
+    data = _load_data(args.data) if args.data else None           # before sampling: a bad folder fails fast
+    out = sample_to_folder(ldm, Path(args.out), n=s.n, seed=s.seed, steps=s.steps, sampler=s.sampler, eta=s.eta,
+                           batch_size=s.batch_size, force=args.force, progress=not args.no_progress)
+    if data is not None:
+        _write_quality(ldm, data, out, s)
+    return out
+
+
+def _write_quality(ldm, data, out: Path, s) -> None:
+    """``out/quality.json`` and ``out/samples_vs_real.png`` for the samples just written (same seeds, same images)."""
+    import json
+
+    from PIL import Image
+
+    from .atomic import atomic_write_json
+    from .quality import comparison_grid
+    from .train.ldm import sample_quality
+    import numpy as np
+    imgs = np.stack([np.asarray(Image.open(out / f"{i:06d}.png").convert("RGB")) for i in range(s.n)])
+    q = sample_quality(ldm, data, seed=s.seed, steps=s.steps, sampler=s.sampler, samples=imgs)
+    Image.fromarray(comparison_grid(q.pop("_samples"), q.pop("_heldout"))).save(out / "samples_vs_real.png")
+    atomic_write_json(out / "quality.json", q)
+    print(f"FSD {q['fsd_samples_vs_heldout']:.2f} (real vs real {q['fsd_train_vs_heldout']:.2f}, VAE reconstructions "
+          f"{q['fsd_vae_recon_vs_heldout']:.2f}, noise {q['fsd_noise_vs_heldout']:.2f}); mean RGB samples "
+          f"{q['colour_samples']['mean_rgb']} vs data {q['colour_heldout']['mean_rgb']}; cast "
+          f"{q['colour_samples']['cast']} vs {q['colour_heldout']['cast']}; edge stripes {json.dumps(q['edge_stripe_samples'])}")
 
 
 def cmd_capture(args) -> Path:
@@ -170,13 +234,9 @@ def cmd_probe(args) -> Path:
     from .config import load_config
     from .probe.sweep import run_probes
     run = Path(args.run)
-    over = _seeded(args, "probe")
-    if args.solver is not None:
-        if args.solver not in ("exact", "adam"):
-            raise fail(f"option --solver must be exact or adam, got {args.solver!r}")
-        over = {"probe": {**over.get("probe", {}), "solver": args.solver}}
+    over = _merged(_seeded(args, "probe"), _options("probe", args, solver="solver"))
     path = Path(args.config) if args.config else (run / "config.yaml" if (run / "config.yaml").is_file() else None)
-    cfg = load_config(args.preset, path, over)
+    cfg = load_config(args.preset, path, over, labels=_labels(over))
     return run_probes(run, cfg.probe, progress=not args.no_progress)
 
 
@@ -194,28 +254,82 @@ def cmd_intervene(args) -> Path:
     if args.task not in ("saliency", "depth", "both"):
         raise fail(f"option --task must be saliency, depth or both, got {args.task!r}")
     path = Path(args.config) if args.config else (run / "config.yaml" if (run / "config.yaml").is_file() else None)
-    cfg = load_config(args.preset, path, _seeded(args, "intervene"))
+    cfg = load_config(args.preset, path, _seeded(args, "intervene"), labels=_labels(_seeded(args, "intervene")))
     return run_interventions(cfg, run, task=args.task, progress=not args.no_progress)
 
 
 def cmd_export(args) -> Path:
     from .models.io import export_pretrained
     dest = Path(args.out)
-    if (dest / "unet").exists() and not args.force:
+    # training.json is written last: without it, an earlier export was interrupted and is simply redone.
+    if (dest / "unet").exists() and (dest / "training.json").exists() and not args.force:
         raise fail(f"{dest} already holds a model; pass --force to replace it")
+    (dest / "training.json").unlink(missing_ok=True)                # (dest is ours: checked by main's ownership)
     return export_pretrained(Path(args.run), dest, extra={"command": " ".join(sys.argv)})
 
 
+def _run_sd(args) -> Path:
+    """``sceneprobe run --sd PATH --prompts CSV --out RUN``: the Stable Diffusion study (study_sd.py)."""
+    from .study_sd import run_sd_study
+    if not args.sd or not args.prompts:
+        raise fail("the Stable Diffusion study needs both --sd (a local diffusers folder) and --prompts (a CSV with "
+                   "columns prompt,seed)")
+    if not (Path(args.sd) / "model_index.json").is_file():
+        raise fail(f"--sd {args.sd} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    over = _seeded(args, "capture")
+    if args.store:
+        over.setdefault("capture", {})["store"] = args.store
+    cfg = _config(args, over)
+    controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
+    return run_sd_study(cfg, Path(args.sd), Path(args.prompts), Path(args.out),
+                        labeller=Path(args.labeller) if args.labeller else None,
+                        depth_model=Path(args.depth_model) if args.depth_model else None, controls=controls,
+                        progress=not args.no_progress)
+
+
 def cmd_run(args) -> Path:
+    if args.sd or args.prompts:
+        return _run_sd(args)
     from .study import run_study
     cfg = _config(args, _seeded(args, "world"))
     return run_study(cfg, Path(args.out), from_scratch=args.from_scratch, model=Path(args.model) if args.model else None,
                      with_interventions=args.with_interventions, progress=not args.no_progress)
 
 
+class UsageError(SceneprobeError):
+    """A command-line mistake found by the argument parser (unknown option, ``--n abc``, …)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: sceneprobe sample: argument --n: invalid int value: 'abc'; …``."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _owned(args):
+    """Claim and lock the folder the command writes (``owns`` = (option, mode), declared beside its parser).
+
+    ``fill``: a run folder written in place (created with a marker, or checked to be ours; locked inside);
+    ``read``: the same, but it must exist already (probe, report, intervene read it first);
+    ``replace``: a folder replaced whole (locked beside it; never a folder of the user's own files).
+    """
+    import contextlib
+
+    from .owned import owned_folder, replaced_folder
+    spec = getattr(args, "owns", None)
+    value = getattr(args, spec[0], None) if spec else None
+    if value is None:
+        return contextlib.nullcontext()
+    option, mode = f"--{spec[0]}", spec[1]
+    if mode == "replace":
+        return replaced_folder(Path(value), option)
+    return owned_folder(Path(value), f"sceneprobe {args.command}", option, must_exist=mode == "read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="sceneprobe", formatter_class=fmt,
+    p = Parser(prog="sceneprobe", formatter_class=fmt,
                                 description="Probe what a latent diffusion model knows about the 3D scene it draws.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -237,19 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, formatter_class=fmt, help=f"train {what}")
         _common(s, out_help="run folder (vae/, unet/, scheduler/ are written here)")
         s.add_argument("--data", required=True, help="dataset folder (from `sceneprobe scenes`)")
+        s.add_argument("--skip-bad", action="store_true", help="leave out unusable files of --data instead of stopping")
         s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
         s.add_argument("--force", action="store_true", help="retrain even if the model folder exists")
-        s.set_defaults(fn=fn)
+        s.set_defaults(fn=fn, owns=("out", "fill"))
+
+    s = sub.add_parser("latent-stats", formatter_class=fmt,
+                       help="store per-channel latent statistics (latents_mean/latents_std) in an existing VAE folder")
+    s.add_argument("--vae", required=True, help="VAE folder (diffusers AutoencoderKL), updated in place")
+    s.add_argument("--data", required=True, help="dataset folder: statistics over its first 1024 training images")
+    s.set_defaults(fn=cmd_latent_stats)
 
     s = sub.add_parser("train-labeller", formatter_class=fmt, help="train the depth + saliency labeller on rendered scenes")
     _common(s, out_help="labeller folder to write (diffusers folder with training.json)")
     s.add_argument("--data", required=True, help="dataset folder with depth/ and saliency/ (from `sceneprobe scenes`)")
+    s.add_argument("--skip-bad", action="store_true", help="leave out unusable files of --data instead of stopping")
     s.add_argument("--train-dir", default=None, help="checkpoint and logs folder (default: OUT/../train_<OUT name>)")
     s.add_argument("--fp16", action="store_true", help="save half-precision weights (scored as saved)")
     s.add_argument("--depth-model", default=None, help="local transformers DPT folder: also score its depth on held-out")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the training folder")
     s.add_argument("--force", action="store_true", help="retrain even if --out exists")
-    s.set_defaults(fn=cmd_train_labeller)
+    s.set_defaults(fn=cmd_train_labeller, owns=("out", "replace"))
 
     s = sub.add_parser("label", formatter_class=fmt, help="label images with depth and saliency (the trained labeller)")
     s.add_argument("--images", required=True,
@@ -268,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=None, help="number of samples (default: sample.n)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: sample.steps)")
     s.add_argument("--sampler", default=None, help="ddim or ddpm (default: sample.sampler)")
+    s.add_argument("--data", default=None, help="dataset folder: also write quality.json (FSD with its floors, colour "
+                                                "statistics, edge stripes) and samples_vs_real.png against its held-out scenes")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_sample)
 
@@ -285,17 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (Stable Diffusion only; default: capture.guidance_scale)")
     s.add_argument("--force", action="store_true", help="redo the store even if it is finished")
-    s.set_defaults(fn=cmd_capture)
+    s.set_defaults(fn=cmd_capture, owns=("run", "fill"))
 
     s = sub.add_parser("probe", formatter_class=fmt, help="fit and score linear probes on every capture store of a run")
     _common(s, out=False)
     s.add_argument("--run", required=True, help="run folder with captures/<protocol>/<model>/; writes probes/ and report/")
     s.add_argument("--solver", default=None, help="exact (ridge + IRLS, default of the config) or adam (the paper's trainer)")
-    s.set_defaults(fn=cmd_probe)
+    s.set_defaults(fn=cmd_probe, owns=("run", "read"))
 
     s = sub.add_parser("report", formatter_class=fmt, help="write figures, summary.md and report.html from the probe results")
     s.add_argument("--run", required=True, help="run folder with report/results.csv (from `sceneprobe probe`)")
-    s.set_defaults(fn=cmd_report)
+    s.set_defaults(fn=cmd_report, owns=("run", "read"))
 
     s = sub.add_parser("intervene", formatter_class=fmt,
                        help="edit activations through the probes during generation; score the outputs vs controls")
@@ -303,29 +427,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run folder with probes/generate/, labeller/ and the model; writes "
                                                 "interventions/ and report/extra/interventions.md")
     s.add_argument("--task", default="both", help="saliency (move the object), depth (move/mirror depth) or both")
-    s.set_defaults(fn=cmd_intervene)
+    s.set_defaults(fn=cmd_intervene, owns=("run", "read"))
 
     s = sub.add_parser("run", formatter_class=fmt, help="the whole study: world, models, labeller, capture, probes, report")
     _common(s, out_help="run folder (resumable: rerun the same command to continue)")
     s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
     s.add_argument("--model", default=None, help="use this run folder's vae/, unet/, scheduler/ instead of the shipped model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
-    s.set_defaults(fn=cmd_run)
+    s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
+    s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
+    s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
+    s.add_argument("--depth-model", default=None,
+                   help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")
+    s.add_argument("--controls", default="permuted", help="Stable Diffusion study: controls, comma-separated, or none")
+    s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
+                                                  "(low-storage; default: capture.store)")
+    s.set_defaults(fn=cmd_run, owns=("out", "fill"))
 
     s = sub.add_parser("export", formatter_class=fmt, help="export a trained run as fp16 folders (how the shipped default is made)")
     s.add_argument("--run", required=True, help="run folder with vae/, unet/, scheduler/")
     s.add_argument("--out", required=True, help="destination folder (e.g. src/sceneprobe/pretrained/cpu)")
     s.add_argument("--force", action="store_true", help="replace an existing model in --out")
-    s.set_defaults(fn=cmd_export)
+    s.set_defaults(fn=cmd_export, owns=("out", "fill"))
     return p
 
 
+# Errors of the machine, not of the code: one line too (the file and what to do), not a traceback.
+_OS_ADVICE = {errno.ENOSPC: "free some space or pass another --out", errno.EDQUOT: "free some space or pass another --out",
+              errno.EROFS: "pass a writable --out", errno.EACCES: "pass a folder you can write to",
+              errno.EPERM: "pass a folder you can write to"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        result = args.fn(args)
+        args = build_parser().parse_args(argv)
+        with _owned(args):
+            result = args.fn(args)
     except SceneprobeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _OS_ADVICE:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; {_OS_ADVICE[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
