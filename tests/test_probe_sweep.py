@@ -37,7 +37,7 @@ def test_probe_recovers_planted_signal(planted):
     assert _value(rows, task="saliency", metric="dice", **best) > 0.95
     assert _value(rows, task="depth", metric="spearman", **best) > 0.95
     assert _value(rows, task="depth", metric="rmse", **best) < 0.2
-    base = dict(protocol="noised", model="baseline-mean", site="-", step=-1, split="test")
+    base = dict(protocol="noised", model="baseline", site="mean-map", step=-1, split="test")
     assert _value(rows, task="saliency", metric="dice", **best) > _value(rows, task="saliency", metric="dice", **base)
     # a probe file per (site, step) with both tasks
     t = load_file(str(run / "probes/noised/ldm/unet.mid.attn0/step_01.safetensors"))
@@ -53,7 +53,7 @@ def test_probe_stays_at_chance_without_signal(planted, tmp_path):
                         shuffle_labels=True, **{**SMALL, "models": ("ldm", "permuted")})
     rows = sweep.read_results(sweep.run_probes(run, ProbeConfig(), progress=False))
     true = sweep.read_results(planted[1])
-    base = dict(protocol="noised", model="baseline-mean", site="-", step=-1, split="test")
+    base = dict(protocol="noised", model="baseline", site="mean-map", step=-1, split="test")
     for step in (0, 1):
         q = dict(protocol="noised", site="unet.down0.attn0", step=step, split="test")
         for task, metric in (("depth", "spearman"), ("saliency", "dice")):
@@ -100,7 +100,8 @@ def test_test_split_never_influences_the_fit(tmp_path):
         ta = load_file(str(a / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
         tb = load_file(str(b / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
         for k in ta:
-            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)
+            if not k.startswith("test."):                      # per-test-image scores differ, the fit must not
+                torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)
     val = lambda rows: [(r["task"], r["metric"], r["value"]) for r in rows if r["split"] == "val"]
     assert val(ra) == val(rb)
     assert [r["value"] for r in ra if r["split"] == "test"] != [r["value"] for r in rb if r["split"] == "test"]
@@ -183,3 +184,42 @@ def test_cli_probe_prints_results_path_last(tmp_path, capsys):
     run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, n=16, channels=4, size=8, steps=1, models=("ldm",))
     assert main(["probe", "--run", str(run), "--preset", "tiny", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "report" / "results.csv")
+
+
+def test_per_image_scores_lambda_edges_and_baselines(planted):
+    run, csv = planted
+    rows = sweep.read_results(csv)
+    arrays = sweep.read_per_image(run / "report/per_image.safetensors")
+    n_test = len(arrays["noised/test-rows"])
+    for r in rows:
+        if r["split"] != "test" or r["metric"].startswith("skill") or r["metric"] == "threshold":
+            continue
+        a = arrays[sweep.per_image_key(r["protocol"], r["model"], r["site"], r["step"], r["task"], r["metric"])]
+        assert len(a) == n_test
+        assert float(f"{np.nanmean(a):.6g}") == r["value"], r                  # extract once, score many times
+    # depth skill = 1 − ΣMSE / ΣMSE(position-only at the site's native size)
+    key = lambda m, s, st, k: arrays[sweep.per_image_key("noised", m, s, st, "depth", k)]
+    sk = 1 - key("ldm", "unet.mid.attn0", 1, "mse").sum() / key("baseline", "position@4x4", -1, "mse").sum()
+    assert _value(rows, protocol="noised", model="ldm", site="unet.mid.attn0", step=1, task="depth", split="test",
+                  metric="skill") == pytest.approx(sk, rel=1e-5)
+    sites = {r["site"] for r in rows if r["model"] == "baseline"}
+    assert sites == {"position@4x4", "mean-map", "all-salient"}            # labels are 16×16: mean map = position@16x16
+    # every probe row carries the λ-edge flag column; the default grid is wide enough here
+    assert {r["lambda_edge"] for r in rows} <= {"", "low", "high"}
+    narrow = synthetic_run(run.parent / "narrow", sites={"unet.down0.attn0": 16}, noise=0.05, **SMALL)
+    edge = sweep.read_results(sweep.run_probes(narrow, ProbeConfig(lambdas=(10.0, 100.0, 1e3)), progress=False))
+    chosen = {(r["step"], r["task"]): r["value"] for r in edge if r["metric"] == "lambda"}
+    for r in (r for r in edge if r["model"] == "ldm"):
+        lam = chosen[r["step"], r["task"]]
+        assert r["lambda_edge"] == {10.0: "low", 1e3: "high"}.get(lam, ""), r
+    assert chosen[1, "depth"] == 10.0                                            # strong signal: wants less λ
+
+
+def test_inverse_depth_target(tmp_path):
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 8}, noise=0.05, **SMALL)
+    rows = sweep.read_results(sweep.run_probes(run, ProbeConfig(depth_target="inverse"), progress=False))
+    q = dict(protocol="noised", model="ldm", site="unet.down0.attn0", step=1, task="depth", split="test")
+    assert _value(rows, metric="skill", **q) > 0.5 and _value(rows, metric="spearman", **q) > 0.9
+    labels = sweep.load_protocol_labels(run / "captures/noised", None, "inverse")
+    raw = load_labels(run / "captures/noised")["depth"]
+    np.testing.assert_allclose(labels.target_units(labels.depth.astype(np.float64)), 1 / raw, rtol=1e-5)

@@ -45,11 +45,16 @@ from ..capture.store import CaptureStore, load_labels
 from ..config import ProbeConfig, fingerprint, to_dict
 from ..errors import fail
 from . import fit
-from .baselines import BASELINE_MODEL, baseline_scores
-from .metrics import METRICS, NearestScorer, nanmean, ranks
+from . import baselines as bl
+from .baselines import BASELINE_MODEL
+from .metrics import METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
 
-COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value")
-PROBE_VERSION = 1                      # bump when the fit or the file format changes: old probes are redone
+# lo / hi: a CI, filled by the report for the numbers it interprets; lambda_edge: "low" / "high" when the val-chosen
+# λ of that probe's task is the grid's smallest / largest (widen probe.lambdas), else empty
+COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value", "lo", "hi",
+           "lambda_edge")
+PROBE_VERSION = 2                      # bump when the fit or the file format changes: old probes are redone
+SKY_DEPTH = 0.95                       # × FAR_DEPTH: depth labels at or beyond are sky (the renderer's sky = FAR_DEPTH)
 CHUNK = 64                             # images per streamed chunk
 CACHE_BYTES = 1 << 29                  # train rows kept in memory for the IRLS passes (else re-read from disk)
 SPLITS = {"val": 1, "test": 2}
@@ -66,9 +71,12 @@ class ProtocolLabels:
     depth_mean: float
     depth_std: float
     digest: str
+    sky: np.ndarray | None = None      # (N, H, W) bool: depth ≥ SKY_DEPTH·FAR_DEPTH (metrics are also given without)
+    target: str = "depth"              # "depth" or "inverse" (1/depth): what ``depth`` holds, standardised
     _native: dict = field(default_factory=dict, repr=False)
     _ranks: dict = field(default_factory=dict, repr=False)
     _scorers: dict = field(default_factory=dict, repr=False)
+    _priors: dict = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -101,8 +109,34 @@ class ProtocolLabels:
             self._scorers[code, h, w] = NearestScorer(self.depth[rows], self.saliency[rows], h, w, self._ranks[code])
         return self._scorers[code, h, w]
 
+    def nonsky_scorer(self, code: int, h: int, w: int) -> NearestScorer:
+        """As :meth:`scorer`, restricted to the non-sky pixels of each image."""
+        if (code, h, w, "nonsky") not in self._scorers:
+            rows = self.idx(code)
+            self._scorers[code, h, w, "nonsky"] = NearestScorer(self.depth[rows], self.saliency[rows], h, w,
+                                                                valid=~self.sky[rows])
+        return self._scorers[code, h, w, "nonsky"]
 
-def load_protocol_labels(protocol_root: Path, n: int | None = None) -> ProtocolLabels:
+    def target_units(self, z: np.ndarray) -> np.ndarray:
+        """Standardised values → the target's own units (depth, or inverse depth)."""
+        return self.depth_mean + self.depth_std * z
+
+    def prior(self, h: int, w: int, upsample: str) -> bl.Prior:
+        """The position-only baseline at h×w: means over train, saliency threshold chosen on val Dice (cached)."""
+        key = (h, w, upsample)
+        if key not in self._priors:
+            n_pix, dsum, pos = (t.numpy() for t in self.native(h, w, upsample))
+            dmap, rate = bl.fit_prior(n_pix, dsum, pos, self.split == 0)
+            sc = self.scorer(1, h, w)
+            thr = bl.choose_threshold(rate, lambda z: sc.saliency(
+                np.broadcast_to(z[None], (len(self.idx(1)), *z.shape)))["dice"])
+            self._priors[key] = bl.Prior(dmap, rate, thr)
+        return self._priors[key]
+
+
+def load_protocol_labels(protocol_root: Path, n: int | None = None, target: str = "depth") -> ProtocolLabels:
+    """Labels of one protocol; the depth target (depth or inverse depth) standardised with train's mean and std."""
+    from ..world.render import FAR_DEPTH
     root = Path(protocol_root)
     raw = load_labels(root)
     for key in ("depth", "saliency", "split"):
@@ -121,12 +155,20 @@ def load_protocol_labels(protocol_root: Path, n: int | None = None) -> ProtocolL
                        f"train, val and test rows")
     if not np.isfinite(depth).all():
         raise fail(f"labels in {root / 'labels.safetensors'} have non-finite depth values; fix the labels")
-    train = depth[split == 0].astype(np.float64)
+    if target not in ("depth", "inverse"):
+        raise fail(f"probe.depth_target must be depth or inverse, got {target!r}")
+    if target == "inverse":
+        if (depth <= 0).any():
+            raise fail(f"labels in {root / 'labels.safetensors'} have depth <= 0; inverse depth needs positive depth")
+        depth_t = (1.0 / depth.astype(np.float64)).astype(np.float32)
+    else:
+        depth_t = depth
+    train = depth_t[split == 0].astype(np.float64)
     mean, std = float(train.mean()), float(train.std())
     std = std if std > 0 else 1.0
     digest = hashlib.sha256((root / "labels.safetensors").read_bytes()).hexdigest()[:16]
-    return ProtocolLabels(root.name, ((depth - mean) / std).astype(np.float32), (sal > 0).astype(np.uint8), split,
-                          mean, std, digest)
+    return ProtocolLabels(root.name, ((depth_t - mean) / std).astype(np.float32), (sal > 0).astype(np.uint8), split,
+                          mean, std, digest, sky=depth >= SKY_DEPTH * FAR_DEPTH, target=target)
 
 
 # ---------------------------------------------------------------- streaming features -------------------------------
@@ -207,11 +249,18 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     L, sc = len(lams), labels.scorer(1, h, w)
     z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias).numpy()  # (n, 2L, h, w)
     rm, dc = sc.depth(z[:, :L], spearman=False)["rmse"], sc.saliency(z[:, L:])["dice"]            # (n, L)
-    i_d = _pick([-nanmean(rm[:, i]) for i in range(L)], lams)
+    i_d = _pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams)                 # lowest val MSE (= best skill)
     i_s = _pick([nanmean(dc[:, i]) for i in range(L)], lams)
     ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s])
     return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]),
                  {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, nonfinite)
+
+
+def lambda_edge(lam: float, lams) -> str:
+    """"low" / "high" when the chosen λ is the grid's smallest / largest (the optimum may lie beyond), else ""."""
+    if len(lams) < 2 or lam <= 0:
+        return ""
+    return "low" if lam == min(lams) else ("high" if lam == max(lams) else "")
 
 
 def _pick(scores: list[float], lams: list[float]) -> int:
@@ -254,21 +303,75 @@ def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLa
                  {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad)
 
 
+def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.ndarray | None,
+                   zs: np.ndarray | None) -> dict[tuple[str, str], np.ndarray]:
+    """Every per-image metric (n,) of native predictions for the rows of split ``code``: ``zd`` (n, 1, h, w)
+    standardised depth target, ``zs`` (n, 1, h', w') saliency logits (either may be None)."""
+    out: dict[tuple[str, str], np.ndarray] = {}
+    if zd is not None:
+        d = labels.scorer(code, h, w).depth(zd)
+        ns = labels.nonsky_scorer(code, h, w).depth(zd)
+        rows = labels.idx(code)
+        H, W = labels.size
+        up = fit.upsample_nearest(torch.from_numpy(np.ascontiguousarray(zd[:, 0], dtype=np.float64)), H, W).numpy()
+        t_hat, t = labels.target_units(up), labels.target_units(labels.depth[rows].astype(np.float64))
+        for suffix, m, ratio in (("", d, depth_ratio_metrics(t_hat, t)),
+                                 ("_nonsky", ns, depth_ratio_metrics(t_hat, t, ~labels.sky[rows]))):
+            out[("depth", "mse" + suffix)] = m["rmse"][:, 0] ** 2
+            for k in ("rmse", "spearman", "pearson"):
+                out[("depth", k + suffix)] = m[k][:, 0]
+            for k, v in ratio.items():
+                out[("depth", k + suffix)] = v
+    if zs is not None:
+        hs, ws = zs.shape[-2:]
+        for k, v in labels.scorer(code, hs, ws).saliency(zs, ranking=True).items():
+            out[("saliency", k)] = v[:, 0]
+    return out
+
+
+def skill(mse: np.ndarray, mse_ref: np.ndarray) -> float:
+    """1 − Σ MSE / Σ MSE_ref over the images (both finite): the share of the reference's squared error removed."""
+    ok = np.isfinite(mse) & np.isfinite(mse_ref)
+    den = float(mse_ref[ok].sum())
+    return 1.0 - float(mse[ok].sum()) / den if den > 0 else float("nan")
+
+
+def prior_site(labels: ProtocolLabels, h: int, w: int) -> str:
+    """Result-table name of the position-only baseline at h×w (``mean-map`` at the label resolution)."""
+    return bl.MEAN_MAP if (h, w) == labels.size else bl.position_site(h, w)
+
+
+def prior_metrics(labels: ProtocolLabels, code: int, h: int, w: int, upsample: str) -> dict:
+    """Per-image metrics of the position-only baseline at h×w on split ``code`` (cached on the labels)."""
+    key = ("metrics", code, h, w, upsample)
+    if key not in labels._priors:
+        pr = labels.prior(h, w, upsample)
+        n = len(labels.idx(code))
+        labels._priors[key] = native_metrics(labels, code, h, w, pr.depth_pred(n), pr.logits(n))
+    return labels._priors[key]
+
+
 def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, probe: Probe,
-          bias: bool) -> dict[tuple[str, str, str], float]:
-    """{(task, split, metric): mean over images} of a fitted probe on val and test."""
-    out = {}
+          cfg: ProbeConfig) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], np.ndarray]]:
+    """({(task, split, metric): mean over images} on val and test, {(task, metric): per-test-image values}).
+
+    Depth skill is over the position-only baseline at this site's native resolution, on the same images."""
+    out, per_image = {}, {}
     _, h, w = store.shape(site)
     for split, code in SPLITS.items():
-        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]), bias).numpy()
-        sc = labels.scorer(code, h, w)                                         # z: (n, 2, h, w) depth, logit
-        for k, v in sc.depth(z[:, :1]).items():
-            out[("depth", split, k)] = nanmean(v[:, 0])
-        for k, v in sc.saliency(z[:, 1:]).items():
-            out[("saliency", split, k)] = nanmean(v[:, 0])
+        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]),
+                     cfg.bias).numpy()                                                  # (n, 2, h, w)
+        m = native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
+        ref = prior_metrics(labels, code, h, w, cfg.upsample)
+        for task, metric in list(m):
+            out[(task, split, metric)] = nanmean(m[(task, metric)])
+        out[("depth", split, "skill")] = skill(m[("depth", "mse")], ref[("depth", "mse")])
+        out[("depth", split, "skill_nonsky")] = skill(m[("depth", "mse_nonsky")], ref[("depth", "mse_nonsky")])
+        if split == "test":
+            per_image = m
     for task, (name, value) in probe.selected.items():
         out[(task, "val", name)] = value
-    return out
+    return out, per_image
 
 
 def probe_tensors(probe: Probe, C: int, bias: bool, labels: ProtocolLabels) -> dict[str, torch.Tensor]:
@@ -312,16 +415,21 @@ def probe_fingerprint(cfg: ProbeConfig, store: CaptureStore, labels: ProtocolLab
     return fingerprint(cfg, {"version": PROBE_VERSION, "manifest": manifest, "labels": labels.digest})
 
 
-def _finished_rows(path: Path, fp: str) -> list[dict] | None:
+def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]] | None:
+    """(result rows, per-test-image metrics) of a finished probe file with this fingerprint, else None."""
     from safetensors import safe_open
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            if meta.get("fingerprint") != fp or "rows" not in meta:
+                return None
+            per_image = {tuple(k.split(".", 2)[1:]): f.get_tensor(k).numpy() for k in f.keys()
+                         if k.startswith("test.")}
     except Exception:                                                          # damaged or foreign file: refit
         return None
-    return json.loads(meta["rows"]) if meta.get("fingerprint") == fp and "rows" in meta else None
+    return json.loads(meta["rows"]), per_image
 
 
 def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
@@ -329,11 +437,16 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     """Fit, score and format one (site, step): (tensors for the probe file, result rows)."""
     fitter = fit_exact if cfg.solver == "exact" else fit_paper_adam
     probe = fitter(store, site, step, labels, cfg)
-    scores = score(store, site, step, labels, probe, cfg.bias)
+    scores, per_image = score(store, site, step, labels, probe, cfg)
     timestep = store.timesteps[store.steps.index(step)]
+    edge = {"depth": lambda_edge(probe.lam[0], cfg.lambdas), "saliency": lambda_edge(probe.lam[1], cfg.lambdas)} \
+        if cfg.solver == "exact" else {}
     rows = [_row(store.manifest.get("protocol", labels.protocol), store.manifest.get("model", store.root.name), site,
-                 step, timestep, task, split, metric, v) for (task, split, metric), v in scores.items()]
+                 step, timestep, task, split, metric, v, lambda_edge=edge.get(task, ""))
+            for (task, split, metric), v in scores.items()]
     tensors = probe_tensors(probe, store.shape(site)[0], cfg.bias, labels)
+    tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                    for (task, metric), v in per_image.items()})     # per test image, for the report's bootstrap
     if probe.nonfinite:
         print(f"warning: {store.root}/{site} step {step}: {probe.nonfinite} non-finite activations (fp16 overflow?) "
               f"were replaced by 0", file=sys.stderr)
@@ -341,9 +454,11 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     return tensors, rows
 
 
-def _row(protocol, model, site, step, timestep, task, split, metric, value) -> dict:
+def _row(protocol, model, site, step, timestep, task, split, metric, value, lo=float("nan"), hi=float("nan"),
+         lambda_edge: str = "") -> dict:
     return {"protocol": protocol, "model": model, "site": site, "step": int(step), "timestep": int(timestep),
-            "task": task, "split": split, "metric": metric, "value": _fmt_value(value)}
+            "task": task, "split": split, "metric": metric, "value": _fmt_value(value), "lo": _fmt_value(lo),
+            "hi": _fmt_value(hi), "lambda_edge": lambda_edge}
 
 
 def _fmt_value(v: float) -> float:
@@ -392,7 +507,7 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
     groups = []
     for proto, store_dirs in find_stores(run):
         stores = [CaptureStore(s) for s in store_dirs]
-        labels = load_protocol_labels(proto, stores[0].n)
+        labels = load_protocol_labels(proto, stores[0].n, cfg.depth_target)
         for s in stores:
             if s.n != stores[0].n:
                 raise fail(f"capture store {s.root} has {s.n} rows but {stores[0].root} has {stores[0].n}; rows must "
@@ -401,28 +516,79 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
     jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores
             for site in s.sites for step in s.site_steps(site)]
     rows: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(jobs), desc="probes", unit="probe", disable=not progress, file=sys.stderr)
     fps: dict[Path, str] = {}
     for labels, store, site, step in jobs:
         model = store.manifest.get("model", store.root.name)
         fp = fps.setdefault(store.root, probe_fingerprint(cfg, store, labels))
         path = probe_path(run, labels.protocol, model, site, step)
-        done = _finished_rows(path, fp)
-        if done is None:
+        found = _finished_rows(path, fp)
+        if found is None:
             tensors, done = probe_one(store, site, step, labels, cfg)
             meta = {"fingerprint": fp, "rows": json.dumps(done, sort_keys=True), "protocol": labels.protocol,
                     "model": model, "site": site, "step": str(step), "solver": cfg.solver,
                     "config": json.dumps(to_dict(cfg), sort_keys=True)}
             atomic_write_bytes(path, st_save(tensors, metadata=meta))
+            found = _finished_rows(path, fp)
+        done, per_image = found
         rows.extend(done)
+        for (task, metric), v in per_image.items():
+            arrays[per_image_key(labels.protocol, model, site, step, task, metric)] = v
         bar.update(1)
         bar.set_postfix_str(f"{labels.protocol}/{model}/{site}/step {step}", refresh=False)
     bar.close()
-    for _, labels, _ in groups:
-        for split, code in SPLITS.items():
-            for (task, metric), v in baseline_scores(labels.depth, labels.saliency, labels.split, code).items():
-                rows.append(_row(labels.protocol, BASELINE_MODEL, "-", -1, -1, task, split, metric, v))
+    for _, labels, stores in groups:
+        sizes = {tuple(s.shape(site)[1:]) for s in stores for site in s.sites} | {labels.size}
+        rows += baseline_rows(labels, sorted(sizes), cfg.upsample, arrays)
+        arrays[per_image_key(labels.protocol, "test-rows")] = labels.idx(2).astype(np.int64)
+    write_per_image(run / "report", arrays)
     return write_results(run / "report", rows, cfg)
+
+
+def baseline_rows(labels: ProtocolLabels, sizes: list[tuple[int, int]], upsample: str,
+                  arrays: dict[str, np.ndarray]) -> list[dict]:
+    """Rows (and per-test-image arrays) of the position-only baselines at every size, the mean map and all-salient."""
+    rows = []
+    for split, code in SPLITS.items():
+        n = len(labels.idx(code))
+        cases = [(prior_site(labels, h, w), prior_metrics(labels, code, h, w, upsample), labels.prior(h, w, upsample))
+                 for h, w in sizes]
+        cases.append((bl.ALL_SALIENT, native_metrics(labels, code, 1, 1, None, bl.all_salient_logits(n)), None))
+        for site, m, prior in cases:
+            for (task, metric), v in m.items():
+                rows.append(_row(labels.protocol, BASELINE_MODEL, site, -1, -1, task, split, metric, nanmean(v)))
+                if split == "test":
+                    arrays[per_image_key(labels.protocol, BASELINE_MODEL, site, -1, task, metric)] = v
+            if prior is not None and split == "val":
+                rows.append(_row(labels.protocol, BASELINE_MODEL, site, -1, -1, "saliency", "val", "threshold",
+                                 prior.threshold))
+            if ("depth", "mse") in m:                                          # skill over itself, by definition
+                rows.append(_row(labels.protocol, BASELINE_MODEL, site, -1, -1, "depth", split, "skill", 0.0))
+    return rows
+
+
+def per_image_key(protocol: str, model: str, site: str = "", step: int = -1, task: str = "", metric: str = "") -> str:
+    """Key of a per-test-image array in ``report/per_image.safetensors``: ``protocol/model/site/step/task/metric``
+    (``protocol/test-rows``: the label rows of the test images, in the arrays' order)."""
+    return "/".join([protocol, model] + ([site, str(step), task, metric] if site else []))
+
+
+def write_per_image(out: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Per-test-image metrics of every probe and baseline (float64), for the report's paired bootstrap."""
+    from safetensors.numpy import save as np_save
+    data = np_save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},
+                   metadata={"key": "protocol/model/site/step/task/metric"})
+    atomic_write_bytes(out / "per_image.safetensors", data)
+    return out / "per_image.safetensors"
+
+
+def read_per_image(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise fail(f"per-image results {path} are missing; rerun `sceneprobe probe --run {path.parent.parent}`")
+    return load_file(str(path))
 
 
 def _sort_key(r: dict):
@@ -433,15 +599,25 @@ def format_value(v: float) -> str:
     return "nan" if math.isnan(v) else f"{v:.6g}"
 
 
+def _cell(r: dict, c: str) -> str:
+    if c == "value":
+        return format_value(r[c])
+    if c in ("lo", "hi"):
+        v = r.get(c, math.nan)
+        return "" if math.isnan(v) else format_value(v)
+    return r.get(c, "")
+
+
 def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
     rows = sorted(rows, key=_sort_key)
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
     wr.writerow(COLUMNS)
     for r in rows:
-        wr.writerow([r[c] if c != "value" else format_value(r[c]) for c in COLUMNS])
+        wr.writerow([_cell(r, c) for c in COLUMNS])
     atomic_write_text(out / "results.csv", buf.getvalue())
-    clean = [{**r, "value": None if math.isnan(r["value"]) else r["value"]} for r in rows]
+    clean = [{**{c: r.get(c, "") for c in COLUMNS},
+              **{k: None if math.isnan(r.get(k, math.nan)) else r[k] for k in ("value", "lo", "hi")}} for r in rows]
     atomic_write_json(out / "results.json", {"columns": list(COLUMNS), "probe_config": to_dict(cfg),
                                              "metrics": {k: list(v) for k, v in METRICS.items()}, "rows": clean})
     return out / "results.csv"
@@ -452,8 +628,22 @@ def read_results(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise fail(f"results file {path} is missing; run `sceneprobe probe --run {path.parent.parent}` first")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["step"], r["timestep"], r["value"] = int(r["step"]), int(r["timestep"]), float(r["value"])
+    redo = f"rerun `sceneprobe probe --run {path.parent.parent}` to rewrite it"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise fail(f"results file {path} cannot be read ({type(e).__name__}); {redo}") from None
+    need = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value")
+    for line, r in enumerate(rows, start=2):
+        missing = [k for k in need if not r.get(k)]
+        if missing:
+            raise fail(f"results file {path}, line {line}: field {missing[0]!r} is missing or empty; {redo}")
+        try:
+            r["step"], r["timestep"], r["value"] = int(r["step"]), int(r["timestep"]), float(r["value"])
+            r["lo"], r["hi"] = (float(r[k]) if r.get(k) else math.nan for k in ("lo", "hi"))
+        except (TypeError, ValueError):
+            raise fail(f"results file {path}, line {line}: step, timestep, value, lo and hi must be numbers; {redo}") \
+                from None
+        r["lambda_edge"] = r.get("lambda_edge") or ""
     return rows
