@@ -49,6 +49,9 @@ OnSite = Callable[[str, int, torch.Tensor], None]   # (site, step, rows (b, C, h
 
 
 # ------------------------------------------------------------------------------------------------ prompts, folders
+INT64_MAX = 2**63 - 1
+
+
 def read_prompts(path: Path) -> tuple[list[str], list[int]]:
     """(prompts, seeds) from a CSV with a header naming ``prompt`` and ``seed`` (or the paper's ``prompts``,
     ``seeds``); UTF-8, else ISO-8859-1 (the paper's CSVs)."""
@@ -75,6 +78,9 @@ def read_prompts(path: Path) -> tuple[list[str], list[int]]:
             seeds.append(int(str(row[names["seed"]]).strip()))
         except ValueError:
             raise fail(f"prompts file {path}, line {line}: seed {row[names['seed']]!r} is not an integer") from None
+        if not 0 <= seeds[-1] <= INT64_MAX:  # torch generators take int64 seeds: fail here, not mid-capture
+            raise fail(f"prompts file {path}, line {line}: seed {seeds[-1]} is outside 0 … {INT64_MAX}; use a smaller "
+                       f"seed")
         prompts.append(row[names["prompt"]] or "")
     if not prompts:
         raise fail(f"prompts file {path} has no rows below its header")

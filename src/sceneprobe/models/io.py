@@ -79,13 +79,31 @@ def _check_folder(folder: Path, what: str) -> None:
                    f"re-save or re-train the model") from None
 
 
+def read_json_file(path: Path, what: str, advice: str) -> dict:
+    """The guarded reader of a model folder's JSON files: one error naming the file, never a traceback."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise fail(f"{what} {path} is not valid JSON ({type(e).__name__}); {advice}") from None
+    if not isinstance(data, dict):
+        raise fail(f"{what} {path} must hold a JSON object; {advice}")
+    return data
+
+
 def _load(cls, folder: Path, what: str):
     folder = Path(folder)
     _check_folder(folder, what)
+    config = read_json_file(folder / "config.json", f"{what} config", "re-save or re-train the model")
+    made = config.get("_class_name")
+    if made and made != cls.__name__:  # another model's folder: say so (from_pretrained lists every weight name)
+        raise fail(f"{what} folder {folder} holds a {made} model, not a {cls.__name__}; point to the {what} folder")
     try:
         model = cls.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise fail(f"{what} folder {folder} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        first = first if len(first) <= 160 else first[:160] + " …"
+        raise fail(f"{what} folder {folder} could not be loaded ({type(e).__name__}: {first}); it does not fit its "
+                   f"config.json: re-save or re-train the model") from None
     return model.float().eval()
 
 
@@ -101,7 +119,12 @@ def load_scheduler_config(folder: Path) -> dict:
     folder = Path(folder)
     if not (folder / "scheduler_config.json").is_file():
         raise fail(f"scheduler folder {folder} has no scheduler_config.json")
-    return dict(DDPMScheduler.load_config(folder, local_files_only=True))
+    read_json_file(folder / "scheduler_config.json", "scheduler config", "re-save the model folder (train-ldm or export)")
+    try:
+        return dict(DDPMScheduler.load_config(folder, local_files_only=True))
+    except (OSError, ValueError, TypeError) as e:
+        raise fail(f"scheduler config {folder / 'scheduler_config.json'} could not be read ({type(e).__name__}); "
+                   f"re-save the model folder (train-ldm or export)") from None
 
 
 def check_compatible(vae: AutoencoderKL, unet: UNet2DModel, where: Path | str) -> None:
