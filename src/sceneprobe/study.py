@@ -222,8 +222,18 @@ def model_hash_of_folder(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _metric_table(d: dict) -> str:
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in d.items())
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in _flat(d).items())
     return "| metric | value |\n|---|---|\n" + rows
 
 
@@ -254,7 +264,10 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
     if q:
         out.append(("Generated image quality",
                     "Fréchet Scene Distance (FSD, see `sceneprobe.quality`) of 64 DDIM samples to held-out scenes, "
-                    "with the real-vs-real floor and the noise ceiling.\n\n" + _metric_table(q)))
+                    "with its floors (training vs held-out scenes; the VAE's reconstructions of held-out scenes) and "
+                    "the noise ceiling; per-channel colour of samples and data (grey levels; cast = (R+B)/2 − G); "
+                    "edge stripes = the largest per-channel colour excess (grey levels) of a 2-pixel border band of "
+                    "the samples over the data's, beyond the global difference.\n\n" + _metric_table(q)))
     v = _read_json(run / "train_vae" / "eval.json") or shipped.get("train_vae", {}).get("eval")
     if v:
         out.append(("VAE reconstruction (held-out scenes)", _metric_table(v)))

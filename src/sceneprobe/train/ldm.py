@@ -119,18 +119,37 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
 
 
 def evaluate_ldm(ldm: LDM, data, tdir: Path, cfg: Config, n: int = 64) -> dict:
-    """64-sample grid + Fréchet Scene Distance to held-out scenes (with real-vs-real and noise floors/ceilings)."""
-    from ..quality import fsd
-    from ..sample import generate, image_grid
-    imgs = np.concatenate([generate(ldm, list(range(i, min(n, i + 32))), seed=cfg.sample.seed, steps=cfg.sample.steps)[0]
-                           for i in range(0, n, 32)])
+    """64 DDIM samples vs held-out scenes: :func:`sceneprobe.quality.quality_summary` (FSD with the real-vs-real and
+    VAE-reconstruction floors, colour statistics, border stripes) in ``eval.json``; ``samples_grid.png`` and
+    ``samples_vs_real.png`` (the sample grid beside as many held-out scenes)."""
+    metrics = sample_quality(ldm, data, n=n, seed=cfg.sample.seed, steps=cfg.sample.steps)
+    imgs = metrics.pop("_samples")
+    real = metrics.pop("_heldout")
+    from ..quality import comparison_grid
+    from ..sample import image_grid
     Image.fromarray(image_grid(imgs, cols=8)).save(tdir / "samples_grid.png")
-    held = data.subset("test").rgb if len(data.subset("test")) >= 8 else data.subset("train").rgb
-    train = data.subset("train").rgb[: max(n, len(held))]
-    rng = np.random.default_rng(0)
-    noise = rng.integers(0, 256, size=imgs.shape, dtype=np.uint8)
-    metrics = {"fsd_samples_vs_heldout": fsd(imgs, held), "fsd_train_vs_heldout": fsd(train[:len(imgs)], held),
-               "fsd_noise_vs_heldout": fsd(noise, held), "n_samples": int(len(imgs)), "sampler": "ddim",
-               "sampling_steps": cfg.sample.steps}
+    Image.fromarray(comparison_grid(imgs, real)).save(tdir / "samples_vs_real.png")
     atomic_write_json(tdir / "eval.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def sample_quality(ldm: LDM, data, n: int = 64, seed: int = 0, steps: int = 15, sampler: str = "ddim",
+                   samples: np.ndarray | None = None) -> dict:
+    """Sample ``n`` images (or take ``samples``, (N, H, W, 3) uint8, made with these settings) and measure them against
+    ``data``'s held-out scenes (test split, else all)."""
+    from ..models.latents import images_to_tensor
+    from ..quality import quality_summary
+    from ..sample import generate, to_uint8
+    imgs = samples if samples is not None else np.concatenate(
+        [generate(ldm, list(range(i, min(n, i + 32))), seed=seed, steps=steps, sampler=sampler)[0] for i in range(0, n, 32)])
+    n = len(imgs)
+    test = data.subset("test")
+    held = test.rgb if len(test) >= 8 else data.rgb
+    train = data.subset("train").rgb if len(data.subset("train")) else data.rgb
+    recon = np.concatenate([to_uint8(ldm.vae.decode(ldm.vae.encode(images_to_tensor(held[i:i + 64])).latent_dist.mode()).sample)
+                            for i in range(0, min(len(held), max(n, 64)), 64)])
+    metrics = quality_summary(imgs, held, train, recon)
+    metrics.update({"sampler": sampler, "sampling_steps": steps, "prediction_type":
+                    ldm.scheduler_config.get("prediction_type", "epsilon"), "_samples": imgs, "_heldout": held[:n]})
     return metrics
