@@ -91,3 +91,16 @@ def test_verdict_rule_edges():
     assert verdict({"mean": 0.0, "lo": float("nan"), "hi": float("nan")}, 0.05) == "inconclusive"
     with pytest.raises(SceneprobeError):
         verdict({"mean": 0.1, "lo": 0.0, "hi": 0.2}, -1)
+
+
+def test_bootstrap_sums_skill_matches_reference_and_pairs_with_means():
+    from sceneprobe.probe.stats import bootstrap_sums
+    rng = np.random.default_rng(4)
+    mp, mb = rng.uniform(0.2, 0.4, 30), rng.uniform(0.5, 0.9, 30)
+    est = bootstrap_sums(lambda p, r: 1 - p / r, [mp, mb], n_boot=800, seed=3)
+    ref = bootstrap_stat(lambda p, r: 1 - p.sum() / r.sum(), [mp, mb], n_boot=800, seed=3)
+    assert (est["mean"], est["lo"], est["hi"]) == pytest.approx((ref["mean"], ref["lo"], ref["hi"]))
+    # a mean is a sum / n: same resamples as paired_bootstrap
+    a = bootstrap_sums(lambda s: s / 30, [mp], n_boot=800, seed=3)
+    b = paired_bootstrap(mp, n_boot=800, seed=3)
+    assert (a["lo"], a["hi"]) == pytest.approx((b["lo"], b["hi"]))

@@ -92,6 +92,34 @@ def bootstrap_stat(fn: Callable[..., float], arrays: Sequence, n_boot: int = 200
     return {"mean": est, "lo": float(lo), "hi": float(hi), "n": n}
 
 
+def bootstrap_sums(fn: Callable[..., np.ndarray], arrays: Sequence, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """Percentile CI of a statistic of per-image *sums*, vectorised: ``fn(*sums)`` must accept arrays.
+
+    E.g. depth skill ``1 − Σ MSE_probe / Σ MSE_prior`` is ``fn = lambda p, r: 1 − p / r`` on the arrays
+    (MSE_probe, MSE_prior); a difference of two skills takes four arrays. Images with a NaN anywhere are dropped;
+    each resample draws the same image indices for every array (paired). Same resamples as :func:`paired_bootstrap`
+    for the same ``n``, ``n_boot`` and ``seed``.
+    """
+    xs = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(xs[0])
+    if any(x.shape != (n,) for x in xs):
+        raise fail(f"bootstrap arrays must be one value per test image, got shapes {[x.shape for x in xs]}")
+    keep = np.logical_and.reduce([np.isfinite(x) for x in xs])
+    xs = [x[keep] for x in xs]
+    n = int(keep.sum())
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    est = float(fn(*[x.sum() for x in xs]))
+    if n < 2:
+        return {"mean": est, "lo": float("nan"), "hi": float("nan"), "n": n}
+    idx = resample_indices(n, n_boot, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = np.asarray(fn(*[x[idx].sum(axis=1) for x in xs]), dtype=np.float64)
+    lo, hi = np.nanpercentile(boots, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": est, "lo": float(lo), "hi": float(hi), "n": n}
+
+
 def verdict(est: dict, min_effect: float) -> str:
     """"yes" | "no" | "inconclusive" for an effect estimate ``{"mean", "lo", "hi"}`` (see the module docstring).
 

@@ -54,7 +54,7 @@ from .metrics import METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
 COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value", "lo", "hi",
            "lambda_edge")
 PROBE_VERSION = 2                      # bump when the fit or the file format changes: old probes are redone
-SKY_DEPTH = 0.95                       # × FAR_DEPTH: depth labels at or beyond are sky (the renderer's sky = FAR_DEPTH)
+SKY_DEPTH = 0.99                       # × FAR_DEPTH: labels at or beyond are sky (renderer: sky = FAR_DEPTH; = readout.py)
 CHUNK = 64                             # images per streamed chunk
 CACHE_BYTES = 1 << 29                  # train rows kept in memory for the IRLS passes (else re-read from disk)
 SPLITS = {"val": 1, "test": 2}
