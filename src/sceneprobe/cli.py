@@ -287,7 +287,28 @@ def _run_sd(args) -> Path:
                         progress=not args.no_progress)
 
 
+def _run_sd(args) -> Path:
+    """``sceneprobe run --sd PATH --prompts CSV --out RUN``: the Stable Diffusion study (study_sd.py)."""
+    from .study_sd import run_sd_study
+    if not args.sd or not args.prompts:
+        raise fail("the Stable Diffusion study needs both --sd (a local diffusers folder) and --prompts (a CSV with "
+                   "columns prompt,seed)")
+    if not (Path(args.sd) / "model_index.json").is_file():
+        raise fail(f"--sd {args.sd} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    over = _seeded(args, "capture")
+    if args.store:
+        over.setdefault("capture", {})["store"] = args.store
+    cfg = _config(args, over)
+    controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
+    return run_sd_study(cfg, Path(args.sd), Path(args.prompts), Path(args.out),
+                        labeller=Path(args.labeller) if args.labeller else None,
+                        depth_model=Path(args.depth_model) if args.depth_model else None, controls=controls,
+                        progress=not args.no_progress)
+
+
 def cmd_run(args) -> Path:
+    if args.sd or args.prompts:
+        return _run_sd(args)
     if args.sd or args.prompts:
         return _run_sd(args)
     from .study import run_study
@@ -434,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
     s.add_argument("--model", default=None, help="use this run folder's vae/, unet/, scheduler/ instead of the shipped model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
+    s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
+    s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
+    s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
+    s.add_argument("--depth-model", default=None,
+                   help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")
+    s.add_argument("--controls", default="permuted", help="Stable Diffusion study: controls, comma-separated, or none")
+    s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
+                                                  "(low-storage; default: capture.store)")
     s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
     s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
     s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
