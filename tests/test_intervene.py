@@ -14,6 +14,7 @@ import torch
 torch.set_num_threads(1)
 
 from sceneprobe.capture.recorder import Recorder, hook_count  # noqa: E402
+from sceneprobe.capture.store import CaptureStore  # noqa: E402
 from sceneprobe.cli import main  # noqa: E402
 from sceneprobe.config import load_config  # noqa: E402
 from sceneprobe.errors import SceneprobeError  # noqa: E402
@@ -145,6 +146,30 @@ def test_random_control_has_the_probe_edits_norm_and_a_fixed_direction(irun, une
     torch.testing.assert_close(d_alone, d_batch[1:])
 
 
+@torch.no_grad()
+def test_norm_matched_probe_edit_has_the_given_norm_and_its_own_direction(irun, unet):
+    head = load_probe_head(probe_file(irun, "ldm", SITE, 0), "saliency", 1, (32, 32))
+    perm = load_probe_head(probe_file(irun, "permuted", SITE, 0), "saliency", 1, (32, 32))
+    x, t = _x(unet)
+    target = torch.zeros(2, 32, 32)
+    target[:, 8:20, 8:20] = 1
+    pe = ProbeEdit({(SITE, 0): head}, target, 5e-3, 8)
+    with Editor(unet, [SITE], pe):
+        unet(x, t)
+    free, matched, seen = ProbeEdit({(SITE, 0): perm}, target, 5e-3, 8), None, []
+    with Editor(unet, [SITE], lambda s, st, a: seen.append(a.clone()) or free(s, st, a)):
+        unet(x, t)
+    matched = ProbeEdit({(SITE, 0): perm}, target, 5e-3, 8, match_norms=pe.norms)
+    a = seen[0]
+    d_free = free(SITE, 0, a) - a
+    d_match = matched(SITE, 0, a) - a
+    torch.testing.assert_close(matched.norms[(SITE, 0)], pe.norms[(SITE, 0)], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(matched.raw_norms[(SITE, 0)], free.norms[(SITE, 0)], rtol=1e-5, atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(d_free.flatten(1), d_match.flatten(1))
+    assert (cos > 0.9999).all()                                                # same direction, rescaled
+    assert not torch.allclose(free.norms[(SITE, 0)], pe.norms[(SITE, 0)])      # the sizes did differ
+
+
 def test_counterfactual_targets():
     m = np.zeros((8, 8), np.uint8)
     m[1:3, 1:3] = 1
@@ -174,30 +199,48 @@ def test_one_saliency_edit_end_to_end_writes_results_and_is_deterministic(irun, 
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(COLUMNS)
-    assert [r["condition"] for r in rows] == list(CONDITIONS)                   # 1 edit × 4 conditions
-    probe, rand = rows[1], rows[2]
-    assert float(probe["probe_loss_after"]) < float(probe["probe_loss_before"])
-    assert float(probe["delta_norm"]) > 0
-    assert abs(float(rand["delta_norm"]) / float(probe["delta_norm"]) - 1) < 1e-4   # equal norm
+    n = len(CONDITIONS)                                                          # 1 edit × 4 conditions × 2 kinds
+    assert [r["condition"] for r in rows] == list(CONDITIONS) * 2
+    assert [r["site_kind"] for r in rows] == ["attn"] * n + ["block"] * n
+    for k in (0, n):
+        probe, rand, perm = rows[k + 1], rows[k + 2], rows[k + 3]
+        assert float(probe["probe_loss_after"]) < float(probe["probe_loss_before"])
+        assert float(probe["delta_norm"]) > 0
+        assert abs(float(rand["delta_norm"]) / float(probe["delta_norm"]) - 1) < 1e-4   # equal norm
+        assert abs(float(perm["delta_norm"]) / float(probe["delta_norm"]) - 1) < 1e-4   # norm-matched
+        for r in rows[k:k + n]:
+            assert abs(float(r["gain"]) - (float(r["dice_cf"]) - float(r["dice_orig"]))) < 1e-5
+    assert rows[1]["delta_norm"] != rows[n + 1]["delta_norm"]                   # the residual stream is its own edit
     for r in rows:
         assert r["task"] == "saliency" and 0 <= float(r["dice_cf"]) <= 1
     s = json.loads((out / "summary.json").read_text())
-    t = s["tasks"]["saliency"]
+    assert set(s["kinds"]) == {"attn", "block"} and s["capture_site_kind"] == "attn"
+    t = s["kinds"]["attn"]["tasks"]["saliency"]
     assert t["regeneration_max_abs_diff"] == 0                                  # the replay is the captured sample
+    assert s["kinds"]["block"]["tasks"]["saliency"]["regeneration_max_abs_diff"] == 0
     assert t["steps"] == [0] and all(x.startswith("unet.up") for x in t["sites"])
     assert set(t["conditions"]) == set(CONDITIONS) and "probe - random" in t["paired"]
+    assert t["verdict"]["answer"] in ("yes", "no", "inconclusive")
+    block = CaptureStore(irun / "interventions/probes_block/captures/generate/ldm")
+    assert block.manifest["site_kind"] == "block" and block.site_steps(t["sites"][0]) == [0]
+    res = json.loads((out / "results.json").read_text())
+    assert res["headline_kind"] == "attn" and set(res["kinds"]) == {"attn", "block"}
+    claim = res["claims"]["saliency"]
+    assert claim["answer"] == t["verdict"]["answer"] and claim["sentence"].startswith("Saliency edits")
+    g = res["kinds"]["attn"]["saliency"]["gain"]["probe"]
+    assert set(g) == {"mean", "lo", "hi", "n"} and g["n"] == 1
     text = md.read_text()
     assert md == irun / "report/extra/interventions.md" and text.startswith("# Interventions")
-    assert "](figures/interventions.png)" in text and "**Reading:**" in text
+    assert "](figures/interventions.png)" in text and "**Does the edit work?**" in text and "residual stream" in text
     assert (irun / "report/figures/interventions.png").stat().st_size > 0
-    assert (out / "images.safetensors").is_file()
+    assert (out / "images_attn.safetensors").is_file() and (out / "images_block.safetensors").is_file()
     first = (out / "results.csv").read_bytes()
     # the CLI, same seed: byte-identical rows
     assert main(["intervene", "--run", str(irun), "--preset", "tiny", "--task", "saliency", "--no-progress"]) == 0
     assert capsys.readouterr().out.strip().endswith("interventions.md")
     again = (out / "results.csv").read_bytes().splitlines()
-    assert len(again) == 1 + 2 * len(CONDITIONS)                                # tiny preset: n_edits 2
-    assert again[:1 + len(CONDITIONS)] == first.splitlines()                    # edit 0 is the same edit
+    assert len(again) == 1 + 2 * 2 * n                                          # tiny preset: n_edits 2, two kinds
+    assert again[:1 + n] == first.splitlines()[:1 + n]                          # edit 0 is the same edit
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):

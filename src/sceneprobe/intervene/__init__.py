@@ -3,12 +3,16 @@
 During generation, the self-attention output at chosen (site, step)s is replaced by the activation optimised through
 that (site, step)'s probe toward a counterfactual label (the object moved; the depth map moved or mirrored), and the
 labeller scores the edited outputs against the counterfactual and the original, next to two controls (an equal-norm
-random edit and an edit through a probe of the permuted-weights U-Net). ``sceneprobe intervene --run RUN``.
+random edit and an edit through a probe of the permuted-weights U-Net, rescaled to the same norm). ``sceneprobe intervene --run RUN``.
 
 * :mod:`.editor` — :class:`Editor` (owned hooks), probes as differentiable heads, the Adam-on-activation edit;
 * :mod:`.targets` — counterfactual masks and depth maps;
 * :mod:`.run` — :func:`run_interventions`: generation, controls, scoring, ``run/interventions/*``;
+* :mod:`.verdicts` — the score of an edit (moved-mask gain, depth gain), CIs over edits, the verdict rule, plain words;
+* :mod:`.kinds` — probes of the residual stream (``site_kind: block``) for edits beside the attention output;
 * :mod:`.report` — ``run/report/extra/interventions.md`` and ``run/report/figures/interventions.png``.
+
+The verdicts for the report's paper-comparison table are in ``run/interventions/results.json`` (keys: :mod:`.run`).
 """
 from __future__ import annotations
 

@@ -9,8 +9,10 @@
 * :func:`optimise_activation` — the paper's edit: Adam on the activation itself, from the original activation,
   minimising the probe's loss against a counterfactual label (saliency: 2-class CE = BCE on the logit difference;
   depth: Huber δ = 1 on standardised depth).
-* :class:`ProbeEdit` / :class:`RandomEdit` — edit functions: through a probe (records ‖Δa‖ per site, step and sample),
-  or along a random direction with a given norm per (site, step, sample) (the equal-norm control).
+* :class:`ProbeEdit` / :class:`RandomEdit` — edit functions: through a probe (records ‖Δa‖ per site, step and sample;
+  optionally rescaled to given norms: the permuted-probe control is *norm-matched* to the real edit, so it differs
+  from it only in direction), or along a random direction with a given norm per (site, step, sample) (the equal-norm
+  control).
 
 Batch independence: the loss optimised is the *sum* over samples of per-sample mean losses and Adam is element-wise,
 so each sample's edit is what it would be alone; random directions come from a generator per (edit, site, step).
@@ -158,12 +160,18 @@ def optimise_activation(a0: torch.Tensor, head: ProbeHead, target: torch.Tensor,
 class ProbeEdit:
     """Edit function: at each planned (site, step), optimise the activation through that probe toward ``target``.
 
-    Records per (site, step): ``norms`` ‖a′ − a‖ (B,), ``before`` / ``after`` probe losses (B,).
+    With ``match_norms`` {(site, step): (B,)} the optimised change Δ is rescaled to that norm per sample,
+    a′ = a + Δ · n/‖Δ‖ (direction from this probe, size from another edit; a zero Δ stays zero).
+    Records per (site, step): ``norms`` ‖a′ − a‖ (B,) as applied, ``raw_norms`` ‖Δ‖ before any rescaling, ``before`` /
+    ``after`` probe losses (B,) (after: of the applied a′).
     """
 
-    def __init__(self, heads: Mapping[tuple[str, int], ProbeHead], target: torch.Tensor, lr: float, iters: int):
+    def __init__(self, heads: Mapping[tuple[str, int], ProbeHead], target: torch.Tensor, lr: float, iters: int,
+                 match_norms: Mapping[tuple[str, int], torch.Tensor] | None = None):
         self.heads, self.target, self.lr, self.iters = dict(heads), target, lr, iters
+        self.match_norms = None if match_norms is None else dict(match_norms)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}
+        self.raw_norms: dict[tuple[str, int], torch.Tensor] = {}
         self.before: dict[tuple[str, int], torch.Tensor] = {}
         self.after: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -171,8 +179,16 @@ class ProbeEdit:
         head = self.heads.get((site, step))
         if head is None:
             return None
-        new, b, f = optimise_activation(a, head, self.target, self.lr, self.iters)
         key = (site, step)
+        new, b, f = optimise_activation(a, head, self.target, self.lr, self.iters)
+        delta = new.float() - a.float()                                               # (B, C, H, W)
+        raw = delta.flatten(1).norm(dim=1)                                            # (B,)
+        self.raw_norms[key] = raw
+        if self.match_norms is not None:
+            want = self.match_norms[key].to(raw)
+            scale = torch.where(raw > 0, want / raw.clamp_min(1e-30), torch.zeros_like(raw))
+            new = (a.float() + delta * scale[:, None, None, None]).to(a.dtype)
+            f = head.loss(new.float(), self.target).detach()
         self.norms[key] = (new.float() - a.float()).flatten(1).norm(dim=1)
         self.before[key], self.after[key] = b, f
         return new
