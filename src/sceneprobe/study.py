@@ -202,8 +202,8 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         def interventions():
             from .intervene import run_interventions
             run_interventions(cfg, out, progress=progress)
-        st.run("interventions", fingerprint(cfg.intervene, cfg.report, "verdicts-1"), [out / "report" / "extra" / "interventions.md"],
-               interventions, clear=[out / "interventions"])
+        st.run("interventions", fingerprint(cfg.intervene, cfg.report, "verdicts-1"),
+               [out / "report" / "extra" / "interventions.md"], interventions, clear=[out / "interventions"])
 
     from .report.html import write_report
     path = write_report(out, extra_sections=extra)
