@@ -142,7 +142,8 @@ def test_sweep_probe_is_the_exact_brute_force_fit(tmp_path, bias):
     np.testing.assert_allclose(p.saliency[:6].numpy() * p.scale[:6].numpy(), lr.coef_[0], atol=1e-5)
     if bias:
         np.testing.assert_allclose(p.depth[6], r.intercept_, atol=1e-8)
-        np.testing.assert_allclose(p.saliency[6], lr.intercept_[0], atol=1e-5)
+        # the val-chosen decision threshold τ is folded into the intercept: logit − τ > 0
+        np.testing.assert_allclose(p.saliency[6] + p.threshold, lr.intercept_[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [ProbeConfig(bias=True, upsample="area"),

@@ -13,7 +13,6 @@ from sceneprobe.probe.sweep import read_results, run_probes
 from sceneprobe.probe.synthetic import synthetic_run
 from sceneprobe.report import write_report
 from sceneprobe.report.html import markdown_to_html
-from sceneprobe.report.summary import Results, emergence
 
 torch.set_num_threads(1)
 
@@ -40,36 +39,96 @@ def test_report_is_self_contained_and_answers_with_numbers(run, capsys):
                  "predictions_noised"):
         assert (run / "report" / "figures" / f"{name}.png").stat().st_size > 1000
     md = (run / "report" / "summary.md").read_text()
-    for question in ("Does the U-Net linearly encode depth and saliency?", "From which step?",
-                     "Does the VAE's self-attention encode them?", "How far above controls and baselines?",
-                     "Compared with the paper"):
+    for question in ("How to read this report", "Verdict rule", "Does the U-Net linearly encode depth and saliency?",
+                     "From which step?", "The VAE: encoder and decoder, separately",
+                     "How far above the controls and the strongest baseline?", "Compared with the paper",
+                     "Labels: exact"):
         assert question in md and question in page
-    assert re.search(r"\*\*depth: (yes|weakly|no)\.\*\* Best U-Net probe `unet\.\w+\.attn0` at step \d", md)
-    m = re.search(r"\*\*depth by RMSE: (yes|weakly|no)\.\*\* U-Net probe RMSE ([\d.]+) vs the best reference .*? ([\d.]+): "
-                  r"(\d+) % (lower|higher)", md)
-    assert m, "depth is also judged by RMSE against the baseline and controls"
-    gain = 1 - float(m.group(2)) / float(m.group(3))
-    assert m.group(5) == ("lower" if gain >= 0 else "higher") and abs(abs(100 * gain) - int(m.group(4))) <= 1
+    num = r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]"
+    assert re.search(rf"\*\*saliency: (yes|no|inconclusive)\.\*\* Best U-Net probe `unet\.\w+\.attn0` at step \d.*"
+                     rf"test Dice \*\*{num}\*\*.*probe − baseline \*\*{num}\*\* Dice", md)
+    assert re.search(rf"\*\*depth: (yes|no|inconclusive)\.\*\* .*skill over the layout prior \*\*{num}\*\*", md)
     assert "Labeller quality" in md and "<h3>Labeller quality</h3>" in page and "<b>0.9</b>" in page
 
 
-def test_extra_sections_hook(run):
-    page = write_report(run, extra_sections=[("Interventions", "Moved objects: 12 of 16."),
-                                             ("Raw", "<p id='raw'>html body</p>")]).read_text()
-    assert "<h3>Interventions</h3>" in page and "Moved objects: 12 of 16." in page and "<p id='raw'>" in page
-    assert page.index("Interventions") < page.index("Labeller quality")  # arguments first, then extra/*.md
+def test_summary_quotes_only_numbers_from_results_csv(run):
+    """Every decimal number in the summary's own part (before "Further analyses", whose sections belong to other
+    stages) is a value, lo or hi of some results.csv row, to the three decimals printed — or one of the report's
+    fixed constants (minimum effects and step fraction from the config, the paper's reference values, δ<1.25)."""
+    from sceneprobe.config import ReportConfig
+    from sceneprobe.report.summary import PAPER
+    write_report(run)
+    md = (run / "report" / "summary.md").read_text().split("\n## Further analyses")[0]
+    rows = read_results(run / "report" / "results.csv")
+    table = {f"{v:.3f}" for r in rows for v in (r["value"], r["lo"], r["hi"]) if v == v}
+    table |= {f"{-0.0:.3f}"}
+    rc = ReportConfig()
+    constants = {f"{x:g}" for x in (rc.min_dice, rc.min_skill, rc.min_edit, rc.step_fraction, *PAPER.values(),
+                                    1.25)}                                      # 1.25: in the metric name δ<1.25
+    quoted = re.findall(r"(?<![\w.])-?\d+\.\d+", md)
+    assert len(quoted) > 50
+    missing = [q for q in quoted if q not in table and q not in constants]
+    assert not missing, missing[:10]
+
+
+def test_cis_and_comparisons_are_in_results_csv_and_rewrites_are_stable(run):
+    write_report(run)
+    first = (run / "report" / "results.csv").read_bytes()
+    rows = read_results(run / "report" / "results.csv")
+    best = [r for r in rows if r["model"] == "ldm" and r["split"] == "test" and r["metric"] == "dice" and r["lo"] == r["lo"]]
+    assert best and all(r["lo"] <= r["value"] <= r["hi"] for r in best)
+    comps = [r for r in rows if "-vs-" in r["metric"]]
+    assert any(r["metric"].startswith("dice-vs-baseline:") for r in comps)
+    assert any(r["metric"].startswith("skill-vs-permuted:") for r in comps)
+    write_report(run)
+    assert (run / "report" / "results.csv").read_bytes() == first             # the report's rows are replaced
+
+
+def test_verdicts_follow_the_rule_on_planted_data(run):
+    """Planted signal in the U-Net, none in the permuted control: the U-Net beats the strongest baseline (yes),
+    the control does not (no), and the U-Net − control difference is yes."""
+    from sceneprobe.config import ReportConfig
+    from sceneprobe.probe.sweep import read_per_image, read_positions
+    from sceneprobe.report.analysis import analyse
+    pi = run / "report" / "per_image.safetensors"
+    _, an, f = analyse(read_results(run / "report" / "results.csv"), read_per_image(pi), read_positions(pi),
+                       ReportConfig())
+    f = f["noised"]
+    assert f["encodes"]["saliency"].verdict == "yes" and f["encodes"]["depth"].verdict == "yes"
+    assert f["groups"][("permuted", "unet")]["saliency"]["vs_strongest"].verdict == "no"
+    assert f["controls"]["saliency"][("permuted", "unet")].verdict == "yes"
+    strict = analyse(read_results(run / "report" / "results.csv"), read_per_image(pi), read_positions(pi),
+                     ReportConfig(min_dice=0.99, min_skill=0.99))[2]["noised"]
+    assert strict["encodes"]["saliency"].verdict != "yes"                     # an effect below the minimum
 
 
 def test_best_site_is_chosen_on_val_and_emergence(run):
+    from sceneprobe.report.analysis import Results, emergence_step, val_gain
     res = Results(read_results(run / "report" / "results.csv"))
     curve = res.curve("noised", "ldm", "unet", "saliency")
     assert [p.step for p in curve] == [0, 1, 2]
     for p in curve:
         vals = [res.get("noised", "ldm", s, p.step, "saliency", "val") for s in res.sites("noised", "ldm", "unet")]
         assert p.val == max(vals)
-    e = emergence(curve)
-    assert e.test >= 0.9 * max(p.test for p in curve)
-    assert all(p.test < 0.9 * max(q.test for q in curve) for p in curve if p.step < e.step)
+    gains = [(p, val_gain(res, "noised", p, "saliency", "mean-map")) for p in curve]
+    k, best = emergence_step(gains, 0.9)
+    top = max(g for _, g in gains)
+    assert dict((p.step, g) for p, g in gains)[k.step] >= 0.9 * top
+    assert all(g < 0.9 * top for p, g in gains if p.step < k.step)
+    assert emergence_step([(p, -1.0) for p in curve], 0.9) is None           # no gain: no emergence step
+
+
+def test_intervention_claims_are_quoted_with_their_verdicts():
+    from sceneprobe.report.analysis import intervention_claims
+    est = lambda m, lo, hi: {"mean": m, "lo": lo, "hi": hi, "n": 16}          # noqa: E731
+    block = {"metric": "moved-mask gain", "gain": {"probe": est(0.02, -0.01, 0.05), "random": est(0.0, -0.02, 0.02)},
+             "probe_minus": {"random": est(0.02, -0.01, 0.04)}, "strongest_control": "random", "answer": "no"}
+    claims, ests = intervention_claims({"protocol": "generate", "tasks": {"saliency": {"attn": block}}})
+    assert claims == [{"claim": "moves the object", "where": "attn", "task": "saliency", "answer": "no",
+                       "text": "moved-mask gain 0.020 [-0.010, 0.050]; probe − strongest control (random) "
+                               "0.020 [-0.010, 0.040]"}]
+    assert [e.metric for e in ests] == ["gain", "gain-vs-random"]
+    assert intervention_claims(None) == ([], [])
 
 
 def test_markdown_subset():

@@ -8,20 +8,28 @@ Usage::
 Per (protocol, model, site, step) one pass over the probe-train rows accumulates, in float64, ``G = XᵀDX`` and
 ``XᵀS`` for the native positions (D = pixels per position, S = label sums, see :mod:`.fit`); depth is ridge for all λ
 at once, saliency an IRLS path warm-started from the same statistics (the train rows stay in memory for its passes up
-to CACHE_BYTES, else they are re-read). λ is chosen on the validation split (depth: lowest RMSE; saliency: highest
-Dice, from the path solved to 1e-3 relative; ties → the larger λ), then the chosen saliency probe is solved to float64
-precision. The test split is only ever scored. Features are divided by their train RMS inside the penalty only
-(λ‖w·s‖² in raw units), so one λ grid means the same at every site and the probe stays linear without bias.
+to CACHE_BYTES, else they are re-read). λ is chosen on the validation split (depth: lowest MSE; saliency: highest
+Dice, each λ at its own val-chosen decision threshold, from the path solved to 1e-3 relative; ties → the larger λ),
+then the chosen saliency probe is solved to float64 precision and its decision threshold τ (salient ⇔ logit > τ,
+highest val Dice) is folded into its intercept. The intercept (``probe.bias``, default on) is unpenalised;
+``probe.bias: false`` is the paper's no-bias probe with its argmax rule (τ = 0). A λ chosen on the grid's edge is
+flagged (``lambda_edge``). The test split is only ever scored. Features are divided by their train RMS inside the
+penalty only (λ‖w·s‖² in raw units), so one λ grid means the same at every site.
+
+Baselines (:mod:`.baselines`) are fitted on train and tuned on val the same way and scored with the same code; depth
+skill = 1 − ΣMSE(probe)/ΣMSE(position-only baseline at the site's native size), on the same images.
 
 Outputs::
 
     probes/<protocol>/<model>/<site>/step_XX.safetensors  weights of both tasks in raw activation units + metadata
     report/results.csv, report/results.json               long form, sorted, fixed formatting (byte-identical reruns)
+    report/per_image.safetensors                          every metric per test image (protocol/model/site/step/...)
 
 Probe file tensors: ``depth.weight`` (C, 1), ``depth.bias`` (1,) — standardised depth = x·w + b, depth =
 ``depth_norm[0] + depth_norm[1]·(x·w + b)``; ``saliency.weight`` (C, 2), ``saliency.bias`` (2,) — the paper's
 2-class format, salient = argmax = (x·(w₁ − w₀) + b₁ − b₀ > 0); ``feature_scale`` (C,) the RMS used to scale the
-penalty; ``lambda`` (2,) (depth, saliency; 0 for the Adam solver); ``nonfinite`` (1,) activations that were
+penalty; ``lambda`` (2,) (depth, saliency; 0 for the Adam solver); ``saliency.threshold`` (1,) the val-chosen τ
+already folded into ``saliency.bias``; ``test.<task>.<metric>`` per-test-image scores; ``nonfinite`` (1,) activations that were
 not finite (fp16 overflow in a control) and were read as 0. Metadata: the config fingerprint and this probe's
 result rows, so a rerun skips finished probes and still writes the full table.
 """
@@ -208,6 +216,7 @@ class Probe:
     lam: tuple[float, float]
     selected: dict[str, tuple[str, float]]   # task → (selection metric name, value), e.g. ("lambda", 0.01)
     nonfinite: int = 0
+    threshold: float = 0.0           # val-chosen logit threshold τ, already folded into the saliency intercept
 
 
 def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
@@ -248,12 +257,46 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
 
     L, sc = len(lams), labels.scorer(1, h, w)
     z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias).numpy()  # (n, 2L, h, w)
-    rm, dc = sc.depth(z[:, :L], spearman=False)["rmse"], sc.saliency(z[:, L:])["dice"]            # (n, L)
+    rm = sc.depth(z[:, :L], spearman=False)["rmse"]                                              # (n, L)
     i_d = _pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams)                 # lowest val MSE (= best skill)
-    i_s = _pick([nanmean(dc[:, i]) for i in range(L)], lams)
+    if cfg.bias:
+        dice_s = [tune_threshold(sc, z[:, L + i])[0] for i in range(L)]           # Dice at each λ's best threshold
+    else:
+        dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]              # the paper's argmax rule
+    i_s = _pick(dice_s, lams)
     ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s])
-    return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]),
-                 {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, nonfinite)
+    selected = {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}
+    tau = 0.0
+    if cfg.bias:
+        ts, tau = with_val_threshold(store, site, step, labels, ts)
+    return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]), selected, nonfinite, tau)
+
+
+def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 63) -> tuple[float, float]:
+    """(best mean val Dice, its threshold τ) of the rule salient ⇔ logit > τ, over τ = 0, quantiles of the logits
+    and one below all of them (all salient); ties → the τ nearest 0. ``logits`` (n, h, w) on val."""
+    v = np.asarray(logits, dtype=np.float64)
+    cands = np.unique(np.concatenate([[0.0, v.min() - 1.0], np.quantile(v, np.linspace(0.005, 0.995, n_cand))]))
+    dice = sc.saliency(v[:, None] - cands[None, :, None, None])["dice"]                       # (n, K)
+    score = np.array([nanmean(dice[:, k]) for k in range(len(cands))])
+    if not np.isfinite(score).any():
+        return float("nan"), 0.0
+    best = np.nanmax(score)
+    ok = np.flatnonzero(score >= best - 1e-12)
+    k = ok[np.argmin(np.abs(cands[ok]))]
+    return float(best), float(cands[k])
+
+
+def with_val_threshold(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
+                       theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(θ, τ): the saliency probe with its decision threshold τ chosen on val folded into the intercept (last entry
+    of θ): the probe stays linear and "salient ⇔ logit > 0" now means "logit > τ" of the maximum-likelihood fit."""
+    _, h, w = store.shape(site)
+    z = _predict(store, site, step, labels.idx(1), theta[None], True).numpy()[:, 0]       # (n, h, w)
+    _, tau = tune_threshold(labels.scorer(1, h, w), z)
+    out = theta.clone()
+    out[-1] -= tau
+    return out, tau
 
 
 def lambda_edge(lam: float, lams) -> str:
@@ -299,8 +342,11 @@ def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLa
     theta_d = torch.cat([rd.weight[:, 0], rd.bias[:1]]) if cfg.bias else rd.weight[:, 0]
     wl = rs.weight[:, 1] - rs.weight[:, 0]                                     # 2-class softmax → logit difference
     theta_s = torch.cat([wl, (rs.bias[1] - rs.bias[0])[None]]) if cfg.bias else wl
+    tau = 0.0
+    if cfg.bias:
+        theta_s, tau = with_val_threshold(store, site, step, labels, theta_s)
     return Probe(theta_d, theta_s, torch.ones(C, dtype=torch.float64), (0.0, 0.0),
-                 {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad)
+                 {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad, tau)
 
 
 def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.ndarray | None,
@@ -371,6 +417,7 @@ def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, pro
             per_image = m
     for task, (name, value) in probe.selected.items():
         out[(task, "val", name)] = value
+    out[("saliency", "val", "threshold")] = probe.threshold
     return out, per_image
 
 
@@ -382,6 +429,7 @@ def probe_tensors(probe: Probe, C: int, bias: bool, labels: ProtocolLabels) -> d
     t = {"depth.weight": wd[:, None], "depth.bias": bd.reshape(1),
          "saliency.weight": torch.stack([-ws / 2, ws / 2], 1), "saliency.bias": torch.cat([-bs / 2, bs / 2]),
          "feature_scale": probe.scale[:C], "lambda": torch.tensor(probe.lam, dtype=torch.float64),
+         "saliency.threshold": torch.tensor([probe.threshold], dtype=torch.float64),
          "depth_norm": torch.tensor([labels.depth_mean, labels.depth_std], dtype=torch.float64)}
     return {k: v.float().contiguous() for k, v in t.items()}
 
@@ -538,11 +586,14 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
         bar.update(1)
         bar.set_postfix_str(f"{labels.protocol}/{model}/{site}/step {step}", refresh=False)
     bar.close()
+    positions = {}
     for _, labels, stores in groups:
         sizes = {tuple(s.shape(site)[1:]) for s in stores for site in s.sites} | {labels.size}
         rows += baseline_rows(labels, sorted(sizes), cfg.upsample, arrays)
         arrays[per_image_key(labels.protocol, "test-rows")] = labels.idx(2).astype(np.int64)
-    write_per_image(run / "report", arrays)
+        positions.update({f"{labels.protocol}/{site}": prior_site(labels, *s.shape(site)[1:])
+                          for s in stores for site in s.sites})
+    write_per_image(run / "report", arrays, positions)
     return write_results(run / "report", rows, cfg)
 
 
@@ -574,11 +625,13 @@ def per_image_key(protocol: str, model: str, site: str = "", step: int = -1, tas
     return "/".join([protocol, model] + ([site, str(step), task, metric] if site else []))
 
 
-def write_per_image(out: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Per-test-image metrics of every probe and baseline (float64), for the report's paired bootstrap."""
+def write_per_image(out: Path, arrays: dict[str, np.ndarray], positions: dict[str, str] | None = None) -> Path:
+    """Per-test-image metrics of every probe and baseline (float64), for the report's paired bootstrap; metadata
+    ``positions``: ``protocol/site`` → the site name of its position-only baseline (the same native size)."""
     from safetensors.numpy import save as np_save
     data = np_save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},
-                   metadata={"key": "protocol/model/site/step/task/metric"})
+                   metadata={"key": "protocol/model/site/step/task/metric",
+                             "positions": json.dumps(positions or {}, sort_keys=True)})
     atomic_write_bytes(out / "per_image.safetensors", data)
     return out / "per_image.safetensors"
 
@@ -589,6 +642,13 @@ def read_per_image(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise fail(f"per-image results {path} are missing; rerun `sceneprobe probe --run {path.parent.parent}`")
     return load_file(str(path))
+
+
+def read_positions(path: Path) -> dict[str, str]:
+    """``protocol/site`` → position-only baseline site (metadata of ``per_image.safetensors``)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+        return json.loads((f.metadata() or {}).get("positions", "{}"))
 
 
 def _sort_key(r: dict):

@@ -12,12 +12,13 @@ import torch  # noqa: E402
 
 from ..errors import SceneprobeError  # noqa: E402
 from ..probe.metrics import HEADLINE  # noqa: E402
-from .summary import MAIN_MODEL, Results, group_label  # noqa: E402
+from .analysis import MAIN_MODEL, Results, baseline_label, group_label  # noqa: E402
 
 DPI = 100
-LIMITS = {"dice": (0.0, 1.0), "spearman": (-0.2, 1.0)}
-STYLE = {("ldm", "unet"): ("C0", "-", "o"), ("ldm", "vae"): ("C1", "-", "s"), ("permuted", "unet"): ("C3", "--", "v"),
-         ("fresh", "unet"): ("C2", "--", "^")}
+LIMITS = {"dice": (0.0, 1.0), "spearman": (-0.2, 1.0), "skill": (-0.5, 1.0)}
+STYLE = {("ldm", "unet"): ("C0", "-", "o"), ("ldm", "vae.dec"): ("C1", "-", "s"), ("ldm", "vae.enc"): ("C1", ":", "x"),
+         ("permuted", "unet"): ("C3", "--", "v"), ("fresh", "unet"): ("C2", "--", "^"),
+         ("permuted", "vae.dec"): ("C5", "--", "<"), ("fresh", "vae.dec"): ("C4", "--", ">")}
 
 
 def _save(fig, path: Path) -> Path:
@@ -61,19 +62,33 @@ def heatmap(res: Results, protocol: str, task: str, out: Path) -> Path:
     return _save(fig, out / f"heatmap_{protocol}_{task}.png")
 
 
-def curves(res: Results, protocol: str, task: str, out: Path) -> Path:
-    """Test headline metric of the val-chosen best site per step, one line per (model, site family), baseline dashed."""
+def curves(res: Results, protocol: str, task: str, out: Path, findings: dict | None = None) -> Path:
+    """Test headline metric of the val-chosen best site per step, one line per (model, site family), the U-Net's
+    95 % CI as a band, the strongest baseline dotted and (where there is one) the image read-out dashed."""
     metric = HEADLINE[task]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    f = findings or {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for model, fam in res.groups(protocol):
         c = res.curve(protocol, model, fam, task)
         if not c:
             continue
         color, ls, mk = STYLE.get((model, fam), (None, ":", "."))
         ax.plot([p.step for p in c], [p.test for p in c], ls, marker=mk, color=color, label=group_label(model, fam))
-    base = res.baseline(protocol, task)
-    if base is not None:
-        ax.axhline(base, color="grey", ls=":", label="mean-map baseline")
+    band = f.get("emergence", {}).get(task, {}).get("curve", [])
+    if band:
+        ax.fill_between([p.step for p, _ in band], [e.lo for _, e in band], [e.hi for _, e in band], color="C0",
+                        alpha=0.15, lw=0, label="U-Net 95 % CI")
+    ro = f.get("readout", {}).get(task, [])
+    if ro:
+        ax.plot([st for st, _, _ in ro], [r.mean for _, r, _ in ro], "--", color="k", marker=".",
+                label="image read-out (labeller on x̂₀)" + (" vs mean map" if task == "depth" else ""))
+    s = f.get("strongest", {}).get(task)
+    base = res.baseline(protocol, s, task) if s else None
+    if base is not None and task == "depth":
+        # skill of the strongest baseline over the position-only probe is not one number: skill 0 = layout prior
+        ax.axhline(0.0, color="grey", ls=":", label="position-only baseline (skill 0)")
+    elif base is not None:
+        ax.axhline(base, color="grey", ls=":", label=f"strongest baseline: {baseline_label(s)}")
     ax.set_xlabel("denoising step (0 = noisiest)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"test {metric} (best site on val)")

@@ -15,9 +15,10 @@ from typing import Sequence
 
 from ..atomic import atomic_write_text
 from ..errors import fail
-from ..probe.sweep import read_results
+from ..probe.sweep import COLUMNS, _cell, _sort_key, read_per_image, read_positions, read_results
 from . import figures
-from .summary import TASKS, Results, summary_markdown
+from .analysis import TASKS, analyse, intervention_claims, merge_rows
+from .summary import summary_markdown
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
@@ -108,14 +109,21 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     rows = read_results(out / "results.csv")
     if not rows:
         raise fail(f"results file {out / 'results.csv'} has no rows; rerun `sceneprobe probe --run {run}`")
-    res = Results(rows)
+    rc = _report_config(run)
+    pi = out / "per_image.safetensors"
+    arrays, positions = (read_per_image(pi), read_positions(pi)) if pi.is_file() else ({}, {})
+    readouts = _readouts(run, {r["protocol"] for r in rows})
+    claims, iv_ests = intervention_claims(_read_json(run / "interventions" / "summary.json"))
+    analysed = analyse(rows, arrays, positions, rc, readouts)
+    res, an, findings = analysed
+    write_results_table(out, merge_rows(rows, an.ests + iv_ests))
     fig_dir = out / "figures"
     figs: dict[str, Path] = {}
     for p in res.protocols:
         if not res.models(p):
             continue
         for task in TASKS:
-            figs[f"{p}: {task}, best site per step"] = figures.curves(res, p, task, fig_dir)
+            figs[f"{p}: {task}, best site per step"] = figures.curves(res, p, task, fig_dir, findings[p])
         for task in TASKS:
             figs[f"{p}: {task}, site × step"] = figures.heatmap(res, p, task, fig_dir)
         grid = figures.prediction_grid(run, res, p, fig_dir)
@@ -123,7 +131,9 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
             figs[f"{p}: probe predictions at early, middle and late steps"] = grid
     rel = {cap: path.relative_to(out).as_posix() for cap, path in figs.items()}
     extras = list(extra_sections) + _extra_files(out)
-    md = summary_markdown(rows, rel)
+    rj = out / "results.json"
+    cfg = json.loads(rj.read_text()).get("probe_config") if rj.is_file() else None
+    md = summary_markdown(rows, rel, analysed, rc, cfg, claims)
     md += "\n## Further analyses\n\n"
     if extras:
         for title, body in extras:
@@ -146,11 +156,68 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     for title, text in extras:
         inner = text if text.lstrip().startswith("<") else markdown_to_html(text, images)
         body.append(f"<section><h3>{html.escape(title)}</h3>\n{inner}</section>")
-    rj = out / "results.json"
-    cfg = json.loads(rj.read_text()).get("probe_config") if rj.is_file() else None
     if cfg:
         body.append(f"<h2>Probe configuration</h2><pre>{html.escape(json.dumps(cfg, indent=2, sort_keys=True))}</pre>")
     page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>sceneprobe report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _report_config(run: Path):
+    """The run's ``report`` section (``run/config.yaml``), else the defaults."""
+    from ..config import ReportConfig, config_from_dict
+    try:
+        import yaml
+        return config_from_dict(yaml.safe_load((run / "config.yaml").read_text()) or {}).report
+    except Exception:                                                          # no or foreign config: defaults
+        return ReportConfig()
+
+
+def _readouts(run: Path, protocols) -> dict:
+    """{protocol: image read-out per step} where the read-out stage wrote one (``run/readout/<protocol>.csv``)."""
+    protocols = [p for p in sorted(protocols) if (run / "readout" / f"{p}.csv").is_file()]
+    if not protocols:                                                          # skip the labeller's heavy imports
+        return {}
+    try:
+        from ..labeller.readout import load_readout
+    except ImportError:
+        return {}
+    out = {}
+    for p in protocols:
+        try:
+            r = load_readout(run, p)
+        except Exception:                                                      # damaged read-out: report without it
+            r = None
+        if r is not None:
+            out[p] = r
+    return out
+
+
+def write_results_table(out: Path, rows: list[dict]) -> Path:
+    """results.csv (and the rows of results.json) with the report's CIs and comparison rows merged in."""
+    import csv
+    import io
+    import math
+    rows = sorted(rows, key=_sort_key)
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(COLUMNS)
+    for r in rows:
+        wr.writerow([_cell(r, c) for c in COLUMNS])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    rj = out / "results.json"
+    data = _read_json(rj) or {"columns": list(COLUMNS)}
+    data["rows"] = [{**{c: r.get(c, "") for c in COLUMNS},
+                     **{k: None if math.isnan(r.get(k, math.nan)) else r[k] for k in ("value", "lo", "hi")}}
+                    for r in rows]
+    from ..atomic import atomic_write_json
+    atomic_write_json(rj, data)
+    return out / "results.csv"
