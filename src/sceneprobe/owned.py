@@ -9,7 +9,8 @@
   when its process dies (even by SIGKILL), so a killed run never blocks its own resume. The lock file is removed on
   release; an acquirer checks that the file it locked is still the one on disk (so removal is race-free).
 * **Rollback**: a folder created by a command that then fails with a user error is removed again when it holds only
-  scaffolding (marker, lock, ``config.yaml``, an empty ``.stages/``); a marker added to an empty folder is removed too.
+  scaffolding (marker, lock, ``config.yaml``, an empty ``.stages/``); a marker this command added to a folder it
+  adopted is removed too.
 
 Under ``accelerate launch`` only the main process (RANK 0) takes the lock; the other ranks write into the folder the
 main process holds.
@@ -213,7 +214,7 @@ def _rollback(folder: Path, created: bool, added_marker: bool) -> None:
         return
     if created and scaffold_only:
         shutil.rmtree(folder, ignore_errors=True)
-    elif added_marker and entries <= {MARKER}:
+    elif added_marker:                                                 # adopted by this failed command: undo
         (folder / MARKER).unlink(missing_ok=True)
 
 

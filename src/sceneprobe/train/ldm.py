@@ -20,7 +20,7 @@ from ..config import Config, dump_yaml
 from ..errors import fail
 from ..models.build import build_train_scheduler, build_unet, latent_size
 from ..models.io import LDM, load_vae, model_hash, save_model
-from .loop import LoopSpec, train_loop
+from .loop import LoopSpec, preflight, train_loop
 from ..sample import to_latent
 from ..models.latents import encode_mode
 
@@ -81,6 +81,9 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
         raise fail(f"dataset {data.root} has {train.rgb.shape[1]}px images but the VAE in {run / 'vae'} was trained on "
                    f"{vae.config.sample_size}px; render scenes at that size")
     tdir = run / "train_ldm"
+    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
+        (tdir / "checkpoint.pt").unlink(missing_ok=True)
+    preflight(tdir, resume)  # before writing anything: --resume needed, checkpoint readable
     tdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tdir / "config.yaml", dump_yaml(cfg))
     z = cached_latents(vae, train, tdir)  # (N, c, h, w)
@@ -104,8 +107,6 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, ema_decay=tc.ema_decay, desc="train-ldm")
-    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
-        (spec.out / "checkpoint.pt").unlink(missing_ok=True)
     unet, ema = train_loop(unet, loss_fn, spec, resume=resume, progress=progress)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves

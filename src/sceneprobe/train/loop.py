@@ -8,6 +8,7 @@ Learning rate: linear warm-up over ``warmup`` steps, then cosine decay from ``lr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -67,6 +68,32 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def preflight(out: Path, resume: bool, model: torch.nn.Module | None = None) -> None:
+    """Check a training folder before anything is written into it: a checkpoint left by a killed run needs --resume
+    (a rerun must not silently start again from step 0), and a resumed checkpoint must be readable (and fit
+    ``model``, when given)."""
+    ckpt = Path(out) / "checkpoint.pt"
+    if ckpt.exists() and not resume:
+        raise fail(f"{out} holds a checkpoint of an interrupted training ({ckpt.name}); pass --resume to continue it, "
+                   f"or --force to start over")
+    if resume and ckpt.exists():
+        state = read_checkpoint(ckpt)
+        if model is not None:
+            import copy
+            with _fits(ckpt):
+                copy.deepcopy(model).load_state_dict(state["model"])
+
+
+@contextlib.contextmanager
+def _fits(ckpt: Path):
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise fail(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:120] if str(e) else ''}); it is from another architecture or "
+                   f"config: pass --force to start over with this config") from None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the log lines of steps already in the checkpoint (the rest will be replayed)."""
     if not path.exists():
@@ -92,22 +119,15 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, spec: LoopSpec, resume: 
                    foreach=True) \
         if spec.ema_decay else None
     start = 0
-    if ckpt.exists() and not resume:
-        # A rerun after a kill must not silently start again from step 0 (nor silently resume): say which to pass.
-        raise fail(f"{out} holds a checkpoint of an interrupted training ({ckpt.name}); pass --resume to continue it, "
-                   f"or --force to start over")
+    preflight(out, resume)
     if resume and ckpt.exists():
         state = read_checkpoint(ckpt)
-        try:
+        with _fits(ckpt):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             if ema is not None and state["ema"] is not None:
                 ema.load_state_dict(state["ema"])
             start = int(state["step"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise fail(f"checkpoint {ckpt} does not fit this model ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:120] if str(e) else ''}); it is from another architecture or "
-                       f"config: pass --force to start over with this config") from None
         _truncate_metrics(log_path, start)
     elif log_path.exists():
         log_path.unlink()

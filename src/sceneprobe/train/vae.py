@@ -17,7 +17,7 @@ from ..errors import fail
 from ..models.build import build_vae, init_vae_logvar
 from ..models.io import save_model
 from ..models.latents import evaluate_vae, set_latent_stats
-from .loop import LoopSpec, train_loop
+from .loop import LoopSpec, preflight, train_loop
 
 
 def _batch(rgb: torch.Tensor, g: torch.Generator, batch: int, crop: int) -> torch.Tensor:
@@ -59,6 +59,9 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     rgb = torch.from_numpy(train.rgb).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
     crop = tc.crop if tc.crop and tc.crop < size else 0
     tdir = run / "train_vae"
+    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
+        (tdir / "checkpoint.pt").unlink(missing_ok=True)
+    preflight(tdir, resume, vae)  # before writing anything: --resume needed, checkpoint readable and fitting
     tdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tdir / "config.yaml", dump_yaml(cfg))
 
@@ -67,15 +70,14 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, desc="train-vae")
-    if force and not resume:  # start over: the old checkpoint is dropped, not resumed
-        (spec.out / "checkpoint.pt").unlink(missing_ok=True)
     vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
         return run / "vae"
     # Normalise the latents per channel for the diffusion model (diffusers' latents_mean / latents_std keys).
     set_latent_stats(vae, train.rgb[:1024])
-    heldout = data.subset("test") if len(data.subset("test")) else data.subset("val")
+    heldout = next((data.subset(s) for s in ("test", "val", "train") if len(data.subset(s))))  # a user's folder may
+    # have no held-out images at all (split by name hash): then the figures are on training images
     metrics = evaluate_vae(vae, heldout.rgb)
     metrics["latents_mean"] = list(vae.config.latents_mean)
     metrics["latents_std"] = list(vae.config.latents_std)
