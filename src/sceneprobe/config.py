@@ -219,7 +219,7 @@ class ProbeConfig:
     bias: bool = True             # unpenalised intercept; False = the paper's no-bias probe (parity)
     # one λ per decade, wide enough that the val-chosen λ is interior (a choice on an edge is flagged in results.csv)
     lambdas: tuple[float, ...] = opt((1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
-                                     ge=0.0, le=1e12, min_items=1)
+                                     gt=0.0, le=1e12, min_items=1)
     depth_target: str = opt("depth", choices=("depth", "inverse"))  # "inverse": 1/depth (MiDaS's convention)
     epochs: int = opt(30, ge=1, le=100_000)
     lr: float = opt(1e-3, gt=0.0, le=10.0)
