@@ -121,3 +121,14 @@ def test_labeller_provenance_scores_clean_renders_and_vae_reconstructions(tiny_d
     assert p["clean"] == evaluate_labeller(lab, tiny_data)
     assert p["vae_reconstruction"] == evaluate_labeller(lab, tiny_data, images=recon)
     assert p["vae_reconstruction"]["saliency_dice"] != p["clean"]["saliency_dice"]
+
+
+def test_the_report_section_shows_clean_and_reconstruction_scores_side_by_side(tmp_path):
+    import json
+
+    from sceneprobe.study import extra_sections
+    clean = {"n_images": 5, "depth_spearman": 0.97, "saliency_dice": 0.968}
+    recon = {"n_images": 5, "depth_spearman": 0.957, "saliency_dice": 0.791}
+    (tmp_path / "labeller_eval.json").write_text(json.dumps({"clean": clean, "vae_reconstruction": recon}))
+    body = dict(extra_sections(tmp_path))["Labeller quality (held-out rendered scenes and their VAE reconstructions)"]
+    assert "| saliency_dice | 0.968 | 0.791 |" in body and "5 held-out scenes" in body

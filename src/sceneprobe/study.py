@@ -245,21 +245,23 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
     out = []
     shipped = _read_json(run / "model_training.json") or {}
     lab = _read_json(run / "labeller" / "training.json") or _read_json(run / "train_labeller" / "eval.json")
-    if lab:
+    prov = _read_json(run / "labeller_eval.json")
+    if prov and "vae_reconstruction" in prov:   # the run's own check: clean renders and their VAE reconstructions
+        c, r = prov["clean"], prov["vae_reconstruction"]
+        rows = "\n".join(f"| {k} | {c[k]:.4g} | {r[k]:.4g} |" for k in c
+                         if isinstance(c.get(k), float) and isinstance(r.get(k), float))
+        out.append(("Labeller quality (held-out rendered scenes and their VAE reconstructions)",
+                    "The labeller plays MiDaS and TRACER's role: the generate-protocol labels are its reading of the "
+                    "generated images — decoded latents — not exact labels. Its accuracy against the exact labels of "
+                    f"{c.get('n_images')} held-out scenes of the run's world, on the renders and on the run's VAE "
+                    "reconstructions of the same scenes (what generated images are made of; `labeller_eval.json`), "
+                    "bounds what the generate-protocol probes can show.\n\n"
+                    "| metric | clean renders | VAE reconstructions |\n|---|---|---|\n" + rows))
+    elif lab:
         out.append(("Labeller quality (held-out rendered scenes)",
                     "The labeller plays MiDaS and TRACER's role: it labels the generated images. Its accuracy on "
                     "held-out rendered scenes with exact ground truth bounds what the generate-protocol probes can "
                     "show.\n\n" + _metric_table(lab.get("eval", lab))))
-    prov = _read_json(run / "labeller_eval.json")
-    if prov and "vae_reconstruction" in prov:
-        c, r = prov["clean"], prov["vae_reconstruction"]
-        rows = "\n".join(f"| {k} | {c[k]:.4g} | {r[k]:.4g} |" for k in c
-                         if isinstance(c.get(k), float) and isinstance(r.get(k), float))
-        out.append(("Label provenance: the labeller on VAE reconstructions",
-                    "The generate-protocol labels are the labeller's reading of decoded latents, not exact labels. "
-                    f"Its accuracy against the exact labels of {c.get('n_images')} held-out scenes, on the renders "
-                    "and on the run's VAE reconstructions of the same scenes (`labeller_eval.json`):\n\n"
-                    "| metric | clean renders | VAE reconstructions |\n|---|---|---|\n" + rows))
     q = _read_json(run / "train_ldm" / "eval.json") or shipped.get("train_ldm", {}).get("eval")
     if q:
         out.append(("Generated image quality",
