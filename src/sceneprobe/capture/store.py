@@ -4,7 +4,9 @@ Layout of a store (``captures/<protocol>/<model>/``)::
 
     manifest.json                      written last: sites, shapes, steps, timesteps, n, sample ids, seeds, ...
     progress/rank<r>.json              rows finished so far (resume); removed when the store is complete
-    <site>/step_XX.safetensors         one tensor "activations", shape (N, C, h, w), float16 by default
+    <site>/step_XX.safetensors         one tensor "activations", shape (N, C, h, w), float16 by default; one file per
+                                       stored step of the site (``manifest["sites"][site]["steps"]``: every step, or
+                                       only ``[0]`` for a step-independent site such as the VAE encoder)
 
 A shard is a valid safetensors file from the moment it is created: its header declares the full (N, C, h, w) tensor
 and the file is pre-sized (sparse) to hold it; rows are written in place at their byte offsets as batches are
