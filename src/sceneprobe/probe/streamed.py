@@ -1,0 +1,400 @@
+"""Low-storage probing for Stable Diffusion at the paper's scale (``capture: {store: streamed}``): no activation store.
+
+The paper's sweep would need a 250 GB store (16 U-Net sites + the VAE site × 15 steps × 617 images at 512 px). What
+the probes need is much less, and the sampling order can make each image be sampled exactly once:
+
+1. **train images** (sampled first): each batch's activations stay on the device until its images are made and
+   labelled; then, per (site, step), the sufficient statistics of the weighted least-squares fit are accumulated in
+   float64 on the device — ``G = XᵀDX`` and ``XᵀS`` with S = [target block sum, positive count, pixel count] per native
+   position, with an intercept column (:class:`~sceneprobe.probe.fit.RidgeStats`, the sweep's own statistics). The
+   target is standardised afterwards by algebra: ``Xᵀ((y − m)/s) = (Xᵀy − m·Xᵀn)/s`` (m, s: train mean and std).
+   Besides, a fixed random subsample of ``capture.subsample`` native positions per image (all of them when the grid
+   is that small) is kept for the saliency fit, with weights ``n_j·hw/m`` (an unbiased estimate of the full
+   objective). Activations are rounded to ``capture.dtype`` first: exactly what a full store would hold.
+2. **fit**: depth = ridge for every λ from G and XᵀS (exact: the full store's probe, to float rounding); saliency =
+   the sweep's IRLS logistic path (to 1e-3 relative) on the subsample, started from the exact full-data first Newton
+   step (with the whole grid as the subsample, it is the full store's path).
+3. **validation images**: predictions of every λ's probe (native resolution, float32) are kept; λ is chosen with the
+   sweep's rule (depth: lowest mean MSE; saliency: highest mean Dice; ties → larger λ), then the chosen saliency
+   probe is refined to float64 convergence, as in the sweep. Its decision threshold τ (with an intercept) and its
+   validation metrics come from the path probe's validation logits (within 1e-3 relative of the refined probe's:
+   only pixels whose logit is that close to τ can differ); the test split is scored with the refined probe.
+4. **test images**: predictions of the chosen probes are kept; then every metric of the sweep (val and test, skill
+   over the position-only baseline, per-image arrays for the bootstrap, the baselines) is computed with the sweep's
+   own functions from these predictions and the labels. Probe files and ``results.csv`` have the sweep's format.
+
+What it keeps (SD v1.x, 512 px, 617 images, PNDM's 16 U-Net calls): G on the device ≈ 1.5 GB per model; subsample
+(64 positions, float16) ≈ 6.5 GB RAM; validation predictions ≈ 4 GB, test predictions ≈ 1.5 GB RAM. On disk: images,
+labels, probes — about 2 GB. The permuted control is scored against the model's labels (same seeds, same rows).
+Resume: a model whose probes are finished (``captures/sd/<model>/streamed.json``) is skipped; an interrupted model
+starts again from its first image. One process only (the full store is the mode for ``accelerate launch``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_bytes, atomic_write_json
+from ..config import Config, to_dict
+from ..errors import fail
+from . import fit
+from . import sweep as sw
+from .metrics import NearestScorer, nanmean, ranks
+
+STREAMED_VERSION = 1
+
+
+@dataclass
+class Acc:
+    """One (site, step): statistics on the device, subsample and predictions on the CPU."""
+    G: torch.Tensor                       # (C+1, C+1) float64, last column = intercept
+    B: torch.Tensor                       # (C+1, 3) float64: Xᵀ[raw target sum, positives, pixels]
+    P: float = 0.0
+    nonfinite: int = 0
+    sub: list = field(default_factory=list)     # [(X (m, C+1) float16, n (m,), pos (m,))] per train image
+    val: list = field(default_factory=list)     # [(b, 2L, h, w) float32]
+    test: list = field(default_factory=list)    # [(b, 2, h, w) float32]
+    theta_d: torch.Tensor | None = None          # (L, d) raw coordinates
+    theta_s: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    chunks: list | None = None
+    pick: tuple[int, int] = (0, 0)
+    tau: float = 0.0                            # val-chosen saliency threshold, folded into the intercept
+
+
+def _clean(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    bad = ~torch.isfinite(x)
+    nbad = int(bad.sum())
+    return (torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x) if nbad else x), nbad
+
+
+def _design(x: torch.Tensor) -> torch.Tensor:
+    """(b, C, h, w) → rows (b·h·w, C+1) float64 with the intercept column last, row order (image, y, x)."""
+    X = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
+    return torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
+
+
+def target_of(depth: np.ndarray, target: str) -> np.ndarray:
+    """The probe target in the sweep's units (float32): depth, or inverse depth (as ``load_protocol_labels``)."""
+    if target == "inverse":
+        if (depth <= 0).any():
+            raise fail("labels have depth <= 0; probe.depth_target inverse needs positive depth")
+        return (1.0 / depth.astype(np.float64)).astype(np.float32)
+    return depth.astype(np.float32)
+
+
+class StreamedProbes:
+    """The streamed fit of one model: ``train_batch`` … → ``fit`` → ``val_batch`` … → ``choose`` → ``test_batch``."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], steps: int, size: tuple[int, int], cfg: Config,
+                 device):
+        pc, cc = cfg.probe, cfg.capture
+        if pc.solver != "exact" or pc.upsample != "nearest":
+            raise fail("capture.store streamed fits the exact probes with nearest upsampling (probe.solver: exact, "
+                       f"probe.upsample: nearest); got {pc.solver}/{pc.upsample} — use capture.store: full")
+        self.shapes, self.steps, self.size, self.pc, self.device = dict(shapes), steps, size, pc, device
+        self.m, self.dtype, self.pool = cc.subsample, getattr(torch, cc.dtype), cc.pool
+        self.lams = list(pc.lambdas)
+        self.acc = {(s, t): Acc(torch.zeros(c + 1, c + 1, dtype=torch.float64, device=device),
+                                torch.zeros(c + 1, 3, dtype=torch.float64, device=device))
+                    for s, (c, h, w) in self.shapes.items() for t in range(steps)}
+        H, W = size
+        self.count = {(h, w): fit.block_count(H, W, h, w) for c, h, w in self.shapes.values()}
+        self.mean = self.std = None
+
+    # -------------------------------------------------------------------------------------------- activations
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """What a full store would hold: pooled like the store, rounded to ``capture.dtype``."""
+        if self.pool > 1:
+            x = F.avg_pool2d(x.float(), self.pool)
+        return x.to(self.dtype).float()
+
+    def train_batch(self, acts: dict, ids: Sequence[int], target: np.ndarray, saliency: np.ndarray) -> None:
+        """Accumulate the statistics of one batch: ``target`` (b, H, W) raw target, ``saliency`` (b, H, W) {0, 1}."""
+        sums = {}
+        for (site, step), x in acts.items():
+            a = self.acc[site, step]
+            c, h, w = self.shapes[site]
+            x, nbad = _clean(x)
+            a.nonfinite += nbad
+            if (h, w) not in sums:
+                sums[h, w] = (fit.block_sum(target, h, w).to(self.device), fit.block_sum(saliency, h, w).to(self.device))
+            dsum, pos = sums[h, w]                                                  # (b, h, w) float64
+            n = self.count[h, w].to(self.device).reshape(1, -1).expand(len(ids), -1).reshape(-1)   # (b·h·w,)
+            X = _design(x)                                                          # (b·h·w, C+1)
+            Xw = X * n.sqrt()[:, None]
+            a.G += Xw.T @ Xw
+            a.B += X.T @ torch.stack([dsum.reshape(-1), pos.reshape(-1), n], 1)
+            a.P += float(n.sum())
+            hw = h * w
+            k = min(self.m, hw)
+            for j, i in enumerate(ids):                                             # the saliency subsample
+                if k == hw:
+                    sel = torch.arange(hw)
+                else:
+                    g = torch.Generator().manual_seed(int(i) * 1_000_003 + step * 7_919 + sorted(self.shapes).index(site))
+                    sel = torch.randperm(hw, generator=g)[:k].sort().values
+                f = hw / k
+                rows = X[j * hw: (j + 1) * hw][sel.to(X.device)]
+                a.sub.append((rows.to(torch.float16).cpu(), (n[:hw][sel.to(n.device)] * f).cpu(),
+                              (pos[j].reshape(-1)[sel.to(pos.device)] * f).cpu()))
+
+    def _predict(self, x: torch.Tensor, thetas: torch.Tensor) -> np.ndarray:
+        """Native predictions x·w + b for every θ (K, d): (b, K, h, w) float32."""
+        x, _ = _clean(x)
+        th = thetas.to(device=x.device, dtype=torch.float64)
+        C = x.shape[1]
+        z = torch.einsum("nchw,kc->nkhw", x.double(), th[:, :C])
+        if th.shape[1] > C:
+            z = z + th[:, C][None, :, None, None]
+        return z.float().cpu().numpy()
+
+    def val_batch(self, acts: dict) -> None:
+        for key, x in acts.items():
+            a = self.acc[key]
+            a.val.append(self._predict(x, torch.cat([a.theta_d, a.theta_s])))
+
+    def test_batch(self, acts: dict) -> None:
+        for key, x in acts.items():
+            a = self.acc[key]
+            a.test.append(self._predict(x, torch.stack([a.theta_d[a.pick[0]], a.theta_s[a.pick[1]]])))
+
+    # -------------------------------------------------------------------------------------------- fits
+    def fit(self, train_target: np.ndarray, progress: bool = False) -> None:
+        """All probes from the train statistics; ``train_target`` (n, H, W) float32 sets the standardisation."""
+        t = train_target.astype(np.float64)
+        self.mean, std = float(t.mean()), float(t.std())
+        self.std = std if std > 0 else 1.0
+        bias, lams = self.pc.bias, self.lams
+        for (site, step), a in tqdm(self.acc.items(), desc="fit", disable=not progress):
+            C = self.shapes[site][0]
+            d = C + int(bias)
+            G, B = a.G.cpu(), a.B.cpu().clone()
+            B[:, 0] = (B[:, 0] - self.mean * B[:, 2]) / self.std                   # standardised target sums
+            stats = fit.RidgeStats(d, 3)
+            stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.P
+            scale = fit.feature_scale(stats.G, stats.P, C)
+            penalty = fit.penalty_mask(d, bias) * scale ** 2
+            a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]          # (L, d)
+            init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
+            chunks = self._chunks(a, d)
+            rows = sum(len(c[0]) for c in chunks)
+            stride = max(1, rows // max(4096, 64 * d))
+            a.theta_s, _ = fit.logistic_path(lambda: chunks, stats.P, lams, penalty, init=init, refine=False,
+                                             hess_stride=stride)                  # the path to 1e-3, as the sweep
+            a.scale, a.penalty, a.chunks = scale, penalty, chunks
+            a.G = a.B = None                                                      # free the device memory
+
+    @staticmethod
+    def _chunks(a: Acc, d: int, per: int = 64) -> list:
+        out = []
+        for i in range(0, len(a.sub), per):
+            part = a.sub[i:i + per]
+            out.append((torch.cat([p[0][:, :d] for p in part]).float(), torch.cat([p[1] for p in part]).double(),
+                        torch.cat([p[2] for p in part]).double()))
+        return out
+
+    def standardise(self, target: np.ndarray) -> np.ndarray:
+        return ((target - self.mean) / self.std).astype(np.float32)
+
+    def choose(self, val_std: np.ndarray, val_sal: np.ndarray) -> None:
+        """λ per (site, step) and task on the validation images, with the sweep's rule."""
+        L, lams = len(self.lams), self.lams
+        scorers: dict = {}
+        r = ranks(val_std)
+        for (site, step), a in self.acc.items():
+            _, h, w = self.shapes[site]
+            sc = scorers.setdefault((h, w), NearestScorer(val_std, val_sal, h, w, r))
+            z = np.concatenate(a.val).astype(np.float64)                           # (n, 2L, h, w)
+            rm = sc.depth(z[:, :L], spearman=False)["rmse"]
+            if self.pc.bias:                                                      # each λ at its best threshold
+                dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] for i in range(L)]
+            else:                                                                 # the paper's argmax rule
+                dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]
+            a.pick = (sw._pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams), sw._pick(dice_s, lams))
+            i_s = a.pick[1]                                                       # the chosen one to float64
+            a.theta_s[i_s] = fit.logistic_refine(lambda: a.chunks, a.P, lams[i_s], a.penalty, a.theta_s[i_s])[0]
+            if self.pc.bias:   # τ on val from the path probe's logits (the refined probe's val rows are gone)
+                a.tau = sw.tune_threshold(sc, z[:, L + i_s])[1]
+                a.theta_s[i_s, -1] -= a.tau
+            a.chunks = a.sub = None
+
+    # -------------------------------------------------------------------------------------------- results
+    def results(self, labels, protocol: str, model: str, timesteps: Sequence[int]) -> dict:
+        """{(site, step): (probe tensors, rows)} with the sweep's metrics, from the kept predictions."""
+        pc, L, lams = self.pc, len(self.lams), self.lams
+        out = {}
+        for (site, step), a in self.acc.items():
+            C, h, w = self.shapes[site]
+            i_d, i_s = a.pick
+            zv = np.concatenate(a.val)[:, [i_d, L + i_s]].astype(np.float64)
+            zv[:, 1] -= a.tau
+            zt = np.concatenate(a.test).astype(np.float64)
+            scores, per_image = {}, {}
+            for split, code, z in (("val", 1, zv), ("test", 2, zt)):
+                m = sw.native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
+                ref = sw.prior_metrics(labels, code, h, w, pc.upsample)
+                for task, metric in list(m):
+                    scores[(task, split, metric)] = nanmean(m[(task, metric)])
+                scores[("depth", split, "skill")] = sw.skill(m[("depth", "mse")], ref[("depth", "mse")])
+                scores[("depth", split, "skill_nonsky")] = sw.skill(m[("depth", "mse_nonsky")],
+                                                                    ref[("depth", "mse_nonsky")])
+                if split == "test":
+                    per_image = m
+            scores[("depth", "val", "lambda")] = lams[i_d]
+            scores[("saliency", "val", "lambda")] = lams[i_s]
+            scores[("saliency", "val", "threshold")] = a.tau
+            edge = {"depth": sw.lambda_edge(lams[i_d], lams), "saliency": sw.lambda_edge(lams[i_s], lams)}
+            rows = [sw._row(protocol, model, site, step, timesteps[step], task, split, metric, v,
+                            lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
+            probe = sw.Probe(a.theta_d[i_d], a.theta_s[i_s], a.scale, (lams[i_d], lams[i_s]),
+                             {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, a.nonfinite,
+                             threshold=a.tau)
+            tensors = sw.probe_tensors(probe, C, pc.bias, labels)
+            tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                            for (task, metric), v in per_image.items()})
+            tensors["nonfinite"] = torch.tensor([float(a.nonfinite)])
+            out[site, step] = (tensors, rows)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the SD study
+def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, labeller, *,
+                    controls: Sequence[str] = ("permuted",), force: bool = False, progress: bool = True,
+                    log: Callable[[str], None] = print, pipe=None) -> Path:
+    """The SD study in streamed mode (see the module doc): images, labels, probes and ``report/results.csv``."""
+    from safetensors.torch import save as st_save
+
+    from ..capture.run import _state, collect_samples, probe_split, save_images
+    from ..capture.sd import load_sd, prepare_sd, sample_and_record_sd, sd_options
+    from ..capture.store import load_labels, save_labels
+    from ..labeller import label_images
+    from ..labeller.apply import _describe
+    state = _state()
+    if state.num_processes > 1:
+        raise fail("capture.store streamed runs in one process; for several GPUs use capture.store: full "
+                   "(accelerate launch deals the prompts out to them)")
+    cc, pc = cfg.capture, cfg.probe
+    out = Path(out)
+    proot = out / "captures" / "sd"
+    opts = sd_options(cc)
+    if pipe is None:
+        pipe = load_sd(model_path, torch.float16 if state.device.type == "cuda" else torch.float32, opts["variant"])
+    rows: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    labels_desc = _describe(labeller)
+    shapes_all: dict = {}
+    for control in (None, *controls):
+        model = control or "ldm"
+        extra = {"store": "streamed", "streamed_version": STREAMED_VERSION, "subsample": cc.subsample,
+                 "probe": to_dict(pc), "labeller": labels_desc}
+        if control is not None:
+            extra["labels"] = sw.load_protocol_labels(proot, None, pc.depth_target).digest
+        m = prepare_sd(model_path, prompts, **opts, control=control, control_seed=cc.control_seed, pipe=pipe,
+                       extra_identity=extra)
+        shapes_all.update(m.shapes)
+        fp = m.fingerprint
+        mdir = proot / model
+        record = mdir / "streamed.json"
+        n = len(m.prompts)
+        ids = list(range(n))
+        split = probe_split(ids)
+        sampler = m.sampler
+        sampler.scheduler.set_timesteps(sampler.steps)
+        timesteps = [int(round(float(t))) for t in sampler.scheduler.timesteps]
+        paths = {(s, t): sw.probe_path(out, "sd", model, s, t) for s in m.sites for t in range(m.n_steps)}
+        done = None
+        if not force and record.is_file() and json.loads(record.read_text()).get("fingerprint") == fp:
+            done = {k: sw._finished_rows(p, fp) for k, p in paths.items()}
+            if any(v is None for v in done.values()):
+                done = None
+        if done is None:
+            log(f"[streamed sd/{model}] sampling {n} images: train, then val, then test")
+            record.unlink(missing_ok=True)
+            sp = StreamedProbes(m.shapes, m.n_steps, sampler.size, cfg, m.device)
+            if control is None:
+                depth_all = np.zeros((n, *sampler.size), np.float32)
+                sal_all = np.zeros((n, *sampler.size), np.uint8)
+            else:
+                raw = load_labels(proot)
+                depth_all, sal_all = raw["depth"].astype(np.float32), (raw["saliency"] > 0).astype(np.uint8)
+            image_dir = (proot if control is None else mdir) / "images"
+
+            def batches(code: int):
+                rows_ = [i for i in ids if split[i] == code]
+                for k in range(0, len(rows_), cc.batch_size):
+                    yield rows_[k:k + cc.batch_size]
+
+            def run(b_ids: list[int]) -> dict:
+                acts: dict = {}
+
+                def on_site(site: str, step: int, y: torch.Tensor) -> None:
+                    acts[site, step] = sp.prepare(y)
+                imgs = sample_and_record_sd(sampler, [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids],
+                                            m.unet_sites, m.vae_sites, cc.site_kind, on_site, m.device, m.dtype)
+                save_images(image_dir, b_ids, imgs)
+                if control is None:
+                    lab = label_images(labeller, imgs)
+                    if lab["saliency"] is None:
+                        raise fail("probe labels need saliency too: pass --labeller (a trained labeller) alongside "
+                                   "--depth-model")
+                    depth_all[b_ids], sal_all[b_ids] = lab["depth"], (lab["saliency"] > 0)
+                return acts
+
+            total = n
+            bar = tqdm(total=total, desc=f"streamed sd/{model}", unit="img", disable=not progress)
+            for b_ids in batches(0):
+                acts = run(b_ids)
+                sp.train_batch(acts, b_ids, target_of(depth_all[b_ids], pc.depth_target), sal_all[b_ids])
+                bar.update(len(b_ids))
+            train = np.flatnonzero(split == 0)
+            sp.fit(target_of(depth_all[train], pc.depth_target))
+            for b_ids in batches(1):
+                sp.val_batch(run(b_ids))
+                bar.update(len(b_ids))
+            val = np.flatnonzero(split == 1)
+            sp.choose(sp.standardise(target_of(depth_all[val], pc.depth_target)), sal_all[val])
+            for b_ids in batches(2):
+                sp.test_batch(run(b_ids))
+                bar.update(len(b_ids))
+            bar.close()
+            if control is None:
+                collect_samples(image_dir, proot / "samples.safetensors", ids, split)
+                save_labels(proot, depth_all, sal_all, split, sample_ids=np.asarray(ids, np.int64))
+                atomic_write_json(proot / "labels.json", {"source": str(proot / "samples.safetensors"), "n": n,
+                                                          **labels_desc})
+            labels = sw.load_protocol_labels(proot, n, pc.depth_target)
+            done = {}
+            for key, (tensors, prow) in sp.results(labels, "sd", model, timesteps).items():
+                meta = {"fingerprint": fp, "rows": json.dumps(prow, sort_keys=True), "protocol": "sd",
+                        "model": model, "site": key[0], "step": str(key[1]), "solver": "exact-streamed",
+                        "config": json.dumps(to_dict(pc), sort_keys=True)}
+                atomic_write_bytes(paths[key], st_save(tensors, metadata=meta))
+                done[key] = sw._finished_rows(paths[key], fp)
+            atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
+                                       "timesteps": timesteps, "subsample": cc.subsample})
+            del sp
+        else:
+            log(f"[streamed sd/{model}] up to date, skipped")
+        for (site, step), (prow, per_image) in sorted(done.items()):
+            rows.extend(prow)
+            for (task, metric), v in per_image.items():
+                arrays[sw.per_image_key("sd", model, site, step, task, metric)] = v
+    labels = sw.load_protocol_labels(proot, None, pc.depth_target)
+    sizes = {tuple(sh[1:]) for sh in shapes_all.values()} | {labels.size}
+    rows += sw.baseline_rows(labels, sorted(sizes), pc.upsample, arrays)
+    arrays[sw.per_image_key("sd", "test-rows")] = labels.idx(2).astype(np.int64)
+    positions = {f"sd/{site}": sw.prior_site(labels, *sh[1:]) for site, sh in shapes_all.items()}
+    try:
+        sw.write_per_image(out / "report", arrays, positions)
+    except TypeError:                                          # an older write_per_image without positions
+        sw.write_per_image(out / "report", arrays)
+    return sw.write_results(out / "report", rows, pc)
