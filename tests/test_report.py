@@ -123,8 +123,10 @@ def test_intervention_claims_are_quoted_with_their_verdicts():
     est = lambda m, lo, hi: {"mean": m, "lo": lo, "hi": hi, "n": 16}          # noqa: E731
     block = {"metric": "moved-mask gain", "gain": {"probe": est(0.02, -0.01, 0.05), "random": est(0.0, -0.02, 0.02)},
              "probe_minus": {"random": est(0.02, -0.01, 0.04)}, "strongest_control": "random", "answer": "no"}
-    claims, ests = intervention_claims({"protocol": "generate", "tasks": {"saliency": {"attn": block}}})
-    assert claims == [{"claim": "moves the object", "where": "attn", "task": "saliency", "answer": "no",
+    claims, ests = intervention_claims({"protocol": "generate", "claims": {"saliency": {"answer": "no"}},
+                                        "kinds": {"attn": {"saliency": block}}})   # interventions/results.json
+    assert claims == [{"claim": "moves the object", "where": "edits of the attention output", "task": "saliency",
+                       "answer": "no",
                        "text": "moved-mask gain 0.020 [-0.010, 0.050]; probe − strongest control (random) "
                                "0.020 [-0.010, 0.040]"}]
     assert [e.metric for e in ests] == ["gain", "gain-vs-random"]

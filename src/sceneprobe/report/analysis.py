@@ -455,9 +455,12 @@ def _verdict_blocks(node, path=()):
             yield from _verdict_blocks(v, path + (str(k),))
 
 
+KIND_WORDS = {"attn": "edits of the attention output", "block": "edits of the residual stream"}
+
+
 def intervention_claims(summary: dict | None) -> tuple[list[dict], list[Est]]:
-    """Claims for the paper table and result rows from ``interventions/summary.json`` (written by the intervention
-    stage, which computes the gains, CIs and verdicts; the report only quotes them)."""
+    """Claims for the paper table and result rows from ``interventions/results.json`` (or ``summary.json``), written
+    by the intervention stage, which computes the gains, CIs and verdicts; the report only quotes them."""
     if not summary:
         return [], []
     protocol = summary.get("protocol", "generate")
@@ -466,7 +469,7 @@ def intervention_claims(summary: dict | None) -> tuple[list[dict], list[Est]]:
         task = next((p for p in path if p in TASKS), None)
         if task is None:
             continue
-        where = "/".join(p for p in path if p not in (task, "tasks", "verdict", "verdicts")) or "attn"
+        where = "/".join(p for p in path if p not in (task, "kinds", "tasks", "verdict", "verdicts")) or "attn"
         g = v["gain"].get("probe")
         s = v.get("strongest_control")
         d = v["probe_minus"].get(s) if s else None
@@ -477,7 +480,8 @@ def intervention_claims(summary: dict | None) -> tuple[list[dict], list[Est]]:
         e_g, e_d = (ests[-2], ests[-1]) if g and d else (ests[-1] if g else None, None)
         text = f"{v.get('metric', 'gain')} {_fmt_est(e_g)}" + \
             (f"; probe − strongest control ({s}) {_fmt_est(e_d)}" if e_d else "")
-        claims.append({"claim": "moves the object" if task == "saliency" else "changes depth", "where": where,
+        claims.append({"claim": "moves the object" if task == "saliency" else "changes depth",
+                       "where": KIND_WORDS.get(where, where),
                        "task": task, "text": text, "answer": v.get("answer", "inconclusive")})
     return claims, ests
 

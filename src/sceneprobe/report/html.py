@@ -113,7 +113,8 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     pi = out / "per_image.safetensors"
     arrays, positions = (read_per_image(pi), read_positions(pi)) if pi.is_file() else ({}, {})
     readouts = _readouts(run, {r["protocol"] for r in rows})
-    claims, iv_ests = intervention_claims(_read_json(run / "interventions" / "summary.json"))
+    claims, iv_ests = intervention_claims(_read_json(run / "interventions" / "results.json")
+                                          or _read_json(run / "interventions" / "summary.json"))
     analysed = analyse(rows, arrays, positions, rc, readouts)
     res, an, findings = analysed
     write_results_table(out, merge_rows(rows, an.ests + iv_ests))

@@ -28,6 +28,9 @@ PROVENANCE = {
 }
 
 
+TAG = {"noised": "exact labels", "generate": "the labeller's labels", "sd": "labelling networks' labels"}
+
+
 def _f(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None or x != x else f"{x:.{nd}f}"
 
@@ -280,7 +283,8 @@ def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,
     L += _controls_table(res, protocol, f)
     L += _readout(f, protocol)
     L += paper_comparison(f, protocol, interventions if protocol == "generate" else None, rc)
-    return L
+    tag = TAG.get(protocol, "labels: see above")
+    return [f"{ln} ({protocol}, {tag})" if ln.startswith("### ") else ln for ln in L]   # provenance in every section
 
 
 def summary_markdown(rows: list[dict], figures: dict[str, str] | None = None, analysed=None,
