@@ -359,7 +359,7 @@ def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.nda
         ns = labels.nonsky_scorer(code, h, w).depth(zd)
         rows = labels.idx(code)
         H, W = labels.size
-        up = fit.upsample_nearest(torch.from_numpy(np.ascontiguousarray(zd[:, 0], dtype=np.float64)), H, W).numpy()
+        up = fit.upsample_nearest(torch.from_numpy(np.array(zd[:, 0], dtype=np.float64)), H, W).numpy()  # a copy
         t_hat, t = labels.target_units(up), labels.target_units(labels.depth[rows].astype(np.float64))
         for suffix, m, ratio in (("", d, depth_ratio_metrics(t_hat, t)),
                                  ("_nonsky", ns, depth_ratio_metrics(t_hat, t, ~labels.sky[rows]))):

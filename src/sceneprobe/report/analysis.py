@@ -428,7 +428,7 @@ def merge_rows(rows: list[dict], ests: list[Est]) -> list[dict]:
     import math
     out = {}
     for r in rows:
-        if EST_TAG in r["metric"] or r["model"] == "readout":
+        if EST_TAG in r["metric"] or r["model"] in ("readout", "intervention"):        # the report's own rows
             continue
         out[(r["protocol"], r["model"], r["site"], r["step"], r["task"], r["split"], r["metric"])] = \
             {**r, "lo": math.nan, "hi": math.nan}
