@@ -68,3 +68,24 @@ def test_epsilon_model_trains_and_samples(tmp_path, tiny_cfg, tiny_data, tiny_ru
     imgs, z = generate(ldm, [0, 1], seed=0, steps=2)
     assert imgs.shape[0] == 2 and torch.isfinite(z).all()
 
+
+
+def test_tune_decoder_moves_only_the_decoder(tmp_path, tiny_cfg, tiny_data, tiny_run):
+    """The decoder-only phase changes decoder weights, leaves encoder, quant_conv and the latent statistics alone
+    (so a U-Net trained on the latents stays valid), and records border stripes before and after."""
+    import json
+
+    from sceneprobe.models.io import load_vae
+    from sceneprobe.train.vae import tune_decoder
+    cfg = dataclasses.replace(tiny_cfg, train_vae=dataclasses.replace(tiny_cfg.train_vae, decoder_steps=2))
+    vae = load_vae(tiny_run / "vae")
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    tuned = tune_decoder(cfg, tiny_data, vae, tmp_path / "tune_decoder", progress=False)
+    after = tuned.state_dict()
+    for k, v in before.items():
+        same = torch.equal(v, after[k])
+        assert same if k.startswith(("encoder.", "quant_conv.")) else True
+    assert any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith("decoder."))
+    assert list(tuned.config.latents_mean) == list(load_vae(tiny_run / "vae").config.latents_mean)
+    rec = json.loads((tmp_path / "tune_decoder" / "eval.json").read_text())
+    assert set(rec["before"]["edge_stripe_recon"]) == {"top", "bottom", "left", "right"} and rec["steps"] == 2

@@ -111,6 +111,19 @@ def cmd_latent_stats(args) -> Path:
     return save_model(vae, Path(args.vae))
 
 
+def cmd_tune_decoder(args) -> Path:
+    from .models.io import load_vae, save_model
+    from .train.vae import tune_decoder
+    cfg = _config(args, _seeded(args, "train_vae"))
+    if not cfg.train_vae.decoder_steps:
+        raise fail("config key train_vae.decoder_steps is 0; set it (e.g. --config with train_vae: {decoder_steps: 300})")
+    data = _load_data(args.data)
+    vae_dir = Path(args.vae)
+    vae = load_vae(vae_dir)
+    vae = tune_decoder(cfg, data, vae, vae_dir.parent / "tune_decoder", resume=args.resume, progress=not args.no_progress)
+    return save_model(vae, vae_dir)
+
+
 def cmd_train_ldm(args) -> Path:
     from .train.ldm import train_ldm
     cfg = _config(args, _seeded(args, "train_ldm"))
@@ -287,28 +300,7 @@ def _run_sd(args) -> Path:
                         progress=not args.no_progress)
 
 
-def _run_sd(args) -> Path:
-    """``sceneprobe run --sd PATH --prompts CSV --out RUN``: the Stable Diffusion study (study_sd.py)."""
-    from .study_sd import run_sd_study
-    if not args.sd or not args.prompts:
-        raise fail("the Stable Diffusion study needs both --sd (a local diffusers folder) and --prompts (a CSV with "
-                   "columns prompt,seed)")
-    if not (Path(args.sd) / "model_index.json").is_file():
-        raise fail(f"--sd {args.sd} is not a diffusers Stable Diffusion folder (no model_index.json)")
-    over = _seeded(args, "capture")
-    if args.store:
-        over.setdefault("capture", {})["store"] = args.store
-    cfg = _config(args, over)
-    controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
-    return run_sd_study(cfg, Path(args.sd), Path(args.prompts), Path(args.out),
-                        labeller=Path(args.labeller) if args.labeller else None,
-                        depth_model=Path(args.depth_model) if args.depth_model else None, controls=controls,
-                        progress=not args.no_progress)
-
-
 def cmd_run(args) -> Path:
-    if args.sd or args.prompts:
-        return _run_sd(args)
     if args.sd or args.prompts:
         return _run_sd(args)
     from .study import run_study
@@ -383,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="dataset folder: statistics over its first 1024 training images")
     s.set_defaults(fn=cmd_latent_stats)
 
+    s = sub.add_parser("tune-decoder", formatter_class=fmt,
+                       help="fine-tune a VAE's decoder on full images, encoder frozen (latents unchanged)")
+    _common(s, out=False)
+    s.add_argument("--vae", required=True, help="VAE folder, updated in place; logs in its parent's tune_decoder/")
+    s.add_argument("--data", required=True, help="dataset folder (full training images)")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.set_defaults(fn=cmd_tune_decoder)
+
     s = sub.add_parser("train-labeller", formatter_class=fmt, help="train the depth + saliency labeller on rendered scenes")
     _common(s, out_help="labeller folder to write (diffusers folder with training.json)")
     s.add_argument("--data", required=True, help="dataset folder with depth/ and saliency/ (from `sceneprobe scenes`)")
@@ -455,14 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
     s.add_argument("--model", default=None, help="use this run folder's vae/, unet/, scheduler/ instead of the shipped model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
-    s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
-    s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
-    s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
-    s.add_argument("--depth-model", default=None,
-                   help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")
-    s.add_argument("--controls", default="permuted", help="Stable Diffusion study: controls, comma-separated, or none")
-    s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
-                                                  "(low-storage; default: capture.store)")
     s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
     s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
     s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")

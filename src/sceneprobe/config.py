@@ -150,6 +150,11 @@ class TrainVAEConfig:
     recon: str = opt("l1", choices=("l1", "mse"))
     kl_weight: float = opt(1e-6, ge=0.0, le=1e3)
     logvar_init: float = opt(-6.0, ge=-30.0, le=20.0)  # bias of quant_conv's log-variance half: posterior std ≈ 0.05
+    # then the decoder alone on full images (encoder frozen: the latent space and its statistics do not move); crops
+    # never show the decoder the image's true border, which left 15–28 grey-level stripes along the edges
+    decoder_steps: int = opt(0, ge=0, le=10_000_000)
+    decoder_lr: float = opt(2e-4, gt=0.0, le=10.0)
+    decoder_batch_size: int = opt(16, ge=1, le=65536)
     checkpoint_every: int = opt(250, ge=1)
     log_every: int = opt(25, ge=1)
     seed: int = seed_opt(0)

@@ -6,8 +6,10 @@ statistics over training latents are stored in the saved config (``latents_mean`
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,7 @@ from ..config import Config, dump_yaml
 from ..errors import fail
 from ..models.build import build_vae, init_vae_logvar
 from ..models.io import save_model
-from ..models.latents import evaluate_vae, set_latent_stats
+from ..models.latents import evaluate_vae, images_to_tensor, set_latent_stats
 from .loop import LoopSpec, preflight, train_loop
 
 
@@ -76,6 +78,8 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
         return run / "vae"
     # Normalise the latents per channel for the diffusion model (diffusers' latents_mean / latents_std keys).
     set_latent_stats(vae, train.rgb[:1024])
+    if tc.decoder_steps:
+        vae = tune_decoder(cfg, data, vae, run / "tune_decoder", resume=resume, progress=progress)
     heldout = next((data.subset(s) for s in ("test", "val", "train") if len(data.subset(s))))  # a user's folder may
     # have no held-out images at all (split by name hash): then the figures are on training images
     metrics = evaluate_vae(vae, heldout.rgb)
@@ -85,3 +89,48 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     atomic_write_json(tdir / "eval.json", metrics)
     save_model(vae, run / "vae")
     return run / "vae"
+
+
+def tune_decoder(cfg: Config, data, vae, tdir: Path, resume: bool = False, progress: bool = True):
+    """Fine-tune the decoder alone on full training images: L1(decode(mode(q(z|x))), x), encoder and ``quant_conv``
+    frozen, so the latents (and the U-Net trained on them) are unchanged. ``train_vae.decoder_steps`` steps at
+    ``decoder_lr`` (cosine), batch ``decoder_batch_size``; resumable like every loop. Returns the tuned VAE and
+    writes ``tdir/eval.json`` (held-out PSNR/SSIM and border stripes before and after)."""
+    from ..quality import edge_bands
+    from ..sample import to_uint8
+    from .loop import preflight
+    tc = cfg.train_vae
+    train = data.subset("train")
+    heldout = next((data.subset(s) for s in ("test", "val", "train") if len(data.subset(s))))
+
+    @torch.no_grad()
+    def figures(v) -> dict:
+        rgb = heldout.rgb[:256]
+        rec = np.concatenate([to_uint8(v.decode(v.encode(images_to_tensor(rgb[i:i + 64])).latent_dist.mode()).sample)
+                              for i in range(0, len(rgb), 64)])
+        return {**evaluate_vae(v, heldout.rgb), "edge_stripe_recon": edge_bands(rec, rgb)}
+
+    preflight(tdir, resume, vae)
+    tdir.mkdir(parents=True, exist_ok=True)
+    if not (tdir / "checkpoint.pt").exists():  # figures of the untuned decoder, kept for the record across resumes
+        atomic_write_json(tdir / "before.json", figures(vae))
+    rgb = torch.from_numpy(train.rgb).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+
+    def loss_fn(model, g, step):
+        x = _batch(rgb, g, tc.decoder_batch_size, 0)  # full images: the decoder sees the true borders
+        with torch.no_grad():
+            z = model.encode(x).latent_dist.mode()
+        rec = model.decode(z).sample
+        return (F.l1_loss(rec, x) if tc.recon == "l1" else F.mse_loss(rec, x)), {}
+
+    spec = LoopSpec(out=tdir, steps=tc.decoder_steps, lr=tc.decoder_lr, lr_min_ratio=tc.lr_min_ratio, warmup=20,
+                    checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=tc.seed, desc="tune-decoder")
+    vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
+    vae.requires_grad_(True)
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        before = json.loads((tdir / "before.json").read_text())
+        atomic_write_json(tdir / "eval.json", {"before": before, "after": figures(vae), "steps": tc.decoder_steps})
+    return vae
