@@ -375,7 +375,9 @@ def test_damaged_store_advice_repairs_it(tmp_path, tiny_run, tiny_data_dir, caps
     shutil.copytree(tiny_run, run)
     cap = ["capture", "--preset", "tiny", "--run", str(run), "--protocol", "noised", "--data", str(tiny_data_dir),
            "--no-progress"]
+    (run / ".vae.tmp-123-abc").mkdir()                               # left by a save killed mid-way
     assert run_cli(capsys, cap)[0] == 0
+    assert not (run / ".vae.tmp-123-abc").exists()
     probe = ["probe", "--preset", "tiny", "--run", str(run), "--no-progress"]
     shard = sorted((run / "captures" / "noised" / "ldm").glob("*/step_*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])

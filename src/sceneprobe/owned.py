@@ -172,6 +172,14 @@ def clean_stale_temps(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def clean_stale_inside(folder: Path) -> None:
+    """Remove temporaries a killed writer left at the top of an owned folder (``.vae.tmp-*``, ``.unet.copy``,
+    ``.x.old-*``, ``.checkpoint.pt.tmp-*``): with the folder's lock held, nobody else is writing them."""
+    for p in Path(folder).glob(".*"):
+        if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".copy") or p.name.endswith(".tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------------ owned folders
 @contextlib.contextmanager
 def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: bool = False) -> Iterator[Path]:
@@ -195,8 +203,10 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
         with file_lock(folder / LOCK, folder):
             locked = True
             added_marker = read_marker(folder) is None
-            if added_marker and int(os.environ.get("RANK", "0") or 0) == 0:
-                write_marker(folder, made_by)
+            if int(os.environ.get("RANK", "0") or 0) == 0:
+                if added_marker:
+                    write_marker(folder, made_by)
+                clean_stale_inside(folder)
             yield folder
     except SceneprobeError:
         if locked:
