@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub, ever: everything is loca
 
 
 # Options that set a config key of another name (the rest are named like their key: --steps → sample.steps).
-OPTION_OF = {"world.n_scenes": "--n"}
+OPTION_OF = {"world.n_scenes": "--n", "capture.guidance_scale": "--guidance"}
 
 
 def _labels(over: dict) -> dict[str, str]:
@@ -214,7 +214,7 @@ def cmd_capture(args) -> Path:
     model = Path(args.model) if args.model else None
     if args.control not in (None, *CONTROLS):
         raise fail(f"option --control must be permuted or fresh, got {args.control!r}")
-    cfg = _config(args, _seeded(args, "capture"))
+    cfg = _config(args, _merged(_seeded(args, "capture"), _options("capture", args, guidance_scale="guidance")))
     cc = cfg.capture
     is_sd = model is not None and (model / "model_index.json").is_file()
     if args.prompts or is_sd:
