@@ -103,7 +103,7 @@ def cmd_train_vae(args) -> Path:
 def cmd_latent_stats(args) -> Path:
     from .models.io import load_vae, save_model
     from .models.latents import set_latent_stats
-    data = _load_data(args.data)
+    data = _data(args)
     vae = load_vae(Path(args.vae))
     stats = set_latent_stats(vae, data.subset("train").rgb[:1024])
     print("latents_mean " + " ".join(f"{v:.4f}" for v in stats["latents_mean"]))
@@ -117,7 +117,7 @@ def cmd_tune_decoder(args) -> Path:
     cfg = _config(args, _seeded(args, "train_vae"))
     if not cfg.train_vae.decoder_steps:
         raise fail("config key train_vae.decoder_steps is 0; set it (e.g. --config with train_vae: {decoder_steps: 300})")
-    data = _load_data(args.data)
+    data = _data(args)
     vae_dir = Path(args.vae)
     vae = load_vae(vae_dir)
     vae = tune_decoder(cfg, data, vae, vae_dir.parent / "tune_decoder", resume=args.resume, progress=not args.no_progress)
@@ -179,7 +179,7 @@ def cmd_sample(args) -> Path:
     from .atomic import check_out_folder
     check_out_folder(Path(args.out), args.force)                   # before loading the model
     ldm = load_ldm(_model_root(args.model))
-    data = _load_data(args.data) if args.data else None           # before sampling: a bad folder fails fast
+    data = _data(args) if args.data else None           # before sampling: a bad folder fails fast
     out = sample_to_folder(ldm, Path(args.out), n=s.n, seed=s.seed, steps=s.steps, sampler=s.sampler, eta=s.eta,
                            batch_size=s.batch_size, force=args.force, progress=not args.no_progress)
     if data is not None:
@@ -238,7 +238,7 @@ def cmd_capture(args) -> Path:
         dpath = Path(args.data) if args.data else run / "data"
         if not dpath.exists():
             raise fail(f"protocol noised needs a dataset: {dpath} does not exist; pass --data (from `sceneprobe scenes`)")
-        data = _load_data(str(dpath))
+        data = _load_data(str(dpath), skip_bad=args.skip_bad)
     return run_capture(cfg, run, args.protocol, load_ldm(root), data, args.control, args.force, not args.no_progress)
 
 
@@ -325,7 +325,8 @@ def _owned(args):
 
     ``fill``: a run folder written in place (created with a marker, or checked to be ours; locked inside);
     ``read``: the same, but it must exist already (probe, report, intervene read it first);
-    ``replace``: a folder replaced whole (locked beside it; never a folder of the user's own files).
+    ``replace``: a folder replaced whole (locked beside it; never a folder of the user's own files);
+    ``parent``: a model folder updated in place (``--vae``): its run folder is claimed and locked.
     """
     import contextlib
 
@@ -337,6 +338,11 @@ def _owned(args):
     option, mode = f"--{spec[0]}", spec[1]
     if mode == "replace":
         return replaced_folder(Path(value), option)
+    if mode == "parent":
+        if not Path(value).is_dir():
+            raise fail(f"{option} {value} does not exist; pass a model folder")
+        return owned_folder(Path(value).resolve().parent, f"sceneprobe {args.command}", f"the folder of {option}",
+                            must_exist=True)
     return owned_folder(Path(value), f"sceneprobe {args.command}", option, must_exist=mode == "read")
 
 
@@ -373,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="store per-channel latent statistics (latents_mean/latents_std) in an existing VAE folder")
     s.add_argument("--vae", required=True, help="VAE folder (diffusers AutoencoderKL), updated in place")
     s.add_argument("--data", required=True, help="dataset folder: statistics over its first 1024 training images")
-    s.set_defaults(fn=cmd_latent_stats)
+    s.set_defaults(fn=cmd_latent_stats, owns=("vae", "parent"))
 
     s = sub.add_parser("tune-decoder", formatter_class=fmt,
                        help="fine-tune a VAE's decoder on full images, encoder frozen (latents unchanged)")
@@ -381,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", required=True, help="VAE folder, updated in place; logs in its parent's tune_decoder/")
     s.add_argument("--data", required=True, help="dataset folder (full training images)")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    s.set_defaults(fn=cmd_tune_decoder)
+    s.set_defaults(fn=cmd_tune_decoder, owns=("vae", "parent"))
 
     s = sub.add_parser("train-labeller", formatter_class=fmt, help="train the depth + saliency labeller on rendered scenes")
     _common(s, out_help="labeller folder to write (diffusers folder with training.json)")
@@ -470,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="destination folder (e.g. src/sceneprobe/pretrained/cpu)")
     s.add_argument("--force", action="store_true", help="replace an existing model in --out")
     s.set_defaults(fn=cmd_export, owns=("out", "fill"))
+    for sp in sub.choices.values():  # every command reading a dataset accepts the option its errors advise
+        if "data" in {a.dest for a in sp._actions} and "skip_bad" not in {a.dest for a in sp._actions}:
+            sp.add_argument("--skip-bad", action="store_true", help="leave out unusable files of --data instead of "
+                                                                    "stopping")
     return p
 
 
