@@ -23,9 +23,34 @@ def run(tmp_path_factory):
                       sites={"unet.down0.attn0": 8, "unet.mid.attn0": 4, "vae.dec.mid.attn0": 8},
                       models=("ldm", "permuted"), noise=0.3)
     run_probes(r, ProbeConfig(), progress=False)
+    _fake_readout_and_interventions(r)
     (r / "report" / "extra").mkdir(parents=True, exist_ok=True)
     (r / "report" / "extra" / "10-labeller.md").write_text("# Labeller quality\n\nDice of the labeller: **0.9**.\n")
     return r
+
+
+def _fake_readout_and_interventions(r):
+    """What the read-out and intervention stages write (their formats), with made-up values."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+    with safe_open(str(r / "report" / "per_image.safetensors"), framework="np") as f:
+        rows = f.get_tensor("noised/test-rows")
+    rng = np.random.default_rng(0)
+    lines = ["protocol,step,timestep,row,sample_id,task,metric,value"]
+    for step, t in enumerate((999, 500, 0)):
+        for row in rows:
+            lines.append(f"noised,{step},{t},{row},{row},saliency,dice,{rng.uniform(0, 0.3 * step + 0.1):.6g}")
+            lines.append(f"noised,{step},{t},{row},{row},depth,mse,{rng.uniform(0.2, 1.0):.6g}")
+    (r / "readout").mkdir(exist_ok=True)
+    (r / "readout" / "noised.csv").write_text("\n".join(lines) + "\n")
+    est = lambda m, lo, hi: {"mean": m, "lo": lo, "hi": hi, "n": 16}          # noqa: E731
+    block = {"metric": "depth gain", "gain": {"probe": est(0.004, 0.003, 0.005), "random": est(0.001, 0.0, 0.002)},
+             "probe_minus": {"random": est(0.003, 0.002, 0.004)}, "strongest_control": "random", "answer": "no"}
+    (r / "interventions").mkdir(exist_ok=True)
+    (r / "interventions" / "results.json").write_text(json.dumps({"protocol": "noised",
+                                                                  "kinds": {"attn": {"depth": block}}}))
 
 
 def test_report_is_self_contained_and_answers_with_numbers(run, capsys):
@@ -49,6 +74,9 @@ def test_report_is_self_contained_and_answers_with_numbers(run, capsys):
                      rf"test Dice \*\*{num}\*\*.*probe − baseline \*\*{num}\*\* Dice", md)
     assert re.search(rf"\*\*depth: (yes|no|inconclusive)\.\*\* .*skill over the layout prior \*\*{num}\*\*", md)
     assert "Labeller quality" in md and "<h3>Labeller quality</h3>" in page and "<b>0.9</b>" in page
+    assert "Probe vs image read-out" in md and "the probe is ahead of the image read-out" in md
+    assert re.search(r"\| editing activations through the probe changes depth \(edits of the attention output\) \| "
+                     r"depth gain 0\.004 \[0\.003, 0\.005\]; probe − strongest control \(random\) 0\.003 .*\| no \|", md)
 
 
 def test_summary_quotes_only_numbers_from_results_csv(run):
@@ -125,7 +153,7 @@ def test_intervention_claims_are_quoted_with_their_verdicts():
              "probe_minus": {"random": est(0.02, -0.01, 0.04)}, "strongest_control": "random", "answer": "no"}
     claims, ests = intervention_claims({"protocol": "generate", "claims": {"saliency": {"answer": "no"}},
                                         "kinds": {"attn": {"saliency": block}}})   # interventions/results.json
-    assert claims == [{"claim": "moves the object", "where": "edits of the attention output", "task": "saliency",
+    assert claims == [{"protocol": "generate", "claim": "moves the object", "where": "edits of the attention output", "task": "saliency",
                        "answer": "no",
                        "text": "moved-mask gain 0.020 [-0.010, 0.050]; probe − strongest control (random) "
                                "0.020 [-0.010, 0.040]"}]

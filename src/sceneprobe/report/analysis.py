@@ -480,7 +480,7 @@ def intervention_claims(summary: dict | None) -> tuple[list[dict], list[Est]]:
         e_g, e_d = (ests[-2], ests[-1]) if g and d else (ests[-1] if g else None, None)
         text = f"{v.get('metric', 'gain')} {_fmt_est(e_g)}" + \
             (f"; probe − strongest control ({s}) {_fmt_est(e_d)}" if e_d else "")
-        claims.append({"claim": "moves the object" if task == "saliency" else "changes depth",
+        claims.append({"protocol": protocol, "claim": "moves the object" if task == "saliency" else "changes depth",
                        "where": KIND_WORDS.get(where, where),
                        "task": task, "text": text, "answer": v.get("answer", "inconclusive")})
     return claims, ests

@@ -282,7 +282,7 @@ def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,
     L += _vae(f, rc)
     L += _controls_table(res, protocol, f)
     L += _readout(f, protocol)
-    L += paper_comparison(f, protocol, interventions if protocol == "generate" else None, rc)
+    L += paper_comparison(f, protocol, [c for c in interventions or [] if c.get("protocol") == protocol], rc)
     tag = TAG.get(protocol, "labels: see above")
     return [f"{ln} ({protocol}, {tag})" if ln.startswith("### ") else ln for ln in L]   # provenance in every section
 
