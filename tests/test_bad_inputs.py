@@ -494,3 +494,20 @@ def test_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, ["scenes", "--preset", "tiny", "--n", "4", "--out", tmp_path / "d"])
     assert_one_line_error(code, err, "No space left on device")
     assert "000000.png" in err
+
+
+def test_reading_a_users_folder_writes_nothing_into_it(tmp_path, capsys, monkeypatch):
+    """check-data (and every command reading --data) keeps its cache outside a folder sceneprobe did not make."""
+    from PIL import Image
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 10, 10)).save(photos / f"p{i}.png")
+    before = tree_hash(photos)
+    for _ in range(2):                                               # the second run reads the cache
+        code, out, err = run_cli(capsys, ["check-data", photos])
+        assert code == 0, err
+        assert "6 images 32x32" in out
+    assert tree_hash(photos) == before
+    assert list((tmp_path / "xdg" / "sceneprobe" / "datasets").iterdir())

@@ -33,7 +33,8 @@ LOCK = ".sceneprobe.lock"
 OURS = (MARKER, LOCK)
 # Layouts only sceneprobe writes: a folder holding one of these was made by an older sceneprobe (before markers).
 LEGACY_SIGNS = (".stages", "vae/config.json", "unet/config.json", "captures", "train_vae", "train_ldm", "probes",
-                "report/results.csv", "scenes.jsonl", "grid.png", "training.json", "labels.safetensors")
+                "report/results.csv", "scenes.jsonl")
+OUR_MODEL_CLASSES = ("AutoencoderKL", "UNet2DModel", "Labeller")  # a diffusers folder of these: one of our models
 SCAFFOLDING = {MARKER, LOCK, "config.yaml", ".stages"}
 
 _held: dict[str, list] = {}  # realpath of a lock file → [fd, count]: re-entrant within one process
@@ -67,7 +68,16 @@ def is_ours(folder: Path) -> bool:
     """Made by sceneprobe: marker present, or the layout of a folder an older sceneprobe made."""
     folder = Path(folder)
     return read_marker(folder) is not None or any((folder / s).exists() for s in LEGACY_SIGNS) or \
-        _is_our_dataset(folder)
+        _is_our_dataset(folder) or _is_our_model(folder)
+
+
+def _is_our_model(folder: Path) -> bool:
+    """A diffusers model folder (``save_pretrained``) of one of sceneprobe's model classes (e.g. a labeller)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        return cfg.get("_class_name") in OUR_MODEL_CLASSES and "_diffusers_version" in cfg
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _is_our_dataset(folder: Path) -> bool:

@@ -16,7 +16,8 @@ Layout written by :func:`make_dataset` (a person can open every file)::
 :func:`load_dataset` reads such a folder or a user's own: images (png/jpg) in ``rgb/`` or, without ``rgb/``, in the
 folder itself; optional ``depth/<stem>.npy`` and ``saliency/<stem>.png`` matched by file stem; optional ``split.json``
 (else the split is drawn from a hash of each stem: 80 % train, 10 % val, 10 % test, stable across machines).
-The first load validates every file and writes a packed cache ``.cache/`` (atomically), keyed by the list of files
+The first load validates every file and writes a packed cache (atomically; ``.cache/`` in a folder sceneprobe made,
+else under ``~/.cache/sceneprobe/``: a user's folder is never written into), keyed by the list of files
 with their sizes and modification times; later loads read only the cache, until a file changes.
 
 Bad input is a one-line :class:`~sceneprobe.errors.SceneprobeError` naming the file, the problem and what to do;
@@ -266,10 +267,22 @@ def _cache_key(folder: Path, listing: _Listing) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def cache_dir(folder: Path) -> Path:
+    """Where the packed cache of ``folder`` lives: ``folder/.cache`` in a folder sceneprobe made; for a user's own
+    folder (which sceneprobe never writes into) under ``$XDG_CACHE_HOME/sceneprobe/datasets/`` (default
+    ``~/.cache``), named by a hash of the folder's absolute path."""
+    from ..owned import is_ours
+    folder = Path(folder)
+    if is_ours(folder):
+        return folder / CACHE_DIR
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sceneprobe" / "datasets"
+    return base / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:20]
+
+
 def _write_cache(folder: Path, key: str, data: SceneData) -> None:
-    """Packed arrays in ``folder/.cache`` (replaced in one rename). A read-only folder just goes without a cache."""
+    """Packed arrays in :func:`cache_dir` (replaced in one rename). Where it cannot be written, no cache is kept."""
     try:
-        with atomic_folder(folder / CACHE_DIR, force=True, made_by=None) as tmp:
+        with atomic_folder(cache_dir(folder), force=True, made_by=None) as tmp:
             np.save(tmp / "rgb.npy", data.rgb)
             if data.depth is not None:
                 np.save(tmp / "depth.npy", data.depth)
@@ -284,7 +297,7 @@ def _write_cache(folder: Path, key: str, data: SceneData) -> None:
 
 
 def _read_cache(folder: Path, key: str) -> SceneData | None:
-    cache = folder / CACHE_DIR
+    cache = cache_dir(folder)
     try:
         index = json.loads((cache / "index.json").read_text())
         if index.get("key") != key:
@@ -491,7 +504,7 @@ def _load_files(folder: Path, listing: _Listing, skip_bad: bool) -> SceneData:
 def load_dataset(folder: Path, skip_bad: bool = False) -> SceneData:
     """Load a dataset folder (ours or a user's own; see the module docstring) as stacked arrays.
 
-    Uses ``folder/.cache`` when it matches the files on disk, else validates every file and writes the cache.
+    Uses the cache (:func:`cache_dir`) when it matches the files on disk, else validates every file and writes it.
     ``skip_bad``: leave unusable images out (listed in ``SceneData.skipped``) instead of raising.
     """
     folder = Path(folder)
