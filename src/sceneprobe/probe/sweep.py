@@ -272,13 +272,15 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]), selected, nonfinite, tau)
 
 
-def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 63) -> tuple[float, float]:
+def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[float, float]:
     """(best mean val Dice, its threshold τ) of the rule salient ⇔ logit > τ, over τ = 0, quantiles of the logits
     and one below all of them (all salient); ties → the τ nearest 0. ``logits`` (n, h, w) on val."""
     v = np.asarray(logits, dtype=np.float64)
     cands = np.unique(np.concatenate([[0.0, v.min() - 1.0], np.quantile(v, np.linspace(0.005, 0.995, n_cand))]))
     dice = sc.saliency(v[:, None] - cands[None, :, None, None])["dice"]                       # (n, K)
-    score = np.array([nanmean(dice[:, k]) for k in range(len(cands))])
+    ok = np.isfinite(dice)
+    score = np.where(ok, dice, 0.0).sum(0) / np.maximum(ok.sum(0), 1)                        # (K,) NaN-free mean
+    score[ok.sum(0) == 0] = np.nan
     if not np.isfinite(score).any():
         return float("nan"), 0.0
     best = np.nanmax(score)

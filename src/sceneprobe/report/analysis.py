@@ -177,10 +177,11 @@ class Results:
              if (v := self.baseline(protocol, s, task, "val", metric)) is not None and v == v]
         return max(c)[1] if c else None
 
-    def edges(self, protocol: str, model: str) -> tuple[int, int]:
-        """(probes whose val-chosen λ is on the grid's edge, probes) over (site, step, task)."""
+    def edges(self, protocol: str, model: str) -> tuple[int, int, int]:
+        """(probes whose val-chosen λ is the grid's smallest, ... largest, probes) over (site, step, task)."""
         keys = [k for k in self.edge if k[0] == protocol and k[1] == model]
-        return sum(1 for k in keys if self.edge[k]), len(keys)
+        return (sum(1 for k in keys if self.edge[k] == "low"), sum(1 for k in keys if self.edge[k] == "high"),
+                len(keys))
 
 
 class Analyzer:

@@ -117,9 +117,11 @@ def _encodes(res: Results, protocol: str, f: dict, rc: ReportConfig) -> list[str
                      f"{_f(gt('skill_nonsky'))}.")
     edges = f["edges"]
     if edges:
-        L.append("- **λ on the grid's edge** (column `lambda_edge` of results.csv; a flagged probe might improve with "
-                 "a wider `probe.lambdas`): " + "; ".join(f"{m}: {k} of {n} probes" for m, (k, n) in edges.items())
-                 + ".")
+        L.append("- **λ on the grid's edge** (column `lambda_edge` of results.csv; the val optimum may lie beyond the "
+                 "grid): " + "; ".join(f"{m}: {lo + hi} of {n} probes (low {lo}, high {hi})"
+                                      for m, (lo, hi, n) in edges.items())
+                 + ". Low: the least penalty on the grid was best, i.e. the probe is essentially unpenalised; high: "
+                 "the most penalty was best (typically a probe with nothing to find).")
     return L + [""]
 
 
@@ -206,11 +208,14 @@ def _readout(f: dict, protocol: str) -> list[str]:
         rs, ds = sal.get(st, (None, None))
         rd, dd = dep.get(st, (None, None))
         L.append(f"| {st} | {_ci(curve.get(st))} | {_ci(rs)} | {_ci(ds)} ({_v(ds)}) | {_ci(dd)} ({_v(dd)}) |")
+    L.append("")
     for task in ("saliency", "depth"):
-        ahead = [st for st, _, d in f["readout"].get(task, []) if d is not None and d.verdict == "yes"]
+        rows = f["readout"].get(task, [])
+        ahead = [st for st, _, d in rows if d is not None and d.verdict == "yes"]
+        behind = [st for st, _, d in rows if d is not None and d.hi < 0]
         L.append(f"- **{task}**: the probe is ahead of the image read-out (verdict yes) at steps {_steps(ahead)}"
-                 + (f"; the curves meet (no longer yes) from step {_first_after(f['readout'][task], ahead)}."
-                    if ahead else "."))
+                 + (f"; not ahead from step {_first_after(rows, ahead)}" if ahead else "")
+                 + f"; the read-out is ahead of the probe (CI of probe − read-out below 0) at steps {_steps(behind)}.")
     return L + [""]
 
 
