@@ -270,8 +270,7 @@ class Analyzer:
             ci = self._skill([(protocol, p.model, p.site, p.step), (protocol, best.model, best.site, best.step)],
                              [(protocol, BASELINE_MODEL, self.position(protocol, p.site), -1),
                               (protocol, BASELINE_MODEL, self.position(protocol, best.site), -1)])
-        e = Est(protocol, p.model, p.site, p.step, p.timestep, task, f"gain{EST_TAG}step{best.step}", **_ci(ci))
-        return e
+        return Est(protocol, p.model, p.site, p.step, p.timestep, task, f"gain{EST_TAG}step{best.step}", **_ci(ci))
 
     def readout(self, protocol: str, ro, step_index: int, task: str) -> Est | None:
         """The image read-out at one step: saliency Dice (CI); depth skill over the mean map (CI)."""

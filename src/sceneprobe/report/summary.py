@@ -11,8 +11,7 @@ import math
 
 from ..config import ReportConfig
 from ..probe.stats import VERDICT_RULE
-from .analysis import (MAIN_MODEL, TASKS, Est, Point, Results, analyse, baseline_label, family,  # noqa: F401
-                       group_label)
+from .analysis import MAIN_MODEL, TASKS, Est, Point, Results, analyse, baseline_label, group_label
 
 PAPER = {"depth": 0.7, "saliency": 0.85}
 HEAD = {"saliency": "Dice", "depth": "skill"}
