@@ -492,6 +492,8 @@ _OS_ADVICE = {errno.ENOSPC: "free some space or pass another --out", errno.EDQUO
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from . import owned
+        owned.command_name = f"sceneprobe {args.command}"
         if getattr(args, "preset", None) is not None:
             _config(args, _seeded(args, "world"))  # preset, --config and --seed checked before any folder is touched
         with _owned(args):

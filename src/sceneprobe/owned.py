@@ -38,6 +38,7 @@ OUR_MODEL_CLASSES = ("AutoencoderKL", "UNet2DModel", "Labeller")  # a diffusers 
 SCAFFOLDING = {MARKER, LOCK, "config.yaml", ".stages"}
 
 _held: dict[str, list] = {}  # realpath of a lock file → [fd, count]: re-entrant within one process
+command_name = ""            # "sceneprobe run": set by the CLI, written into the lock file for the next writer to read
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -140,7 +141,11 @@ def file_lock(lock_path: Path, what: Path) -> Iterator[None]:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            if not holder:                                             # locked a moment ago: its pid is on its way
+                import time
+                time.sleep(0.1)
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "pid unknown"
             os.close(fd)
             raise fail(f"{what} is in use by another sceneprobe process ({holder}); wait for it to finish or stop "
                        f"it, then rerun") from None
@@ -152,7 +157,7 @@ def file_lock(lock_path: Path, what: Path) -> Iterator[None]:
             break
         os.close(fd)                                                   # the holder removed it as we opened it: retry
     import sys
-    cmd = " ".join(["sceneprobe", *sys.argv[1:2]]) if sys.argv else "sceneprobe"
+    cmd = command_name or " ".join(["sceneprobe", *sys.argv[1:2]])
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}, {cmd}".encode(), 0)
     _held[key] = [fd, 1]
