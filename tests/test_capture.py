@@ -373,3 +373,8 @@ def test_store_steps_keeps_only_those_shards_with_the_same_values(ldm, tmp_path)
     assert torch.equal(part.read("unet.mid.attn0", 1), full.read("unet.mid.attn0", 1))
     with pytest.raises(SceneprobeError, match="store_steps"):
         run_capture(tiny_cfg(), tmp_path / "c", "generate", ldm, progress=False, store_steps=[5])
+    # stopping after the last kept step records the same rows and writes no final images
+    early = CaptureStore(run_capture(tiny_cfg(), tmp_path / "d", "generate", ldm, progress=False,
+                                     sites=["unet.mid.attn0"], readout=False, store_steps=[0], stop_early=True))
+    assert early.manifest["stop_after"] == 0 and not (early.root.parent / "samples.safetensors").exists()
+    assert torch.equal(early.read("unet.mid.attn0", 0), full.read("unet.mid.attn0", 0))

@@ -269,12 +269,13 @@ def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                       z: torch.Tensor, sample_ids: Sequence[int], seed: int, steps: int, unet_sites: Sequence[str],
                       vae_sites: Sequence[str], kind: str, vae_input: str, emit: Emit,
                       keep_half: str | None = None, x0_rows: Sequence[int] = (),
-                      x0_sink: X0Sink | None = None) -> np.ndarray:
+                      x0_sink: X0Sink | None = None, stop_after: int | None = None) -> np.ndarray | None:
     """One sampling pass from x_T = ``z`` (B, c, h, w) recording every site at every step; returns uint8 images.
 
     ``unet_fn`` calls ``unet`` exactly once per step (twice the batch with CFG: ``keep_half="cond"``). The VAE sites
     at step i read ``scheduler.step``'s ``prev_sample`` (``vae_input="latent"``) or ``pred_original_sample``
     (``"x0"``). ``x0_sink(step, images)`` (optional) receives the decoded x̂₀ of the batch rows ``x0_rows``.
+    ``stop_after``: stop sampling after that step (its sites recorded) and return None — no final images.
     """
     cur = {"step": 0, "mute": False}
     final: dict[str, torch.Tensor] = {}
@@ -300,14 +301,23 @@ def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                 finally:
                     cur["mute"] = False
         cur["step"] = i + 1  # the next U-Net call is step i + 1
+        if stop_after is not None and i >= stop_after:
+            raise _Stop
 
-    with Recorder({"unet": unet}, unet_sites, kind, on_out, keep_half=keep_half), \
-            Recorder({"vae": vae}, vae_sites, kind, on_out):
-        x = denoise(unet_fn, scheduler, z, sample_ids, seed, steps, 0.0, callback)
+    try:
+        with Recorder({"unet": unet}, unet_sites, kind, on_out, keep_half=keep_half), \
+                Recorder({"vae": vae}, vae_sites, kind, on_out):
+            x = denoise(unet_fn, scheduler, z, sample_ids, seed, steps, 0.0, callback)
+    except _Stop:
+        return None
     img = final.get("img")
     if img is None:
         img = decode(vae, x)
     return to_uint8(img)
+
+
+class _Stop(Exception):
+    """Raised by the sampling callback to end a pass early (``stop_after``)."""
 
 
 def save_images(folder: Path, sample_ids: Sequence[int], images: np.ndarray) -> None:
@@ -369,13 +379,15 @@ def control_unet(unet, control: str | None, seed: int):
 # ------------------------------------------------------------------------------------------------------ protocols
 def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, control: str | None = None,
                 force: bool = False, progress: bool = True, sites: Sequence[str] | None = None,
-                readout: bool | None = None, store_steps: Sequence[int] | None = None) -> Path:
+                readout: bool | None = None, store_steps: Sequence[int] | None = None,
+                stop_early: bool = False) -> Path:
     """Capture ``protocol`` for the LDM (or a control of its U-Net) into ``run/captures/<protocol>/<model>/``.
 
     ``sites`` (default: every site of the protocol) restricts the capture to some canonical site names. ``readout``
     (default: for the ``ldm`` store, not for controls) also writes the decoded x̂₀ of the test rows at every step
     (``<store>/x0/step_XX/*.png``) for the labeller's image read-out. ``store_steps`` (default: all) keeps only
-    those steps' shards (the sampler still runs every step), e.g. the steps an intervention edits.
+    those steps' shards, e.g. the steps an intervention edits; with ``stop_early`` (``generate`` only) sampling stops
+    after the last of them, so no final images (``samples.safetensors``) are written.
     """
     cc = cfg.capture
     if protocol not in PROTOCOLS:
@@ -426,6 +438,8 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         if not keep or keep[0] < 0 or keep[-1] >= cc.steps:
             raise fail(f"store_steps {list(store_steps)} must be steps of 0…{cc.steps - 1}")
         site_steps.update({v: keep for v in sites if v not in site_steps})
+    stop_after = max(max(v) for v in site_steps.values()) if stop_early and site_steps and protocol == "generate" \
+        else None
     readout = control is None if readout is None else bool(readout)
     test_rows = [k for k in range(n) if split[k] == 2] if readout else []
 
@@ -447,7 +461,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                 "seed": cc.seed, "control_seed": cc.control_seed if control else None, "sites": sites,
                 "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(ldm.scheduler_config),
                 "names": names, "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input], "readout": readout,
-                "site_steps": site_steps}
+                "site_steps": site_steps, "stop_after": stop_after}
     spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity), site_steps)
     image_dir = (proot if control is None else root) / "images"
 
@@ -456,8 +470,10 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         z = initial_noise(b_ids, cc.seed, (c, s, s)).to(device)  # (b, c, s, s)
         rows, sink = x0_for(start, stop)
         images = sample_and_record(lambda x, t: unet(x, t).sample, unet, vae, sched, z, b_ids, cc.seed, cc.steps,
-                                   unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit, x0_rows=rows, x0_sink=sink)
-        save_images(image_dir, b_ids, images)
+                                   unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit, x0_rows=rows, x0_sink=sink,
+                                   stop_after=stop_after)
+        if images is not None:
+            save_images(image_dir, b_ids, images)
 
     def run_noised(start: int, stop: int, emit: Emit) -> None:
         rows, sink = x0_for(start, stop)
@@ -470,7 +486,8 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         return root
     if _state().is_main_process:
         if protocol == "generate":
-            collect_samples(image_dir, image_dir.parent / "samples.safetensors", ids, split)
+            if stop_after is None:  # a pass stopped early made no final images
+                collect_samples(image_dir, image_dir.parent / "samples.safetensors", ids, split)
         else:
             sal = test.saliency.astype(np.uint8)
             save_labels(proot, test.depth.astype(np.float32), sal, split)
@@ -489,7 +506,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         "readout": {"rows": test_rows, "sample_ids": [ids[k] for k in test_rows],
                     "images": "x0/step_XX/<sample id:06d>.png", "what": "decoded pred_original_sample of "
                     "scheduler.step at each step (uint8 RGB)"} if readout else None,
-        "model_root": str(ldm.root) if ldm.root else None,
+        "model_root": str(ldm.root) if ldm.root else None, "stop_after": stop_after,
     }
     finish_store(root, manifest)
     return root

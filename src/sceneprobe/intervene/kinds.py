@@ -3,7 +3,8 @@
 An edit through a probe is only meaningful on the activation the probe was fitted on. The run's capture has one site
 kind (``capture.site_kind``, ``attn`` by default: ``to_out[0]``, before the residual). To edit the other kind, this
 module replays the capture's sampling (same model, ids, seeds, steps) recording only the edited U-Net sites in that
-kind and keeping only the edited steps (``run_capture(..., store_steps=...)``; no VAE decode), for the trained U-Net
+kind and keeping only the edited steps (``run_capture(..., store_steps=..., stop_early=True)``: sampling stops after
+the last edited step, no VAE decode, no final images), for the trained U-Net
 and its permuted control, copies the generate protocol's labels, and fits probes with the run's own sweep
 (:func:`sceneprobe.probe.sweep.run_probes`, same config, same λ choice on val). Everything lives in
 ``run/interventions/probes_<kind>/`` laid out as a run folder (``captures/generate/{ldm,permuted}``,
@@ -39,7 +40,7 @@ def prepare_kind(cfg: Config, run: Path, ctx, kind: str, sites: Sequence[str], s
                              seed=int(m["seed"]), pool=int(m.get("pool", 1)), dtype=m["dtype"],
                              control_seed=int(control_seed))
     ccfg = dataclasses.replace(cfg, capture=cc)
-    kw = dict(sites=list(sites), readout=False, store_steps=list(steps), progress=progress)
+    kw = dict(sites=list(sites), readout=False, store_steps=list(steps), stop_early=True, progress=progress)
     run_capture(ccfg, root, "generate", ctx.ldm, **kw)
     if ctx.permuted:
         run_capture(ccfg, root, "generate", ctx.ldm, control="permuted", **kw)
