@@ -178,7 +178,7 @@ def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
     save_model(ldm.unet, dest / "unet", fp16=True)
     DDPMScheduler.from_config(ldm.scheduler_config).save_pretrained(dest / "scheduler")
     record: dict = {"run": run.name, **(extra or {})}
-    for stage in ("train_vae", "train_ldm"):
+    for stage in ("train_vae", "tune_decoder", "train_ldm"):
         d = run / stage
         info: dict = {}
         if (d / "config.yaml").exists():
@@ -189,7 +189,8 @@ def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
             lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
             info["final_metrics"] = lines[-1] if lines else {}
             info["wall_time_s"] = lines[-1].get("elapsed_s") if lines else None
-        record[stage] = info
+        if info or stage not in record:  # a stage done elsewhere (``extra``) keeps its record
+            record[stage] = info
     # What the shipped (fp16-rounded) VAE reaches on scenes rendered afresh from a seed its training never used;
     # tests/test_shipped.py renders them again and checks the figure still holds.
     from .latents import evaluate_vae
