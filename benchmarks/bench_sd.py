@@ -1,0 +1,265 @@
+"""Stable Diffusion study on the real SD v1.4 architecture (random weights, no download): cost per store mode.
+
+Builds a random-weight ``StableDiffusionPipeline`` with SD v1.4's configs (U-Net 859.5 M, VAE 83.7 M, CLIP ViT-L/14
+text encoder; a character-level tokenizer made here; v1.4's PNDM scheduler), then runs at ``--size`` px on ``--prompts``
+prompts:
+
+* ``sample``: the pipeline loop alone (no hooks) — the reference cost;
+* ``full``: capture into the activation store (16 U-Net sites + the VAE decoder site, every step), then label and
+  probe it (``probe`` may be left out of ``--modes`` when it would take too long);
+* ``streamed``: the low-storage mode (statistics on the device, no store), sampling + labels + probes.
+
+Prints bytes on disk per image, peak RAM (and GPU memory), seconds per image per step for sampling, capture and
+probing, and projections to the paper's study (617 prompts × 512 px, 16 U-Net sites + VAE, both tasks, the permuted
+control) for each store mode. Disk and memory projections are arithmetic on the measured per-image bytes and the
+site shapes (they scale with the pixel count); time projections are only meaningful from a run at 512 px.
+
+    .venv/bin/python benchmarks/bench_sd.py --size 64 --prompts 8               # CPU, minutes
+    python3 benchmarks/bench_sd.py --size 512 --prompts 24 --batch 8 --modes sample,capture,streamed   # one GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PAPER_N, PAPER_RES, LAMBDAS = 617, 512, 11
+
+
+def build_sd14(dtype: torch.dtype, tiny: bool = False):
+    """A random-weight pipeline with SD v1.4's architecture and scheduler (configs as in the v1.4 folder);
+    ``tiny``: the same layout (16 U-Net sites, 4-level VAE, CLIP text model) with 1/10 of the widths (smoke test)."""
+    ch = (32, 64, 128, 128) if tiny else (320, 640, 1280, 1280)
+    vch = (16, 32, 64, 64) if tiny else (128, 256, 512, 512)
+    hid = 64 if tiny else 768
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=ch, cross_attention_dim=hid, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=16 if tiny else 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=vch, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16 if tiny else 32, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=hid, intermediate_size=4 * hid,
+                                        num_hidden_layers=2 if tiny else 12, num_attention_heads=2 if tiny else 12,
+                                        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hid))
+    vocab = {"<|startoftext|>": 49406, "<|endoftext|>": 49407}         # v1.4's special ids; letters below
+    for k, ch in enumerate("abcdefghijklmnopqrstuvwxyz0123456789"):
+        vocab[ch], vocab[ch + "</w>"] = 2 * k, 2 * k + 1
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77, pad_token="<|endoftext|>")
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(dtype)
+
+
+def _hwm_reset() -> None:
+    """Reset the process's peak-RSS mark (Linux clear_refs 5); ignored where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _hwm() -> tuple[float, float]:
+    """(peak RSS GB since the last reset, peak GPU memory GB)."""
+    rss = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    gpu = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    return rss, gpu
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in Path(path).rglob("*") if p.is_file())
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64, help="image size in pixels (512 = the paper's)")
+    ap.add_argument("--prompts", type=int, default=8, help="number of prompts (≥ 7 for train/val/test rows)")
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=4, help="prompts per batch")
+    ap.add_argument("--subsample", type=int, default=64, help="streamed: stored train positions per image/site/step")
+    ap.add_argument("--controls", default="permuted", help="permuted or none")
+    ap.add_argument("--modes", default="sample,full,probe,streamed",
+                    help="comma-separated: sample, full (capture), probe (label + probe the full store), streamed")
+    ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--progress", action="store_true", help="progress bars and phase times of the streamed mode")
+    ap.add_argument("--tiny", action="store_true", help="1/10 widths (a smoke test of the script, not SD's figures)")
+    args = ap.parse_args(argv)
+
+    from sceneprobe.capture.sd import SDSampler, make_scheduler, run_capture_sd
+    from sceneprobe.config import load_config
+    from sceneprobe.probe.streamed import run_streamed_sd
+    from sceneprobe.study_sd import make_labeller
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    device = torch.device("cuda" if cuda else "cpu")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    controls = [] if args.controls in ("", "none") else [args.controls]
+    models = 1 + len(controls)
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_sd_"))
+    work.mkdir(parents=True, exist_ok=True)
+    csv = work / "prompts.csv"
+    csv.write_text("prompt,seed\n" + "".join(f"a photo of object {i} on a table,{1000 + 7 * i}\n"
+                                             for i in range(args.prompts)))
+    t0 = time.time()
+    pipe = build_sd14(dtype, args.tiny)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.to(device).eval()
+    n_unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    n_vae = sum(p.numel() for p in pipe.vae.parameters()) / 1e6
+    print(f"built {'TINY ' if args.tiny else ''}SD v1.4 architecture (random weights): U-Net {n_unet:.1f} M, VAE {n_vae:.1f} M, in "
+          f"{time.time() - t0:.0f} s on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype})", flush=True)
+    over = {"capture": {"steps": args.steps, "batch_size": args.batch, "height": args.size, "width": args.size,
+                        "subsample": args.subsample}}
+    cfg = load_config("cpu", None, over)
+    N, res = args.prompts, args.size
+    fig: dict = {"size": res, "prompts": N, "steps": args.steps, "device": str(device), "dtype": str(dtype),
+                 "models": models}
+    prompts = [f"a photo of object {i} on a table" for i in range(N)]
+    seeds = [1000 + 7 * i for i in range(N)]
+
+    sampler = SDSampler(pipe, pipe.unet, make_scheduler(pipe), args.steps, 7.5, "", res, res)
+    n_steps = sampler.n_steps
+    fig["unet_calls_per_image"] = n_steps
+    if "sample" in modes:
+        _hwm_reset()
+        with torch.no_grad():
+            sampler.sample(prompts[:1], seeds[:1], device, dtype)      # warm-up
+            _sync()
+            t = time.time()
+            for i in range(0, N, args.batch):
+                x = sampler.sample(prompts[i:i + args.batch], seeds[i:i + args.batch], device, dtype)
+                sampler.decode(x)
+            _sync()
+        fig["sample_s_per_image_step"] = (time.time() - t) / (N * n_steps)
+        fig["sample_peak_rss_gb"], fig["sample_peak_gpu_gb"] = _hwm()
+        print(f"sampling: {fig['sample_s_per_image_step']:.4f} s/image/step", flush=True)
+    lab = make_labeller()
+    if "streamed" in modes:
+        run = work / "streamed"
+        _hwm_reset()
+        t = time.time()
+        run_streamed_sd(cfg, Path("bench-sd14"), csv, run, lab, controls=controls, progress=args.progress,
+                        pipe=pipe, log=lambda s: print(f"{time.time() - t:7.1f} s {s}", flush=True))
+        _sync()
+        dt = time.time() - t
+        fig["streamed_s_per_image_step"] = dt / (N * n_steps * models)
+        fig["streamed_peak_rss_gb"], fig["streamed_peak_gpu_gb"] = _hwm()
+        fig["streamed_disk_bytes"] = _du(run)
+        fig["streamed_images_bytes"] = _du(run / "captures" / "sd" / "images") + \
+            _du(run / "captures" / "sd" / "samples.safetensors")
+        print(f"streamed (sampling + statistics + labels + probes): {fig['streamed_s_per_image_step']:.4f} "
+              f"s/image/step, disk {fig['streamed_disk_bytes'] / 1e6:.1f} MB", flush=True)
+
+    if "full" in modes:
+        run = work / "full"
+        _hwm_reset()
+        t = time.time()
+        for control in (None, *controls):
+            run_capture_sd("bench-sd14", csv, run / "captures" / "sd" / (control or "ldm"), args.steps,
+                           batch_size=args.batch, height=res, width=res, control=control, pipe=pipe, progress=False,
+                           torch_dtype=dtype)
+        _sync()
+        dt = time.time() - t
+        fig["full_capture_s_per_image_step"] = dt / (N * n_steps * models)
+        fig["full_capture_peak_rss_gb"], fig["full_capture_peak_gpu_gb"] = _hwm()
+        store = _du(run / "captures" / "sd" / "ldm") - _du(run / "captures" / "sd" / "ldm" / "images")
+        fig["full_store_bytes_per_image"] = store / N
+        print(f"full capture: {fig['full_capture_s_per_image_step']:.4f} s/image/step (sampling included), "
+              f"{store / N / 1e6:.2f} MB/image per model", flush=True)
+        if "probe" in modes:
+            from sceneprobe.labeller import label_samples
+            from sceneprobe.probe.sweep import run_probes
+            _hwm_reset()
+            t = time.time()
+            label_samples(lab, run / "captures" / "sd" / "samples.safetensors", force=True)
+            t_lab = time.time() - t
+            run_probes(run, cfg.probe, progress=False, threads=None)
+            dt = time.time() - t
+            fig["full_label_s_per_image"] = t_lab / N
+            fig["full_probe_s_per_image_step"] = (dt - t_lab) / (N * n_steps * models)
+            fig["full_probe_peak_rss_gb"], _ = _hwm()
+            print(f"full probes: {fig['full_probe_s_per_image_step']:.4f} s/image/step", flush=True)
+        fig["full_disk_bytes"] = _du(run)
+    # ------------------------------------------------------------------ projections to the paper's study
+    shapes = {}
+    from sceneprobe.capture.sd import prepare_sd
+    shapes = prepare_sd("bench-sd14", csv, steps=args.steps, height=res, width=res, pipe=pipe, torch_dtype=dtype).shapes
+    k = (PAPER_RES / res) ** 2                                            # every site grid scales with the pixels
+    hw = {s: c_h_w[1] * c_h_w[2] * k for s, c_h_w in shapes.items()}
+    d = {s: c_h_w[0] + 1 for s, c_h_w in shapes.items()}
+    n_tr, n_va, n_te = round(0.6 * PAPER_N), round(0.15 * PAPER_N), PAPER_N - round(0.6 * PAPER_N) - round(0.15 * PAPER_N)
+    full_per_image = sum(shapes[s][0] * hw[s] * 2 for s in shapes) * n_steps   # float16
+    proj = {"full_store_gb": full_per_image * PAPER_N * models / 1e9,
+            "full_store_gb_per_model": full_per_image * PAPER_N / 1e9}
+    labels_gb = PAPER_N * PAPER_RES ** 2 * (4 + 1 + 3) / 1e9            # depth f32, mask u8, samples RGB
+    png = fig.get("streamed_images_bytes", 0) / max(N, 1) * k
+    proj["streamed_disk_gb"] = labels_gb + png * PAPER_N * 2 / 1e9 + 0.05   # images (model + control), labels, probes
+    proj["streamed_G_device_gb"] = sum(d[s] ** 2 * 8 for s in shapes) * n_steps / 1e9
+    proj["streamed_subsample_ram_gb"] = n_tr * sum(min(args.subsample, hw[s]) * d[s] * 2 for s in shapes) * n_steps / 1e9
+    proj["streamed_val_pred_ram_gb"] = n_va * 2 * LAMBDAS * sum(hw.values()) * 4 * n_steps / 1e9
+    proj["streamed_test_pred_ram_gb"] = n_te * 2 * sum(hw.values()) * 4 * n_steps / 1e9
+    proj["streamed_batch_acts_device_gb"] = args.batch * full_per_image / 1e9
+    proj["streamed_ram_gb"] = (proj["streamed_subsample_ram_gb"] + proj["streamed_val_pred_ram_gb"]
+                               + proj["streamed_test_pred_ram_gb"] + labels_gb)
+    if res == PAPER_RES:
+        for key in ("sample_s_per_image_step", "full_capture_s_per_image_step", "full_probe_s_per_image_step",
+                    "streamed_s_per_image_step"):
+            if key in fig:
+                proj[key.replace("_s_per_image_step", "_hours")] = fig[key] * PAPER_N * n_steps * models / 3600
+    fig["projection_617x512"] = proj
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=1))
+    if not args.out:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(fig, indent=1))
+    print(f"projection (617 prompts x 512 px, {n_steps} U-Net calls, 16 U-Net sites + VAE, {models} model(s)): "
+          f"full store {proj['full_store_gb']:.0f} GB on disk; streamed {proj['streamed_disk_gb']:.1f} GB on disk, "
+          f"{proj['streamed_ram_gb']:.1f} GB RAM (subsample {proj['streamed_subsample_ram_gb']:.1f}, val predictions "
+          f"{proj['streamed_val_pred_ram_gb']:.1f}, test predictions {proj['streamed_test_pred_ram_gb']:.1f}), "
+          f"{proj['streamed_G_device_gb']:.1f} GB statistics + {proj['streamed_batch_acts_device_gb']:.1f} GB batch "
+          f"activations on the device")
+    for key in ("sample_hours", "full_capture_hours", "full_probe_hours", "streamed_hours"):
+        if key in proj:
+            print(f"projected {key.replace('_hours', '')}: {proj[key] * 60:.1f} min for the paper's study")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
