@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,6 @@ import numpy as np
 import torch
 
 from ..errors import fail
-from ..models.io import model_hash
 from ..models.sites import list_sites
 from .identity import canonical, store_fingerprint
 from .recorder import Recorder
@@ -99,6 +99,16 @@ def find_variant(model_path: Path) -> str | None:
     variants = sorted({p.name.split(".")[1] for p in unet.glob("diffusion_pytorch_model.*.*")
                        if p.suffix in (".safetensors", ".bin") and len(p.name.split(".")) == 3})
     return variants[0] if variants else None
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """``models.io.model_hash`` (SHA-256 over parameters and buffers in name order, as float32) for a model on any
+    device: each tensor is copied to the CPU on its own."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant: str | None = None):
@@ -308,8 +318,8 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = pipe if pipe is not None else load_sd(model_path, torch_dtype, variant)
     unet = control_unet(pipe.unet, control, control_seed)
-    hashes = {"model_hash": model_hash(unet), "vae_hash": model_hash(pipe.vae),
-              "text_hash": model_hash(pipe.text_encoder)}                         # on the CPU, before any move
+    hashes = {"model_hash": weights_hash(unet), "vae_hash": weights_hash(pipe.vae),
+              "text_hash": weights_hash(pipe.text_encoder)}
     unet = unet.to(device).eval()
     pipe.vae.to(device).eval()
     pipe.text_encoder.to(device).eval()
