@@ -9,6 +9,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
+# numpy's BLAS on one thread too, as in the CLI subprocesses the tests start (OMP_NUM_THREADS=1): a float sum blocked
+# for another thread count differs in its last bits, and the reproducibility tests compare bytes across the two
+from threadpoolctl import threadpool_limits  # noqa: E402 (installed with scikit-learn)
+
+threadpool_limits(1)
 
 
 @pytest.fixture(scope="session")
