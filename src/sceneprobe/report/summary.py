@@ -265,7 +265,10 @@ def paper_comparison(f: dict, protocol: str, interventions: list[dict] | None, r
     for it in interventions or []:
         L.append(f"| editing activations through the probe {it['claim']} ({it['where']}) | {it['text']} | "
                  f"{it['answer']} |")
-    if not interventions:
+    if not interventions and protocol == "noised":  # edits act on generation: their claim is tested there
+        L.append("| editing activations through the probe moves the object / changes depth | edits act on "
+                 "generation: see the `generate` protocol's table | not tested in this protocol |")
+    elif not interventions:
         L.append("| editing activations through the probe moves the object / changes depth | not run here "
                  "(`sceneprobe run --with-interventions`) | not tested |")
     L += ["", "Other differences from the paper: λ and checkpoints are chosen on a validation split (the paper "
