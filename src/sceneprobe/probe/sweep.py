@@ -670,7 +670,9 @@ def _cell(r: dict, c: str) -> str:
     return r.get(c, "")
 
 
-def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
+def write_results_csv(out: Path, rows: list[dict]) -> list[dict]:
+    """Write ``out/results.csv`` (rows sorted, values formatted) and return the rows as results.json keeps them
+    (NaN → None)."""
     rows = sorted(rows, key=_sort_key)
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
@@ -678,8 +680,12 @@ def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
     for r in rows:
         wr.writerow([_cell(r, c) for c in COLUMNS])
     atomic_write_text(out / "results.csv", buf.getvalue())
-    clean = [{**{c: r.get(c, "") for c in COLUMNS},
-              **{k: None if math.isnan(r.get(k, math.nan)) else r[k] for k in ("value", "lo", "hi")}} for r in rows]
+    return [{**{c: r.get(c, "") for c in COLUMNS},
+             **{k: None if math.isnan(r.get(k, math.nan)) else r[k] for k in ("value", "lo", "hi")}} for r in rows]
+
+
+def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
+    clean = write_results_csv(out, rows)
     atomic_write_json(out / "results.json", {"columns": list(COLUMNS), "probe_config": to_dict(cfg),
                                              "metrics": {k: list(v) for k, v in METRICS.items()}, "rows": clean})
     return out / "results.csv"

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..atomic import atomic_write_text
 from ..errors import fail
-from ..probe.sweep import COLUMNS, _cell, _sort_key, read_per_image, read_positions, read_results
+from ..probe.sweep import COLUMNS, read_per_image, read_positions, read_results, write_results_csv
 from . import figures
 from .analysis import TASKS, analyse, intervention_claims, merge_rows
 from .summary import summary_markdown
@@ -204,21 +204,9 @@ def _readouts(run: Path, protocols) -> dict:
 
 def write_results_table(out: Path, rows: list[dict]) -> Path:
     """results.csv (and the rows of results.json) with the report's CIs and comparison rows merged in."""
-    import csv
-    import io
-    import math
-    rows = sorted(rows, key=_sort_key)
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(COLUMNS)
-    for r in rows:
-        wr.writerow([_cell(r, c) for c in COLUMNS])
-    atomic_write_text(out / "results.csv", buf.getvalue())
     rj = out / "results.json"
     data = _read_json(rj) or {"columns": list(COLUMNS)}
-    data["rows"] = [{**{c: r.get(c, "") for c in COLUMNS},
-                     **{k: None if math.isnan(r.get(k, math.nan)) else r[k] for k in ("value", "lo", "hi")}}
-                    for r in rows]
+    data["rows"] = write_results_csv(out, rows)
     from ..atomic import atomic_write_json
     atomic_write_json(rj, data)
     return out / "results.csv"
