@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sceneprobe.quality import colour_stats, comparison_grid, edge_bands, fsd, quality_summary
+from sceneprobe.quality import colour_stats, comparison_grid, edge_bands, fsd, ground_detail, quality_summary
 
 
 def _scenes(n=40, seed=0):
@@ -37,3 +37,20 @@ def test_quality_summary_orders_its_reference_points():
     assert set(q["edge_stripe_samples"]) == {"top", "bottom", "left", "right"}
     grid = comparison_grid(held[:8], train[:8], cols=4)
     assert grid.shape[1] > 2 * grid.shape[0] - 20 and grid.dtype == np.uint8
+
+
+def test_ground_detail_sees_a_checker_and_not_a_flat_or_blurred_ground():
+    """A checker ground (4-pixel squares, 80 grey levels apart) in the bottom third scores high; the same ground
+    flat, or blurred to its mean, scores ≈ 0; detail in the top two thirds is not counted."""
+    H = 24
+    yy, xx = np.mgrid[:H, :H]
+    checker = np.where(((yy // 4) + (xx // 4)) % 2 == 0, 80, 160).astype(np.uint8)
+    img = np.full((3, H, H, 3), 120, np.uint8)
+    img[0, 2 * H // 3:] = checker[2 * H // 3:, :, None]
+    img[2, :2 * H // 3 - 1] = checker[:2 * H // 3 - 1, :, None]   # texture only above the ground band
+    assert ground_detail(img[:1]) > 10
+    assert ground_detail(img[1:2]) == 0.0 and ground_detail(img[2:3]) < 1
+    tex, flat = np.repeat(img[:1], 8, 0), np.repeat(img[1:2], 8, 0)
+    tex[4:, 2 * H // 3:] = checker[2 * H // 3:, ::-1, None]  # two kinds of image, so the FSD covariances are finite
+    q = quality_summary(tex, tex, tex, reconstructions=flat)
+    assert q["ground_detail"]["samples"] == q["ground_detail"]["heldout"] > q["ground_detail"]["vae_recon"] == 0.0

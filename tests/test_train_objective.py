@@ -31,8 +31,8 @@ def test_epsilon_with_zero_terminal_snr_is_refused():
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
 def test_min_snr_weighted_loss_matches_its_formula(prediction):
-    """L = mean_b w_b‖pred_b − target_b‖²/n, target v = √ᾱ ε − √(1−ᾱ) x₀ (or ε), w = min(SNR, γ)/(SNR + 1) for v and
-    min(SNR, γ)/SNR for ε, computed here from ᾱ by hand."""
+    """L = mean_b w_b‖pred_b − target_b‖²/n, target v = √ᾱ ε − √(1−ᾱ) x₀ (or ε), w = min(SNR + 1, γ)/(SNR + 1) for v
+    (1 at t = 999, where SNR = 0) and min(SNR, γ)/SNR for ε, computed here from ᾱ by hand."""
     cfg = TrainLDMConfig(prediction_type=prediction, zero_terminal_snr=prediction == "v_prediction")
     sched = build_train_scheduler(cfg)
     g = torch.Generator().manual_seed(0)
@@ -44,7 +44,10 @@ def test_min_snr_weighted_loss_matches_its_formula(prediction):
     else:
         target = noise.double()
     snr = (ab / (1 - ab)).flatten()
-    w = torch.clamp(snr, max=5.0) / (snr + 1 if prediction == "v_prediction" else snr)
+    s = snr + 1 if prediction == "v_prediction" else snr
+    w = torch.clamp(s, max=5.0) / s
+    if prediction == "v_prediction":
+        assert w[-1] == 1.0  # the zero-SNR step is learned
     want = (w * ((pred.double() - target) ** 2).mean(dim=(1, 2, 3))).mean()
     got = diffusion_loss(sched, pred, x0, noise, t, snr_gamma=5.0)
     assert torch.allclose(got.double(), want, rtol=1e-4)

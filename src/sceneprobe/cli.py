@@ -204,7 +204,8 @@ def _write_quality(ldm, data, out: Path, s) -> None:
     print(f"FSD {q['fsd_samples_vs_heldout']:.2f} (real vs real {q['fsd_train_vs_heldout']:.2f}, VAE reconstructions "
           f"{q['fsd_vae_recon_vs_heldout']:.2f}, noise {q['fsd_noise_vs_heldout']:.2f}); mean RGB samples "
           f"{q['colour_samples']['mean_rgb']} vs data {q['colour_heldout']['mean_rgb']}; cast "
-          f"{q['colour_samples']['cast']} vs {q['colour_heldout']['cast']}; edge stripes {json.dumps(q['edge_stripe_samples'])}")
+          f"{q['colour_samples']['cast']} vs {q['colour_heldout']['cast']}; edge stripes {json.dumps(q['edge_stripe_samples'])}; "
+          f"ground detail {json.dumps(q['ground_detail'])}")
 
 
 def cmd_capture(args) -> Path:
