@@ -230,6 +230,11 @@ class ProbeConfig:
     lr: float = opt(1e-3, gt=0.0, le=10.0)
     batch_size: int = opt(4, ge=1, le=65536)
     seed: int = seed_opt(0)
+    # where the exact solvers run (probe/parallel.py): "auto" = the GPU when torch sees one, else the CPU; workers =
+    # (site, step) probes fitted at once, each on one thread (0 = every core). Neither changes a CPU result's bytes,
+    # so neither is part of a probe's fingerprint
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    workers: int = opt(0, ge=0, le=4096)
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,7 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
                label)
         from .probe.sweep import run_probes
         log("[probes] ...")
-        import os
-        results = run_probes(out, cfg.probe, progress=progress,          # all cores on a machine of its own
-                             threads=None if (os.cpu_count() or 1) > 4 else 1)
+        results = run_probes(out, cfg.probe, progress=progress)          # probe.workers: every core by default
     if not state.is_main_process:
         return out / "report" / "report.html"
     from .report import write_report

@@ -26,6 +26,11 @@ difference ``z = (w₁ − w₀)ᵀx`` (``CE = softplus(−z)`` for a positive p
 argmax is ``z > 0``, so it is a logistic regression on ``w = w₁ − w₀``; with penalty ``(μ/2)(‖w₀‖² + ‖w₁‖²)`` the
 optimum is ``w₀ = −w₁`` and the penalty equals ``(μ/4)‖w‖²``, i.e. λ = μ/2. We fit ``w`` and store the symmetric
 ``(−w/2, w/2)`` pair, which gives the paper's probe format with identical logits differences and predictions.
+
+Devices: the statistics and solvers run wherever their tensors are (``RidgeStats(device=…)``, chunks and penalty on
+that device; see :mod:`.parallel`). On the CPU two products take numpy's float64 BLAS, several times faster there
+than torch's (``NUMPY_ON_CPU``); everywhere else, and on the CPU with that switch off (as the tests run it), the same
+code runs in torch.
 """
 from __future__ import annotations
 
@@ -38,6 +43,11 @@ import torch
 import torch.nn.functional as F
 
 Chunks = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+NUMPY_ON_CPU = True     # the CPU fast path of XᵀDX and the float64 gradient; False: torch's path, as on a GPU
+
+
+def _numpy_path(t: torch.Tensor) -> bool:
+    return NUMPY_ON_CPU and t.device.type == "cpu"
 
 
 # ---------------------------------------------------------------- resolution maps ---------------------------------
@@ -89,23 +99,41 @@ def to_rows(x: torch.Tensor, bias: bool) -> torch.Tensor:
 # ---------------------------------------------------------------- ridge --------------------------------------------
 @dataclass
 class RidgeStats:
-    """Streamed sufficient statistics of weighted least squares: G = XᵀDX, B = XᵀS, P = Σ weights (float64)."""
+    """Streamed sufficient statistics of weighted least squares: G = XᵀDX, B = XᵀS, P = Σ weights (float64), kept
+    on ``device``. Statistics of disjoint row sets add up (:meth:`merge`): that is how ranks or workers combine."""
     d: int
     k: int
+    device: torch.device | str = "cpu"
     G: torch.Tensor = field(init=False)
     B: torch.Tensor = field(init=False)
     P: float = 0.0
 
     def __post_init__(self):
-        self.G = torch.zeros(self.d, self.d, dtype=torch.float64)
-        self.B = torch.zeros(self.d, self.k, dtype=torch.float64)
+        self.G = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device)
+        self.B = torch.zeros(self.d, self.k, dtype=torch.float64, device=self.device)
 
     def add(self, X: torch.Tensor, weight: torch.Tensor, tsum: torch.Tensor) -> None:
-        """Rows X (m, d) float64, weights (m,) ≥ 0 and weighted target sums (m, k) (= weight · target)."""
-        Y = (X * torch.sqrt(weight)[:, None]).numpy()                          # XᵀDX = YᵀY (numpy's syrk: fast f64)
-        self.G += torch.from_numpy(Y.T @ Y)
-        self.B += torch.from_numpy(tsum.numpy().T @ X.numpy()).T
+        """Rows X (m, d) float64, weights (m,) ≥ 0 and weighted target sums (m, k) (= weight · target); moved to the
+        statistics' device."""
+        dev = self.G.device
+        X, weight, tsum = X.to(dev, torch.float64), weight.to(dev, torch.float64), tsum.to(dev, torch.float64)
+        Y = X * torch.sqrt(weight)[:, None]                                    # XᵀDX = YᵀY
+        if _numpy_path(Y):                                                     # numpy's syrk: fast float64 on the CPU
+            Yn = Y.numpy()
+            self.G += torch.from_numpy(Yn.T @ Yn)
+            self.B += torch.from_numpy(tsum.numpy().T @ X.numpy()).T
+        else:
+            self.G += Y.T @ Y
+            self.B += X.T @ tsum
         self.P += float(weight.sum())
+
+    def merge(self, other: "RidgeStats") -> None:
+        """Add the statistics of another, disjoint set of rows (on any device)."""
+        if (other.d, other.k) != (self.d, self.k):
+            raise ValueError(f"statistics of shape ({other.d}, {other.k}) cannot join ({self.d}, {self.k})")
+        self.G += other.G.to(self.G.device)
+        self.B += other.B.to(self.B.device)
+        self.P += other.P
 
 
 def feature_scale(G: torch.Tensor, P: float, n_features: int) -> torch.Tensor:
@@ -114,14 +142,14 @@ def feature_scale(G: torch.Tensor, P: float, n_features: int) -> torch.Tensor:
     Dividing by the RMS — not subtracting a mean — keeps the model class "linear, no bias": it is a change of
     coordinates that only makes one λ grid mean the same thing at every site.
     """
-    s = torch.ones(G.shape[0], dtype=torch.float64)
+    s = torch.ones(G.shape[0], dtype=torch.float64, device=G.device)
     rms = torch.sqrt(torch.clamp(torch.diagonal(G)[:n_features] / max(P, 1e-300), min=0))
     s[:n_features] = torch.where(rms > 0, rms, torch.ones_like(rms))
     return s
 
 
-def penalty_mask(d: int, bias: bool) -> torch.Tensor:
-    m = torch.ones(d, dtype=torch.float64)
+def penalty_mask(d: int, bias: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    m = torch.ones(d, dtype=torch.float64, device=device)
     if bias:
         m[-1] = 0.0
     return m
@@ -133,10 +161,11 @@ def ridge_path(stats: RidgeStats, lambdas: Iterable[float], bias: bool,
 
     With ``scale`` s the fit is on x/s (penalty on the scaled weights) and ``θ_raw = θ_scaled / s``.
     """
-    s = torch.ones(stats.d, dtype=torch.float64) if scale is None else scale
+    dev = stats.G.device
+    s = torch.ones(stats.d, dtype=torch.float64, device=dev) if scale is None else scale.to(dev)
     Gs = stats.G / (s[:, None] * s[None, :]) / stats.P                         # (d, d)
     Bs = stats.B / s[:, None] / stats.P                                        # (d, k)
-    M = torch.diag(penalty_mask(stats.d, bias))
+    M = torch.diag(penalty_mask(stats.d, bias, dev))
     out = [_solve_spd(Gs + lam * M, Bs) for lam in lambdas]
     return torch.stack(out) / s[None, :, None]                                 # (L, d, k)
 
@@ -145,7 +174,8 @@ def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(b, L)
-    return torch.linalg.lstsq(A, b).solution                                   # singular (λ = 0, dead channel)
+    # singular (λ = 0, dead channel): least squares, on the CPU (CUDA's lstsq assumes full rank); rare
+    return torch.linalg.lstsq(A.cpu(), b.cpu()).solution.to(A.device)
 
 
 def fit_ridge(X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, lam: float, bias: bool = False,
@@ -181,12 +211,12 @@ def _pass32(chunks: Chunks, theta: torch.Tensor, want_h: bool, stride: int = 1):
     ``stride`` > 1 estimates the Hessian from every stride-th row (scaled up): it only sets the step, not the
     fixed point, and costs 1/stride of the exact one."""
     t32 = theta.float()
-    d = len(theta)
-    f, g = 0.0, torch.zeros(d, dtype=torch.float64)
-    H = torch.zeros(d, d, dtype=torch.float64) if want_h else None
+    d, dev = len(theta), theta.device
+    f, g = 0.0, torch.zeros(d, dtype=torch.float64, device=dev)
+    H = torch.zeros(d, d, dtype=torch.float64, device=dev) if want_h else None
     for X, n, pos, *_ in chunks():
-        X = X.float()
-        n32, pos32 = n.float(), pos.float()
+        X = X.to(dev, torch.float32)                                           # no-op when already there
+        n32, pos32 = n.to(dev, torch.float32), pos.to(dev, torch.float32)
         z = X @ t32                                                            # (m,)
         # CE of pos positives and (n − pos) negatives = n·softplus(z) − pos·z
         f += float((n32 * F.softplus(z) - pos32 * z).double().sum())
@@ -201,14 +231,21 @@ def _pass32(chunks: Chunks, theta: torch.Tensor, want_h: bool, stride: int = 1):
 def _grad64(chunks: Chunks, theta: torch.Tensor) -> torch.Tensor:
     """Exact float64 gradient sum Xᵀ(nσ(Xθ) − pos): the fixed point the refinement converges to.
 
-    (numpy: its float64 matrix-vector products are several times faster than torch's here.)"""
-    th = theta.numpy()
-    g = np.zeros(len(th))
+    (On the CPU numpy's float64 matrix-vector products are several times faster than torch's.)"""
+    dev = theta.device
+    if _numpy_path(theta):
+        th = theta.numpy()
+        gn = np.zeros(len(th))
+        for X, n, pos, *x64 in chunks():
+            X = (x64[0] if x64 else X.double()).numpy()
+            z = torch.from_numpy(X @ th)
+            gn += (n.double() * torch.sigmoid(z) - pos.double()).numpy() @ X
+        return torch.from_numpy(gn)
+    g = torch.zeros(len(theta), dtype=torch.float64, device=dev)
     for X, n, pos, *x64 in chunks():
-        X = (x64[0] if x64 else X.double()).numpy()
-        z = torch.from_numpy(X @ th)
-        g += (n * torch.sigmoid(z) - pos).numpy() @ X
-    return torch.from_numpy(g)
+        X = (x64[0] if x64 else X).to(dev, torch.float64)
+        g += (n.to(dev, torch.float64) * torch.sigmoid(X @ theta) - pos.to(dev, torch.float64)) @ X
+    return g
 
 
 def logistic_first_step(G: torch.Tensor, xt_pos: torch.Tensor, xt_n: torch.Tensor, P: float, lam: float,
@@ -246,8 +283,9 @@ def logistic_path(chunks: Chunks, P: float, lambdas: Iterable[float], penalty: t
     order = sorted(range(len(lambdas)), key=lambda i: -lambdas[i])
     d = len(penalty)
     M = penalty.double()
-    theta = torch.zeros(d, dtype=torch.float64) if init is None else init.double().clone()
-    out = torch.zeros(len(lambdas), d, dtype=torch.float64)
+    dev = M.device
+    theta = torch.zeros(d, dtype=torch.float64, device=dev) if init is None else init.to(dev, torch.float64).clone()
+    out = torch.zeros(len(lambdas), d, dtype=torch.float64, device=dev)
     info = NewtonInfo([0] * len(lambdas), [0] * len(lambdas), [False] * len(lambdas))
     Hd = None                                                                  # data Hessian / P, near θ
     for i in order:
@@ -289,7 +327,7 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
     error (~1e-4 near θ*). Stops when the remaining error, bounded by ``|step|·ρ/(1 − ρ)``, is below ``tol``
     relative."""
     pen = lam * penalty.double()
-    theta = theta.double().clone()
+    theta = theta.to(pen.device, torch.float64).clone()
     H = _pass32(chunks, theta, True)[2] / P + torch.diag(pen)
     prev = None
     for k in range(1, max_passes + 1):

@@ -14,7 +14,9 @@ the probes need is much less, and the sampling order can make each image be samp
 2. **fit**: depth = ridge for every λ from G and XᵀS (exact: the full store's probe, to float rounding); saliency =
    the sweep's IRLS logistic path (to 1e-3 relative) on the subsample, started from the exact full-data first Newton
    step (with the whole grid as the subsample, it is the full store's path).
-3. **validation images**: predictions of every λ's probe (native resolution, float32) are kept; λ is chosen with the
+3. **validation images**: predictions of every λ's probe (native resolution, float64 as the sweep computes them:
+   float32 would tie the logits of a strongly penalised probe, which spread ~1e-5 around its intercept, and Dice at
+   a tuned threshold depends on their order) are kept; λ is chosen with the
    sweep's rule (depth: lowest mean MSE; saliency: highest mean Dice; ties → larger λ), then the chosen saliency
    probe is refined to float64 convergence, as in the sweep. Its decision threshold τ (with an intercept) and its
    validation metrics come from the path probe's validation logits (within 1e-3 relative of the refined probe's:
@@ -31,7 +33,9 @@ starts again from its first image. One process only (the full store is the mode 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,13 +46,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_bytes, atomic_write_json
-from ..config import Config, to_dict
+from ..config import Config
 from ..errors import fail
 from . import fit
 from . import sweep as sw
 from .metrics import NearestScorer, nanmean, ranks
+from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 
-STREAMED_VERSION = 1
+STREAMED_VERSION = 2                   # 2: val/test predictions kept in float64 (see 3. above)
 
 
 @dataclass
@@ -58,9 +63,9 @@ class Acc:
     B: torch.Tensor                       # (C+1, 3) float64: Xᵀ[raw target sum, positives, pixels]
     P: float = 0.0
     nonfinite: int = 0
-    sub: list = field(default_factory=list)     # [(X (m, C+1) float16, n (m,), pos (m,))] per train image
-    val: list = field(default_factory=list)     # [(b, 2L, h, w) float32]
-    test: list = field(default_factory=list)    # [(b, 2, h, w) float32]
+    sub: list = field(default_factory=list)     # [(image id, X (m, C+1) float16, n (m,), pos (m,))] per train image
+    val: list = field(default_factory=list)     # [(b, 2L, h, w) float64]
+    test: list = field(default_factory=list)    # [(b, 2, h, w) float64]
     theta_d: torch.Tensor | None = None          # (L, d) raw coordinates
     theta_s: torch.Tensor | None = None
     scale: torch.Tensor | None = None
@@ -103,12 +108,26 @@ class StreamedProbes:
         self.shapes, self.steps, self.size, self.pc, self.device = dict(shapes), steps, size, pc, device
         self.m, self.dtype, self.pool = cc.subsample, getattr(torch, cc.dtype), cc.pool
         self.lams = list(pc.lambdas)
+        self.fit_device, self.workers = resolve_device(pc.device), resolve_workers(pc.workers)
         self.acc = {(s, t): Acc(torch.zeros(c + 1, c + 1, dtype=torch.float64, device=device),
                                 torch.zeros(c + 1, 3, dtype=torch.float64, device=device))
                     for s, (c, h, w) in self.shapes.items() for t in range(steps)}
         H, W = size
         self.count = {(h, w): fit.block_count(H, W, h, w) for c, h, w in self.shapes.values()}
         self.mean = self.std = None
+        self.seconds: dict[str, float] = {}          # probe work by phase (statistics, fit, predict, choose, metrics)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Wall time of the probe work in ``phase`` (devices synchronised, so it is not billed to sampling)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            for dev in {self.device, self.fit_device}:
+                if torch.device(dev).type == "cuda":
+                    torch.cuda.synchronize(dev)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
 
     # -------------------------------------------------------------------------------------------- activations
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +138,10 @@ class StreamedProbes:
 
     def train_batch(self, acts: dict, ids: Sequence[int], target: np.ndarray, saliency: np.ndarray) -> None:
         """Accumulate the statistics of one batch: ``target`` (b, H, W) raw target, ``saliency`` (b, H, W) {0, 1}."""
+        with self.timed("statistics"):
+            self._train_batch(acts, ids, target, saliency)
+
+    def _train_batch(self, acts: dict, ids: Sequence[int], target: np.ndarray, saliency: np.ndarray) -> None:
         sums = {}
         for (site, step), x in acts.items():
             a = self.acc[site, step]
@@ -144,62 +167,89 @@ class StreamedProbes:
                     sel = torch.randperm(hw, generator=g)[:k].sort().values
                 f = hw / k
                 rows = X[j * hw: (j + 1) * hw][sel.to(X.device)]
-                a.sub.append((rows.to(torch.float16).cpu(), (n[:hw][sel.to(n.device)] * f).cpu(),
+                a.sub.append((int(i), rows.to(torch.float16).cpu(), (n[:hw][sel.to(n.device)] * f).cpu(),
                               (pos[j].reshape(-1)[sel.to(pos.device)] * f).cpu()))
 
+    def merge(self, other: "StreamedProbes") -> None:
+        """Add the train statistics and subsample of another accumulator that saw other train images (another rank's
+        share of the prompts): G, XᵀS and P add up, the subsample rows join in image order. Exact up to the order of
+        float64 additions (G of two halves summed ≠ G summed image by image in the last bits)."""
+        if set(other.acc) != set(self.acc):
+            raise ValueError("accumulators of different sites or steps cannot be merged")
+        for key, a in self.acc.items():
+            b = other.acc[key]
+            a.G += b.G.to(a.G.device)
+            a.B += b.B.to(a.B.device)
+            a.P += b.P
+            a.nonfinite += b.nonfinite
+            a.sub.extend(b.sub)
+
     def _predict(self, x: torch.Tensor, thetas: torch.Tensor) -> np.ndarray:
-        """Native predictions x·w + b for every θ (K, d): (b, K, h, w) float32."""
+        """Native predictions x·w + b for every θ (K, d): (b, K, h, w) float64 (the sweep's :func:`_predict`)."""
         x, _ = _clean(x)
         th = thetas.to(device=x.device, dtype=torch.float64)
         C = x.shape[1]
         z = torch.einsum("nchw,kc->nkhw", x.double(), th[:, :C])
         if th.shape[1] > C:
             z = z + th[:, C][None, :, None, None]
-        return z.float().cpu().numpy()
+        return z.cpu().numpy()
 
     def val_batch(self, acts: dict) -> None:
-        for key, x in acts.items():
-            a = self.acc[key]
-            a.val.append(self._predict(x, torch.cat([a.theta_d, a.theta_s])))
+        with self.timed("predict"):
+            for key, x in acts.items():
+                a = self.acc[key]
+                a.val.append(self._predict(x, torch.cat([a.theta_d, a.theta_s])))
 
     def test_batch(self, acts: dict) -> None:
-        for key, x in acts.items():
-            a = self.acc[key]
-            a.test.append(self._predict(x, torch.stack([a.theta_d[a.pick[0]], a.theta_s[a.pick[1]]])))
+        with self.timed("predict"):
+            for key, x in acts.items():
+                a = self.acc[key]
+                a.test.append(self._predict(x, torch.stack([a.theta_d[a.pick[0]], a.theta_s[a.pick[1]]])))
 
     # -------------------------------------------------------------------------------------------- fits
     def fit(self, train_target: np.ndarray, progress: bool = False) -> None:
-        """All probes from the train statistics; ``train_target`` (n, H, W) float32 sets the standardisation."""
+        """All probes from the train statistics; ``train_target`` (n, H, W) float32 sets the standardisation.
+
+        Runs on ``probe.device`` with ``probe.workers`` probes at once (:mod:`.parallel`)."""
         t = train_target.astype(np.float64)
         self.mean, std = float(t.mean()), float(t.std())
         self.std = std if std > 0 else 1.0
-        bias, lams = self.pc.bias, self.lams
-        for (site, step), a in tqdm(self.acc.items(), desc="fit", disable=not progress):
-            C = self.shapes[site][0]
-            d = C + int(bias)
-            G, B = a.G.cpu(), a.B.cpu().clone()
-            B[:, 0] = (B[:, 0] - self.mean * B[:, 2]) / self.std                   # standardised target sums
-            stats = fit.RidgeStats(d, 3)
-            stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.P
-            scale = fit.feature_scale(stats.G, stats.P, C)
-            penalty = fit.penalty_mask(d, bias) * scale ** 2
-            a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]          # (L, d)
-            init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-            chunks = self._chunks(a, d)
-            rows = sum(len(c[0]) for c in chunks)
-            stride = max(1, rows // max(4096, 64 * d))
-            a.theta_s, _ = fit.logistic_path(lambda: chunks, stats.P, lams, penalty, init=init, refine=False,
-                                             hess_stride=stride)                  # the path to 1e-3, as the sweep
-            a.scale, a.penalty, a.chunks = scale, penalty, chunks
-            a.G = a.B = None                                                      # free the device memory
+        bar = tqdm(total=len(self.acc), desc="fit", disable=not progress)
+        with single_threaded(1), self.timed("fit"):
+            map_ordered(self._fit_one, list(self.acc), self.workers, lambda *_: bar.update(1))
+        bar.close()
+
+    def _fit_one(self, key: tuple[str, int]) -> None:
+        site, step = key
+        a, bias, lams, dev = self.acc[key], self.pc.bias, self.lams, self.fit_device
+        C = self.shapes[site][0]
+        d = C + int(bias)
+        G, B = a.G.to(dev), a.B.to(dev).clone()
+        B[:, 0] = (B[:, 0] - self.mean * B[:, 2]) / self.std                       # standardised target sums
+        stats = fit.RidgeStats(d, 3, dev)
+        stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.P
+        scale = fit.feature_scale(stats.G, stats.P, C)
+        penalty = fit.penalty_mask(d, bias, dev) * scale ** 2
+        a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
+        init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
+        chunks = self._chunks(a, d, dev)
+        rows = sum(len(c[0]) for c in chunks)
+        stride = max(1, rows // max(4096, 64 * d))
+        a.theta_s, _ = fit.logistic_path(lambda: chunks, stats.P, lams, penalty, init=init, refine=False,
+                                         hess_stride=stride)                      # the path to 1e-3, as the sweep
+        a.scale, a.penalty, a.chunks = scale, penalty, chunks
+        a.G = a.B = None                                                          # free the device memory
 
     @staticmethod
-    def _chunks(a: Acc, d: int, per: int = 64) -> list:
+    def _chunks(a: Acc, d: int, device=torch.device("cpu"), per: int = 64) -> list:
+        """The subsample as the solver's chunks (64 images each, as the sweep's), on the solver's device."""
         out = []
-        for i in range(0, len(a.sub), per):
-            part = a.sub[i:i + per]
-            out.append((torch.cat([p[0][:, :d] for p in part]).float(), torch.cat([p[1] for p in part]).double(),
-                        torch.cat([p[2] for p in part]).double()))
+        sub = sorted(a.sub, key=lambda p: p[0])                                   # image order, however they came
+        for i in range(0, len(sub), per):
+            part = sub[i:i + per]
+            out.append((torch.cat([p[1][:, :d] for p in part]).to(device, torch.float32),
+                        torch.cat([p[2] for p in part]).to(device, torch.float64),
+                        torch.cat([p[3] for p in part]).to(device, torch.float64)))
         return out
 
     def standardise(self, target: np.ndarray) -> np.ndarray:
@@ -207,70 +257,89 @@ class StreamedProbes:
 
     def choose(self, val_std: np.ndarray, val_sal: np.ndarray) -> None:
         """λ per (site, step) and task on the validation images, with the sweep's rule."""
-        L, lams = len(self.lams), self.lams
-        scorers: dict = {}
         r = ranks(val_std)
-        for (site, step), a in self.acc.items():
-            _, h, w = self.shapes[site]
-            sc = scorers.setdefault((h, w), NearestScorer(val_std, val_sal, h, w, r))
-            z = np.concatenate(a.val).astype(np.float64)                           # (n, 2L, h, w)
-            rm = sc.depth(z[:, :L], spearman=False)["rmse"]
-            if self.pc.bias:                                                      # each λ at its best threshold
-                dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] for i in range(L)]
-            else:                                                                 # the paper's argmax rule
-                dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]
-            a.pick = (sw._pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams), sw._pick(dice_s, lams))
-            i_s = a.pick[1]                                                       # the chosen one to float64
-            a.theta_s[i_s] = fit.logistic_refine(lambda: a.chunks, a.P, lams[i_s], a.penalty, a.theta_s[i_s])[0]
-            if self.pc.bias:   # τ on val from the path probe's logits (the refined probe's val rows are gone)
-                a.tau = sw.tune_threshold(sc, z[:, L + i_s])[1]
-                a.theta_s[i_s, -1] -= a.tau
-            a.chunks = a.sub = None
+        scorers = {(h, w): NearestScorer(val_std, val_sal, h, w, r) for _, h, w in set(self.shapes.values())}
+        with single_threaded(1), self.timed("choose"):
+            map_ordered(lambda key: self._choose_one(key, scorers[self.shapes[key[0]][1:]]), list(self.acc),
+                        self.workers)
+
+    def _choose_one(self, key: tuple[str, int], sc: NearestScorer) -> None:
+        L, lams, a = len(self.lams), self.lams, self.acc[key]
+        z = np.concatenate(a.val)                                                  # (n, 2L, h, w) float64
+        rm = sc.depth(z[:, :L], spearman=False)["rmse"]
+        if self.pc.bias:                                                          # each λ at its best threshold
+            dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] for i in range(L)]
+        else:                                                                     # the paper's argmax rule
+            dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]
+        a.pick = (sw._pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams), sw._pick(dice_s, lams))
+        i_s = a.pick[1]                                                           # the chosen one to float64
+        a.theta_s[i_s] = fit.logistic_refine(lambda: a.chunks, a.P, lams[i_s], a.penalty, a.theta_s[i_s])[0]
+        if self.pc.bias:       # τ on val from the path probe's logits (the refined probe's val rows are gone)
+            a.tau = sw.tune_threshold(sc, z[:, L + i_s])[1]
+            a.theta_s[i_s, -1] -= a.tau
+        a.chunks = a.sub = None
 
     # -------------------------------------------------------------------------------------------- results
     def results(self, labels, protocol: str, model: str, timesteps: Sequence[int]) -> dict:
         """{(site, step): (probe tensors, rows)} with the sweep's metrics, from the kept predictions."""
+        with self.timed("metrics"):
+            return self._results(labels, protocol, model, timesteps)
+
+    def _results(self, labels, protocol: str, model: str, timesteps: Sequence[int]) -> dict:
+        for _, h, w in set(self.shapes.values()):           # the labels' shared caches, filled before the workers
+            for code in (1, 2):
+                labels.scorer(code, h, w), labels.nonsky_scorer(code, h, w)
+                sw.prior_metrics(labels, code, h, w, self.pc.upsample)
+        with single_threaded(1):
+            done = map_ordered(lambda key: self._result_one(key, labels, protocol, model, timesteps), list(self.acc),
+                               self.workers)
+        return dict(zip(self.acc, done))
+
+    def _result_one(self, key, labels, protocol: str, model: str, timesteps: Sequence[int]):
         pc, L, lams = self.pc, len(self.lams), self.lams
-        out = {}
-        for (site, step), a in self.acc.items():
-            C, h, w = self.shapes[site]
-            i_d, i_s = a.pick
-            zv = np.concatenate(a.val)[:, [i_d, L + i_s]].astype(np.float64)
-            zv[:, 1] -= a.tau
-            zt = np.concatenate(a.test).astype(np.float64)
-            scores, per_image = {}, {}
-            for split, code, z in (("val", 1, zv), ("test", 2, zt)):
-                m = sw.native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
-                ref = sw.prior_metrics(labels, code, h, w, pc.upsample)
-                for task, metric in list(m):
-                    scores[(task, split, metric)] = nanmean(m[(task, metric)])
-                scores[("depth", split, "skill")] = sw.skill(m[("depth", "mse")], ref[("depth", "mse")])
-                scores[("depth", split, "skill_nonsky")] = sw.skill(m[("depth", "mse_nonsky")],
-                                                                    ref[("depth", "mse_nonsky")])
-                if split == "test":
-                    per_image = m
-            scores[("depth", "val", "lambda")] = lams[i_d]
-            scores[("saliency", "val", "lambda")] = lams[i_s]
-            scores[("saliency", "val", "threshold")] = a.tau
-            edge = {"depth": sw.lambda_edge(lams[i_d], lams), "saliency": sw.lambda_edge(lams[i_s], lams)}
-            rows = [sw._row(protocol, model, site, step, timesteps[step], task, split, metric, v,
-                            lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
-            probe = sw.Probe(a.theta_d[i_d], a.theta_s[i_s], a.scale, (lams[i_d], lams[i_s]),
-                             {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, a.nonfinite,
-                             threshold=a.tau)
-            tensors = sw.probe_tensors(probe, C, pc.bias, labels)
-            tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-                            for (task, metric), v in per_image.items()})
-            tensors["nonfinite"] = torch.tensor([float(a.nonfinite)])
-            out[site, step] = (tensors, rows)
-        return out
+        site, step = key
+        a = self.acc[key]
+        C, h, w = self.shapes[site]
+        i_d, i_s = a.pick
+        zv = np.concatenate(a.val)[:, [i_d, L + i_s]]
+        zv[:, 1] -= a.tau
+        zt = np.concatenate(a.test)
+        scores, per_image = {}, {}
+        for split, code, z in (("val", 1, zv), ("test", 2, zt)):
+            m = sw.native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
+            ref = sw.prior_metrics(labels, code, h, w, pc.upsample)
+            for task, metric in list(m):
+                scores[(task, split, metric)] = nanmean(m[(task, metric)])
+            scores[("depth", split, "skill")] = sw.skill(m[("depth", "mse")], ref[("depth", "mse")])
+            scores[("depth", split, "skill_nonsky")] = sw.skill(m[("depth", "mse_nonsky")],
+                                                                ref[("depth", "mse_nonsky")])
+            if split == "test":
+                per_image = m
+        scores[("depth", "val", "lambda")] = lams[i_d]
+        scores[("saliency", "val", "lambda")] = lams[i_s]
+        scores[("saliency", "val", "threshold")] = a.tau
+        edge = {"depth": sw.lambda_edge(lams[i_d], lams), "saliency": sw.lambda_edge(lams[i_s], lams)}
+        rows = [sw._row(protocol, model, site, step, timesteps[step], task, split, metric, v,
+                        lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
+        probe = sw.Probe(a.theta_d[i_d].cpu(), a.theta_s[i_s].cpu(), a.scale.cpu(), (lams[i_d], lams[i_s]),
+                         {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, a.nonfinite,
+                         threshold=a.tau)
+        tensors = sw.probe_tensors(probe, C, pc.bias, labels)
+        tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                        for (task, metric), v in per_image.items()})
+        tensors["nonfinite"] = torch.tensor([float(a.nonfinite)])
+        return tensors, rows
 
 
 # ------------------------------------------------------------------------------------------------ the SD study
 def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, labeller, *,
                     controls: Sequence[str] = ("permuted",), force: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print, pipe=None) -> Path:
-    """The SD study in streamed mode (see the module doc): images, labels, probes and ``report/results.csv``."""
+                    log: Callable[[str], None] = print, pipe=None, seconds: dict | None = None) -> Path:
+    """The SD study in streamed mode (see the module doc): images, labels, probes and ``report/results.csv``.
+
+    ``seconds`` (optional) receives, per model, the wall time of the probe work by phase and of the whole model
+    (``{model: {"statistics": …, "fit": …, "predict": …, "choose": …, "metrics": …, "total": …}}``): capture time =
+    total − the probe phases."""
     from safetensors.torch import save as st_save
 
     from ..capture.run import _state, collect_samples, probe_split, save_images
@@ -295,7 +364,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
     for control in (None, *controls):
         model = control or "ldm"
         extra = {"store": "streamed", "streamed_version": STREAMED_VERSION, "subsample": cc.subsample,
-                 "probe": to_dict(pc), "labeller": labels_desc}
+                 "probe": sw.fit_identity(pc), "labeller": labels_desc}
         if control is not None:
             extra["labels"] = sw.load_protocol_labels(proot, None, pc.depth_target).digest
         m = prepare_sd(model_path, prompts, **opts, control=control, control_seed=cc.control_seed, pipe=pipe,
@@ -318,6 +387,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                 done = None
         if done is None:
             log(f"[streamed sd/{model}] sampling {n} images: train, then val, then test")
+            t_model = time.perf_counter()
             record.unlink(missing_ok=True)
             sp = StreamedProbes(m.shapes, m.n_steps, sampler.size, cfg, m.device)
             if control is None:
@@ -376,11 +446,18 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
             for key, (tensors, prow) in sp.results(labels, "sd", model, timesteps).items():
                 meta = {"fingerprint": fp, "rows": json.dumps(prow, sort_keys=True), "protocol": "sd",
                         "model": model, "site": key[0], "step": str(key[1]), "solver": "exact-streamed",
-                        "config": json.dumps(to_dict(pc), sort_keys=True)}
+                        "config": json.dumps(sw.fit_identity(pc), sort_keys=True), "device": sp.fit_device.type}
                 atomic_write_bytes(paths[key], st_save(tensors, metadata=meta))
                 done[key] = sw._finished_rows(paths[key], fp)
             atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
                                        "timesteps": timesteps, "subsample": cc.subsample})
+            probe_s = sum(sp.seconds.values())
+            wall = time.perf_counter() - t_model
+            log(f"[streamed sd/{model}] {wall:.1f} s: capture {wall - probe_s:.1f} s, probes {probe_s:.1f} s ("
+                + ", ".join(f"{k} {v:.1f}" for k, v in sp.seconds.items()) + f") on {sp.fit_device.type}, "
+                f"{sp.workers} worker(s)")
+            if seconds is not None:
+                seconds[model] = {**sp.seconds, "total": wall}
             del sp
         else:
             log(f"[streamed sd/{model}] up to date, skipped")

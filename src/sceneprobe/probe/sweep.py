@@ -56,6 +56,7 @@ from . import fit
 from . import baselines as bl
 from .baselines import BASELINE_MODEL
 from .metrics import METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
+from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 
 # lo / hi: a CI, filled by the report for the numbers it interprets; lambda_edge: "low" / "high" when the val-chosen
 # λ of that probe's task is the grid's smallest / largest (widen probe.lambdas), else empty
@@ -196,13 +197,13 @@ def _iter_images(store: CaptureStore, site: str, step: int,
 
 
 def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Native predictions x·θ (+ b) for every θ: (n, L, h, w) float64."""
+    """Native predictions x·θ (+ b) for every θ, on θ's device: (n, L, h, w) float64 on the CPU."""
     out = []
     for _, x in _iter_images(store, site, step, rows):
-        z = torch.einsum("nchw,lc->nlhw", x.double(), thetas[:, : x.shape[1]])
+        z = torch.einsum("nchw,lc->nlhw", x.to(thetas.device, torch.float64), thetas[:, : x.shape[1]])
         if bias:
             z = z + thetas[:, -1][None, :, None, None]
-        out.append(z)
+        out.append(z.cpu())
     return torch.cat(out)
 
 
@@ -219,21 +220,25 @@ class Probe:
     threshold: float = 0.0           # val-chosen logit threshold τ, already folded into the saliency intercept
 
 
-def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
-    """Ridge (depth) and IRLS logistic (saliency) from one streamed pass over the train rows; λ chosen on val."""
+def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig,
+              device: torch.device | str = "cpu") -> Probe:
+    """Ridge (depth) and IRLS logistic (saliency) from one streamed pass over the train rows; λ chosen on val.
+
+    The statistics, the kept train rows and the solvers live on ``device``; metrics are computed on the CPU."""
+    device = torch.device(device)
     C, h, w = store.shape(site)
     d = C + int(cfg.bias)
     n_pix, dsum, pos = labels.native(h, w, cfg.upsample)
-    stats = fit.RidgeStats(d, 3)
+    stats = fit.RidgeStats(d, 3, device)
     cache, cached_bytes, nonfinite, over = [], 0, 0, False
     for r, x in store.iter_rows(site, step, labels.idx(0), CHUNK):
         x, nbad = _features(x)
         nonfinite += nbad
-        X = x.permute(0, 2, 3, 1).reshape(-1, C)                               # (b·h·w, C) float32
+        X = x.to(device).permute(0, 2, 3, 1).reshape(-1, C)                    # (b·h·w, C) float32
         if cfg.bias:
-            X = torch.cat([X, torch.ones(len(X), 1)], 1)
-        wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1)               # (b·h·w,)
-        ps = pos[r].reshape(-1)
+            X = torch.cat([X, torch.ones(len(X), 1, device=device)], 1)
+        wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1).to(device)   # (b·h·w,)
+        ps = pos[r].reshape(-1).to(device)
         X64 = X.double()
         stats.add(X64, wt, torch.stack([dsum[r].reshape(-1), ps, wt], 1))
         cached_bytes += X.numel() * 12
@@ -244,10 +249,10 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
             cache.append((X, wt, ps, X64))
 
     def chunks():
-        return _rechunk(store, site, step, labels, cfg, n_pix, pos) if over else cache
+        return _rechunk(store, site, step, labels, cfg, n_pix, pos, device) if over else cache
 
     scale = fit.feature_scale(stats.G, stats.P, C)
-    penalty = fit.penalty_mask(d, cfg.bias) * scale ** 2                       # λ‖s·w‖²: ridge on x/s, in raw units
+    penalty = fit.penalty_mask(d, cfg.bias, device) * scale ** 2                       # λ‖s·w‖²: ridge on x/s, in raw units
     lams = list(cfg.lambdas)
     theta_d = fit.ridge_path(stats, lams, cfg.bias, scale)[:, :, 0]            # (L, d)
     init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
@@ -269,7 +274,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     tau = 0.0
     if cfg.bias:
         ts, tau = with_val_threshold(store, site, step, labels, ts)
-    return Probe(theta_d[i_d], ts, scale, (lams[i_d], lams[i_s]), selected, nonfinite, tau)
+    return Probe(theta_d[i_d].cpu(), ts.cpu(), scale.cpu(), (lams[i_d], lams[i_s]), selected, nonfinite, tau)
 
 
 def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[float, float]:
@@ -318,14 +323,14 @@ def _pick(scores: list[float], lams: list[float]) -> int:
     return best if best is not None else max(range(len(lams)), key=lambda i: lams[i])
 
 
-def _rechunk(store, site, step, labels, cfg, n_pix, pos):
+def _rechunk(store, site, step, labels, cfg, n_pix, pos, device=torch.device("cpu")):
     """Train rows re-read from disk (when they exceed CACHE_BYTES): same chunks as the first pass."""
     C = store.shape(site)[0]
     for r, x in _iter_images(store, site, step, labels.idx(0)):
-        X = x.permute(0, 2, 3, 1).reshape(-1, C)
+        X = x.to(device).permute(0, 2, 3, 1).reshape(-1, C)
         if cfg.bias:
-            X = torch.cat([X, torch.ones(len(X), 1)], 1)
-        yield X, n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1), pos[r].reshape(-1)
+            X = torch.cat([X, torch.ones(len(X), 1, device=device)], 1)
+        yield (X, n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1).to(device), pos[r].reshape(-1).to(device))
 
 
 def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
@@ -399,15 +404,15 @@ def prior_metrics(labels: ProtocolLabels, code: int, h: int, w: int, upsample: s
     return labels._priors[key]
 
 
-def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, probe: Probe,
-          cfg: ProbeConfig) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], np.ndarray]]:
+def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, probe: Probe, cfg: ProbeConfig,
+          device: torch.device | str = "cpu") -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], np.ndarray]]:
     """({(task, split, metric): mean over images} on val and test, {(task, metric): per-test-image values}).
 
     Depth skill is over the position-only baseline at this site's native resolution, on the same images."""
     out, per_image = {}, {}
     _, h, w = store.shape(site)
     for split, code in SPLITS.items():
-        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]),
+        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]).to(device),
                      cfg.bias).numpy()                                                  # (n, 2, h, w)
         m = native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
         ref = prior_metrics(labels, code, h, w, cfg.upsample)
@@ -460,9 +465,17 @@ def probe_path(run: Path, protocol: str, model: str, site: str, step: int) -> Pa
     return Path(run) / "probes" / protocol / model / site / f"step_{step:02d}.safetensors"
 
 
+RUN_ONLY = ("device", "workers")       # ProbeConfig keys that say where probes run, not what they are
+
+
+def fit_identity(cfg: ProbeConfig) -> dict:
+    """The probe config without the keys that only say where it runs (device, workers): what fingerprints hold."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
+
+
 def probe_fingerprint(cfg: ProbeConfig, store: CaptureStore, labels: ProtocolLabels) -> str:
     manifest = hashlib.sha256((store.root / "manifest.json").read_bytes()).hexdigest()[:16]
-    return fingerprint(cfg, {"version": PROBE_VERSION, "manifest": manifest, "labels": labels.digest})
+    return fingerprint(fit_identity(cfg), {"version": PROBE_VERSION, "manifest": manifest, "labels": labels.digest})
 
 
 def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]] | None:
@@ -482,12 +495,14 @@ def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str
     return json.loads(meta["rows"]), per_image
 
 
-def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
-              cfg: ProbeConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig,
+              device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Fit, score and format one (site, step): (tensors for the probe file, result rows)."""
-    fitter = fit_exact if cfg.solver == "exact" else fit_paper_adam
-    probe = fitter(store, site, step, labels, cfg)
-    scores, per_image = score(store, site, step, labels, probe, cfg)
+    if cfg.solver == "exact":
+        probe = fit_exact(store, site, step, labels, cfg, device)
+    else:
+        probe = fit_paper_adam(store, site, step, labels, cfg)                # the paper's trainer: CPU only
+    scores, per_image = score(store, site, step, labels, probe, cfg, device)
     timestep = store.timesteps[store.steps.index(step)]
     edge = {"depth": lambda_edge(probe.lam[0], cfg.lambdas), "saliency": lambda_edge(probe.lam[1], cfg.lambdas)} \
         if cfg.solver == "exact" else {}
@@ -521,26 +536,13 @@ def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True, threads: int 
     """Fit and score every (store, site, step) under ``run/captures``; returns ``run/report/results.csv``.
 
     Resumable: a probe file whose fingerprint (config, store manifest, labels, PROBE_VERSION) matches is not refit.
-    Memory: one (site, step)'s streamed chunks, plus the train rows kept for the IRLS passes up to CACHE_BYTES.
-    ``threads``: torch and BLAS threads during the sweep (restored after; None leaves them). The sweep is many small
-    solves, and on a busy 2-core machine a second thread mostly spins: one thread was ~3× faster end to end.
+    Probes run on ``cfg.device`` and ``cfg.workers`` at once (:mod:`.parallel`); memory: per worker, one (site,
+    step)'s streamed chunks, plus the train rows kept for the IRLS passes up to CACHE_BYTES.
+    ``threads``: torch and BLAS threads of each probe (restored after; None leaves them) — keep 1 for results that
+    are byte-identical on every machine: the sweep is many small solves, and parallel probes use the cores better.
     """
-    import contextlib
-
-    if threads is None:
+    with single_threaded(threads):
         return _run_probes(run, cfg, progress)
-    old = torch.get_num_threads()
-    try:
-        from threadpoolctl import threadpool_limits
-        limit = threadpool_limits(threads)
-    except ImportError:                                                        # sklearn's dependency; optional here
-        limit = contextlib.nullcontext()
-    torch.set_num_threads(threads)
-    try:
-        with limit:
-            return _run_probes(run, cfg, progress)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
@@ -563,31 +565,53 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
                 raise fail(f"capture store {s.root} has {s.n} rows but {stores[0].root} has {stores[0].n}; rows must "
                            f"align with {proto / 'labels.safetensors'}")
         groups.append((proto, labels, stores))
+    device = resolve_device(cfg.device)
+    workers = resolve_workers(cfg.workers)
     jobs = [(labels, s, site, step) for _, labels, stores in groups for s in stores
             for site in s.sites for step in s.site_steps(site)]
     rows: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
+    fps = {s.root: probe_fingerprint(cfg, s, labels) for _, labels, stores in groups for s in stores}
+    found = {}
+    todo = []
+    for job in jobs:
+        labels, store, site, step = job
+        path = probe_path(run, labels.protocol, store.manifest.get("model", store.root.name), site, step)
+        found[job[1:]] = _finished_rows(path, fps[store.root])
+        if found[job[1:]] is None:
+            todo.append(job)
+    for labels, store, site, _ in todo:                 # shared caches filled once, before the workers read them
+        _, h, w = store.shape(site)
+        for code in SPLITS.values():
+            labels.scorer(code, h, w), labels.nonsky_scorer(code, h, w)
+            prior_metrics(labels, code, h, w, cfg.upsample)
+        labels.native(h, w, cfg.upsample)
     bar = tqdm(total=len(jobs), desc="probes", unit="probe", disable=not progress, file=sys.stderr)
-    fps: dict[Path, str] = {}
+    bar.update(len(jobs) - len(todo))
+
+    def one(job) -> Path:
+        labels, store, site, step = job
+        model = store.manifest.get("model", store.root.name)
+        tensors, done = probe_one(store, site, step, labels, cfg, device)
+        meta = {"fingerprint": fps[store.root], "rows": json.dumps(done, sort_keys=True),
+                "protocol": labels.protocol, "model": model, "site": site, "step": str(step), "solver": cfg.solver,
+                "config": json.dumps(fit_identity(cfg), sort_keys=True), "device": device.type}
+        path = probe_path(run, labels.protocol, model, site, step)
+        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        return path
+
+    def done_one(job, path: Path) -> None:
+        found[job[1:]] = _finished_rows(path, fps[job[1].root])
+        bar.update(1)
+        bar.set_postfix_str(f"{job[0].protocol}/{job[2]}/step {job[3]}", refresh=False)
+    map_ordered(one, todo, workers, done_one)
+    bar.close()
     for labels, store, site, step in jobs:
         model = store.manifest.get("model", store.root.name)
-        fp = fps.setdefault(store.root, probe_fingerprint(cfg, store, labels))
-        path = probe_path(run, labels.protocol, model, site, step)
-        found = _finished_rows(path, fp)
-        if found is None:
-            tensors, done = probe_one(store, site, step, labels, cfg)
-            meta = {"fingerprint": fp, "rows": json.dumps(done, sort_keys=True), "protocol": labels.protocol,
-                    "model": model, "site": site, "step": str(step), "solver": cfg.solver,
-                    "config": json.dumps(to_dict(cfg), sort_keys=True)}
-            atomic_write_bytes(path, st_save(tensors, metadata=meta))
-            found = _finished_rows(path, fp)
-        done, per_image = found
+        done, per_image = found[store, site, step]
         rows.extend(done)
         for (task, metric), v in per_image.items():
             arrays[per_image_key(labels.protocol, model, site, step, task, metric)] = v
-        bar.update(1)
-        bar.set_postfix_str(f"{labels.protocol}/{model}/{site}/step {step}", refresh=False)
-    bar.close()
     positions = {}
     for _, labels, stores in groups:
         sizes = {tuple(s.shape(site)[1:]) for s in stores for site in s.sites} | {labels.size}
@@ -686,7 +710,7 @@ def write_results_csv(out: Path, rows: list[dict]) -> list[dict]:
 
 def write_results(out: Path, rows: list[dict], cfg: ProbeConfig) -> Path:
     clean = write_results_csv(out, rows)
-    atomic_write_json(out / "results.json", {"columns": list(COLUMNS), "probe_config": to_dict(cfg),
+    atomic_write_json(out / "results.json", {"columns": list(COLUMNS), "probe_config": fit_identity(cfg),
                                              "metrics": {k: list(v) for k, v in METRICS.items()}, "rows": clean})
     return out / "results.csv"
 
