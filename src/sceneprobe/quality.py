@@ -94,7 +94,8 @@ def quality_summary(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray,
 
     FSD of the samples, with its floors (training scenes vs held-out: what two real sets differ by; VAE
     reconstructions of the held-out scenes vs held-out: what the decoder alone costs) and the noise ceiling; colour
-    statistics of samples, data and reconstructions; border-band stripes; ground detail (:func:`ground_detail`) of
+    statistics of samples, data and reconstructions; border-band stripes with their real-vs-real floor (the largest
+    band excess of up to 5 disjoint sets of n training scenes); ground detail (:func:`ground_detail`) of
     samples, data and reconstructions (the VAE's is the most the sampler can reach). Set sizes are matched to the
     samples'.
     """
@@ -112,6 +113,10 @@ def quality_summary(samples: np.ndarray, heldout: np.ndarray, train: np.ndarray,
     out["mean_rgb_diff_samples_vs_heldout"] = [round(a - b, 2) for a, b in
                                                zip(out["colour_samples"]["mean_rgb"], out["colour_heldout"]["mean_rgb"])]
     out["edge_stripe_samples"] = edge_bands(samples, heldout)
+    # what n real scenes differ by: band means of n images are noisy (objects at the border), so a band excess of a
+    # few grey levels is no stripe; the floor is the largest excess over up to 5 disjoint training sets of n
+    sets = [train[i * n:(i + 1) * n] for i in range(min(5, len(train) // max(n, 1)))] or [train[:n]]
+    out["edge_stripe_real_floor"] = round(max(max(edge_bands(t, heldout).values()) for t in sets), 2)
     if reconstructions is not None:
         out["edge_stripe_vae_recon"] = edge_bands(reconstructions, heldout)
     out["ground_detail"] = {"samples": ground_detail(samples), "heldout": ground_detail(heldout)}

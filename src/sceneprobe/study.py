@@ -269,7 +269,8 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
                     "with its floors (training vs held-out scenes; the VAE's reconstructions of held-out scenes) and "
                     "the noise ceiling; per-channel colour of samples and data (grey levels; cast = (R+B)/2 − G); "
                     "edge stripes = the largest per-channel colour excess (grey levels) of a 2-pixel border band of "
-                    "the samples over the data's, beyond the global difference; ground detail = mean |grey − its 3×3 "
+                    "the samples over the data's, beyond the global difference (edge_stripe_real_floor: the largest "
+                    "such excess of sets of as many real scenes, its noise floor); ground detail = mean |grey − its 3×3 "
                     "mean| over the bottom third (grey levels: the checker texture of the near ground) of samples, "
                     "data and VAE reconstructions.\n\n" + _metric_table(q)))
     v = _read_json(run / "train_vae" / "eval.json") or shipped.get("train_vae", {}).get("eval")
