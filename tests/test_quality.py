@@ -35,6 +35,10 @@ def test_quality_summary_orders_its_reference_points():
     assert q["fsd_vae_recon_vs_heldout"] < 1e-6 < q["fsd_train_vs_heldout"] < q["fsd_samples_vs_heldout"]
     assert abs(q["fsd_samples_vs_heldout"] - fsd(noisy, held)) < 1e-9
     assert set(q["edge_stripe_samples"]) == {"top", "bottom", "left", "right"}
+    lo, hi = zip(*q["mean_rgb_diff_ci95"])
+    assert all(l_ <= d <= h_ for l_, d, h_ in zip(lo, q["mean_rgb_diff_samples_vs_heldout"], hi))
+    shifted = quality_summary(np.clip(held.astype(int) + 40, 0, 255).astype(np.uint8), held, train)
+    assert all(l_ > 30 for l_, _ in shifted["mean_rgb_diff_ci95"])  # a real shift: the CI excludes 0 by far
     assert q["edge_stripe_real_floor"] == max(edge_bands(train, held).values())  # 40 training scenes: one set
     grid = comparison_grid(held[:8], train[:8], cols=4)
     assert grid.shape[1] > 2 * grid.shape[0] - 20 and grid.dtype == np.uint8
