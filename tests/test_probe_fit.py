@@ -87,6 +87,34 @@ def test_logistic_path_equals_single_fits_and_streaming():
         np.testing.assert_allclose(path[i].numpy(), fit.fit_logistic(X, y, lam).numpy(), atol=1e-9)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_logistic_in_the_rows_span_equals_the_full_problem(bias):
+    """Fewer rows than features (m = 24, C = 60): the solver works on the rows' span (rank ≤ 24) and must give the
+    same probes — refined to 1e-9, the path to its own tolerance — with an unequal penalty and an unpenalised bias."""
+    rng = np.random.default_rng(6)
+    m, C = 24, 60
+    X = torch.from_numpy(rng.normal(size=(m, C)) * rng.uniform(0.2, 3, C) + 0.3)
+    if bias:
+        X = torch.cat([X, torch.ones(m, 1, dtype=torch.float64)], 1)
+    n = torch.from_numpy(rng.integers(1, 9, m).astype(float))
+    pos = torch.floor(n * torch.from_numpy(rng.uniform(0, 1, m)))
+    pen = torch.from_numpy(rng.uniform(0.5, 4, X.shape[1]))
+    if bias:
+        pen[-1] = 0.0
+    chunks = lambda: [(X[:10].float(), n[:10], pos[:10], X[:10]), (X[10:].float(), n[10:], pos[10:], X[10:])]
+    P, lams = float(n.sum()), [10.0, 1e-1, 1e-3]
+    red = fit.LogisticSolver(chunks, P, pen, m)
+    whole = fit.LogisticSolver(chunks, P, pen, 10 * C)                      # told there are many rows: unreduced
+    assert red.reduced and not whole.reduced and len(red.penalty) <= m + int(bias)
+    pr, pw = red.path(lams), whole.path(lams)
+    assert float((pr - pw).abs().max()) < 2e-3 * (1 + float(pw.abs().max()))
+    for i, lam in enumerate(lams):
+        exact = fit.logistic_refine(chunks, P, lam, pen, pw[i])[0]
+        np.testing.assert_allclose(red.refine(lam, pr[i]).numpy(), exact.numpy(), rtol=1e-9, atol=1e-9)
+        grad = X.T @ (n * torch.sigmoid(X @ exact) - pos) / P + lam * pen * exact
+        assert float(grad.abs().max()) < 1e-10                                 # and it is the minimiser
+
+
 def test_nearest_index_matches_interpolate():
     for H, h in ((16, 4), (12, 5), (7, 3), (4, 4)):
         x = torch.randn(2, 3, h, h)

@@ -69,8 +69,7 @@ class Acc:
     theta_d: torch.Tensor | None = None          # (L, d) raw coordinates
     theta_s: torch.Tensor | None = None
     scale: torch.Tensor | None = None
-    penalty: torch.Tensor | None = None
-    chunks: list | None = None
+    solver: fit.LogisticSolver | None = None
     pick: tuple[int, int] = (0, 0)
     tau: float = 0.0                            # val-chosen saliency threshold, folded into the intercept
 
@@ -233,11 +232,9 @@ class StreamedProbes:
         a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
         init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
         chunks = self._chunks(a, d, dev)
-        rows = sum(len(c[0]) for c in chunks)
-        stride = max(1, rows // max(4096, 64 * d))
-        a.theta_s, _ = fit.logistic_path(lambda: chunks, stats.P, lams, penalty, init=init, refine=False,
-                                         hess_stride=stride)                      # the path to 1e-3, as the sweep
-        a.scale, a.penalty, a.chunks = scale, penalty, chunks
+        a.solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks))
+        a.theta_s = a.solver.path(lams, init)                                     # the path to 1e-3, as the sweep
+        a.scale = scale
         a.G = a.B = None                                                          # free the device memory
 
     @staticmethod
@@ -273,11 +270,11 @@ class StreamedProbes:
             dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]
         a.pick = (sw._pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams), sw._pick(dice_s, lams))
         i_s = a.pick[1]                                                           # the chosen one to float64
-        a.theta_s[i_s] = fit.logistic_refine(lambda: a.chunks, a.P, lams[i_s], a.penalty, a.theta_s[i_s])[0]
+        a.theta_s[i_s] = a.solver.refine(lams[i_s], a.theta_s[i_s])
         if self.pc.bias:       # τ on val from the path probe's logits (the refined probe's val rows are gone)
             a.tau = sw.tune_threshold(sc, z[:, L + i_s])[1]
             a.theta_s[i_s, -1] -= a.tau
-        a.chunks = a.sub = None
+        a.solver = a.sub = None
 
     # -------------------------------------------------------------------------------------------- results
     def results(self, labels, protocol: str, model: str, timesteps: Sequence[int]) -> dict:

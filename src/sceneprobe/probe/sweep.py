@@ -256,9 +256,8 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     lams = list(cfg.lambdas)
     theta_d = fit.ridge_path(stats, lams, cfg.bias, scale)[:, :, 0]            # (L, d)
     init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-    rows = len(labels.idx(0)) * h * w
-    stride = max(1, rows // max(4096, 64 * d))                                 # Hessian from ≥ 4096 rows (path only)
-    theta_s, _ = fit.logistic_path(chunks, stats.P, lams, penalty, init=init, refine=False, hess_stride=stride)
+    solver = fit.LogisticSolver(chunks, stats.P, penalty, len(labels.idx(0)) * h * w)   # in the rows' span if fewer
+    theta_s = solver.path(lams, init)                                          # to 1e-3 relative: enough to choose λ
 
     L, sc = len(lams), labels.scorer(1, h, w)
     z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias).numpy()  # (n, 2L, h, w)
@@ -269,7 +268,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     else:
         dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]              # the paper's argmax rule
     i_s = _pick(dice_s, lams)
-    ts, _, _ = fit.logistic_refine(chunks, stats.P, lams[i_s], penalty, theta_s[i_s])
+    ts = solver.refine(lams[i_s], theta_s[i_s])
     selected = {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}
     tau = 0.0
     if cfg.bias:
