@@ -10,11 +10,13 @@ prompts:
 * ``streamed``: the low-storage mode (statistics on the device, no store), sampling + labels + probes.
 
 Prints bytes on disk per image, peak RAM (and GPU memory), seconds per image per step for sampling, capture and
-probing, and projections to the paper's study (617 prompts × 512 px, 16 U-Net sites + VAE, both tasks, the permuted
+probing, the capture and probe time of the same study measured in this run and their ratio (the goal: probe ≤
+capture) for each store mode, and projections to the paper's study (617 prompts × 512 px, 16 U-Net sites + VAE, both tasks, the permuted
 control) for each store mode. Disk and memory projections are arithmetic on the measured per-image bytes and the
 site shapes (they scale with the pixel count); time projections are only meaningful from a run at 512 px.
 
     .venv/bin/python benchmarks/bench_sd.py --size 64 --prompts 8               # CPU, minutes
+    .venv/bin/python benchmarks/bench_sd.py --size 64 --prompts 8 --workers 1   # probes on one core
     python3 benchmarks/bench_sd.py --size 512 --prompts 24 --batch 8 --modes sample,capture,streamed   # one GPU
 """
 from __future__ import annotations
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--progress", action="store_true", help="progress bars and phase times of the streamed mode")
     ap.add_argument("--tiny", action="store_true", help="1/10 widths (a smoke test of the script, not SD's figures)")
+    ap.add_argument("--workers", type=int, default=0, help="probe.workers (0: every core)")
+    ap.add_argument("--probe-device", default="auto", help="probe.device: auto, cpu or cuda")
     args = ap.parse_args(argv)
 
     from sceneprobe.capture.sd import SDSampler, make_scheduler, run_capture_sd
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
     print(f"built {'TINY ' if args.tiny else ''}SD v1.4 architecture (random weights): U-Net {n_unet:.1f} M, VAE {n_vae:.1f} M, in "
           f"{time.time() - t0:.0f} s on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype})", flush=True)
     over = {"capture": {"steps": args.steps, "batch_size": args.batch, "height": args.size, "width": args.size,
-                        "subsample": args.subsample}}
+                        "subsample": args.subsample},
+            "probe": {"workers": args.workers, "device": args.probe_device}}
     cfg = load_config("cpu", None, over)
     N, res = args.prompts, args.size
     fig: dict = {"size": res, "prompts": N, "steps": args.steps, "device": str(device), "dtype": str(dtype),
@@ -175,10 +180,16 @@ def main(argv=None) -> int:
         run = work / "streamed"
         _hwm_reset()
         t = time.time()
+        secs: dict = {}
         run_streamed_sd(cfg, Path("bench-sd14"), csv, run, lab, controls=controls, progress=args.progress,
-                        pipe=pipe, log=lambda s: print(f"{time.time() - t:7.1f} s {s}", flush=True))
+                        pipe=pipe, log=lambda s: print(f"{time.time() - t:7.1f} s {s}", flush=True), seconds=secs)
         _sync()
         dt = time.time() - t
+        probe_s = sum(v for ph in secs.values() for k, v in ph.items() if k != "total")
+        fig["streamed_probe_s"] = probe_s                       # statistics, fits, predictions, metrics
+        fig["streamed_capture_s"] = sum(ph["total"] for ph in secs.values()) - probe_s   # sampling, hooks, labels
+        fig["streamed_probe_phases_s"] = {k: sum(ph.get(k, 0.0) for ph in secs.values())
+                                          for k in ("statistics", "fit", "predict", "choose", "metrics")}
         fig["streamed_s_per_image_step"] = dt / (N * n_steps * models)
         fig["streamed_peak_rss_gb"], fig["streamed_peak_gpu_gb"] = _hwm()
         fig["streamed_disk_bytes"] = _du(run)
@@ -198,6 +209,7 @@ def main(argv=None) -> int:
         _sync()
         dt = time.time() - t
         fig["full_capture_s_per_image_step"] = dt / (N * n_steps * models)
+        fig["full_capture_s"] = dt
         fig["full_capture_peak_rss_gb"], fig["full_capture_peak_gpu_gb"] = _hwm()
         store = _du(run / "captures" / "sd" / "ldm") - _du(run / "captures" / "sd" / "ldm" / "images")
         fig["full_store_bytes_per_image"] = store / N
@@ -210,8 +222,10 @@ def main(argv=None) -> int:
             t = time.time()
             label_samples(lab, run / "captures" / "sd" / "samples.safetensors", force=True)
             t_lab = time.time() - t
-            run_probes(run, cfg.probe, progress=False, threads=None)
+            run_probes(run, cfg.probe, progress=False)
             dt = time.time() - t
+            fig["full_label_s"] = t_lab
+            fig["full_probe_s"] = dt - t_lab
             fig["full_label_s_per_image"] = t_lab / N
             fig["full_probe_s_per_image_step"] = (dt - t_lab) / (N * n_steps * models)
             fig["full_probe_peak_rss_gb"], _ = _hwm()
@@ -233,8 +247,8 @@ def main(argv=None) -> int:
     proj["streamed_disk_gb"] = labels_gb + png * PAPER_N * 2 / 1e9 + 0.05   # images (model + control), labels, probes
     proj["streamed_G_device_gb"] = sum(d[s] ** 2 * 8 for s in shapes) * n_steps / 1e9
     proj["streamed_subsample_ram_gb"] = n_tr * sum(min(args.subsample, hw[s]) * d[s] * 2 for s in shapes) * n_steps / 1e9
-    proj["streamed_val_pred_ram_gb"] = n_va * 2 * LAMBDAS * sum(hw.values()) * 4 * n_steps / 1e9
-    proj["streamed_test_pred_ram_gb"] = n_te * 2 * sum(hw.values()) * 4 * n_steps / 1e9
+    proj["streamed_val_pred_ram_gb"] = n_va * 2 * LAMBDAS * sum(hw.values()) * 8 * n_steps / 1e9    # float64
+    proj["streamed_test_pred_ram_gb"] = n_te * 2 * sum(hw.values()) * 8 * n_steps / 1e9
     proj["streamed_batch_acts_device_gb"] = args.batch * full_per_image / 1e9
     proj["streamed_ram_gb"] = (proj["streamed_subsample_ram_gb"] + proj["streamed_val_pred_ram_gb"]
                                + proj["streamed_test_pred_ram_gb"] + labels_gb)
@@ -244,6 +258,12 @@ def main(argv=None) -> int:
             if key in fig:
                 proj[key.replace("_s_per_image_step", "_hours")] = fig[key] * PAPER_N * n_steps * models / 3600
     fig["projection_617x512"] = proj
+    from sceneprobe.probe.parallel import resolve_device, resolve_workers
+    where = f"probes on {resolve_device(args.probe_device).type}, {resolve_workers(args.workers)} worker(s)"
+    for mode in ("full", "streamed"):
+        if f"{mode}_probe_s" in fig:
+            fig[f"{mode}_probe_over_capture"] = fig[f"{mode}_probe_s"] / fig[f"{mode}_capture_s"]
+    fig["probes_on"] = where
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=1))
     if not args.out:
@@ -258,6 +278,11 @@ def main(argv=None) -> int:
     for key in ("sample_hours", "full_capture_hours", "full_probe_hours", "streamed_hours"):
         if key in proj:
             print(f"projected {key.replace('_hours', '')}: {proj[key] * 60:.1f} min for the paper's study")
+    for mode in ("full", "streamed"):
+        if f"{mode}_probe_s" in fig:
+            print(f"{mode}: capture {fig[f'{mode}_capture_s']:.1f} s, probe {fig[f'{mode}_probe_s']:.1f} s, "
+                  f"probe/capture {fig[f'{mode}_probe_over_capture']:.2f} ({N} prompts x {res} px, {models} model(s), "
+                  f"{where})")
     return 0
 
 
