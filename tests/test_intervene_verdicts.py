@@ -61,6 +61,12 @@ def test_damaged_object_and_unchanged_depth_are_named():
                             "random": (0.05, 0.95, 0.02, 0.02)})
     v = edit_verdict(dmg, "saliency", 0.05, n_boot=500)
     assert v["answer"] == "no" and "damage the object instead of moving it" in v["sentence"]
+    # a significant but tiny drop of the original-mask Dice (0.005, as measured on the shipped model) is no damage
+    tiny = rows("saliency", {"unedited": (0.15, 1.0, 0.02, 0.0), "probe": (0.15, 0.995, 0.02, 0.002),
+                             "random": (0.15, 0.996, 0.02, 0.002)})
+    t = edit_verdict(tiny, "saliency", 0.05, n_boot=500)
+    assert t["components"]["dice_orig probe - unedited"]["hi"] < 0                # significant …
+    assert t["answer"] == "no" and "damage" not in t["sentence"] and "change almost nothing" in t["sentence"]
     still = rows("depth", {"unedited": (0.30, 1.0, 0.02, 0.0), "probe": (0.304, 0.998, 0.001, 0.001),
                            "random": (0.30, 0.999, 0.001, 0.001)})
     w = edit_verdict(still, "depth", 0.05, n_boot=500)

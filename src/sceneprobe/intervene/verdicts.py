@@ -20,8 +20,9 @@ edit's ‖Δa‖). Two rule readings (:func:`sceneprobe.probe.stats.verdict`):
 * ``moved`` = verdict(gain(probe), 0): the edited outputs match the counterfactual better than the original.
 
 ``answer`` is "yes" when both are "yes", "no" when either is "no", else "inconclusive". :func:`sentence` states it in
-plain words; an edit that fails is said to fail, with what happened instead (the object damaged rather than moved; the
-depth unchanged).
+plain words; an edit that fails is said to fail, with what happened instead: the object damaged rather than moved (the
+original-mask Dice drops by at least the minimum effect, by the verdict rule), or the output unchanged (its agreement
+with the original drops by less than the minimum effect, CI included).
 """
 from __future__ import annotations
 
@@ -130,12 +131,15 @@ def sentence(task: str, v: dict, where: str = "") -> str:
     change = (f"{unit} {o_name} {_ci(m['unedited'][orig])} unedited → {_ci(m['probe'][orig])} edited, {unit} "
               f"{c_name} {_ci(m['unedited'][cf])} → {_ci(m['probe'][cf])}") if "unedited" in m else ""
     fails = "fail" if v["answer"] == "no" else "do not clearly work (inconclusive)"
-    if task == "saliency" and d_orig and d_cf and math.isfinite(d_orig["hi"]) and d_orig["hi"] < 0 \
-            and verdict(d_cf, v["min_effect"]) != "yes":
+    no_move = d_cf is not None and verdict(d_cf, v["min_effect"]) != "yes"
+    # "damaged" needs a drop of the original-mask Dice of at least the minimum effect (verdict rule on the drop); a
+    # drop bounded below the minimum effect is "almost nothing", however significant (0.005 on 32 edits can be)
+    drop = {"mean": -d_orig["mean"], "lo": -d_orig["hi"], "hi": -d_orig["lo"]} if d_orig else None
+    if task == "saliency" and no_move and drop and verdict(drop, v["min_effect"]) == "yes":
         why = "they damage the object instead of moving it"
-    elif task == "depth" and d_orig and math.isfinite(d_orig["lo"]) and d_orig["lo"] > -v["min_effect"] \
-            and verdict(d_cf, v["min_effect"]) != "yes":
-        why = "the edited depth still follows the original — the edits change almost nothing"
+    elif no_move and d_orig and math.isfinite(d_orig["lo"]) and d_orig["lo"] > -v["min_effect"]:
+        why = ("the object stays where it was — the edits change almost nothing" if task == "saliency" else
+               "the edited depth still follows the original — the edits change almost nothing")
     elif v["moved"] != "yes":
         why = (f"the edited outputs do not match the counterfactual better than the original "
                f"({'moved mask' if task == 'saliency' else 'counterfactual depth'} vs original)")
