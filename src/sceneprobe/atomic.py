@@ -12,6 +12,24 @@ from typing import Any, Iterator
 from .errors import fail
 
 
+def stable_safetensors(data: bytes) -> bytes:
+    """The bytes of a safetensors file with its ``__metadata__`` keys in sorted order.
+
+    safetensors serialises the metadata dict from a Rust HashMap, whose order changes with every process, so two
+    saves of the same tensors and metadata differ in bytes. Re-serialising the header (compact JSON, as safetensors
+    writes it) with the metadata sorted keeps its length — only the order changes — so the data offsets stay valid;
+    the header is padded back with spaces to its old length, as the format allows."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > n:                                           # not expected; never produce an invalid file
+        return data
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
+
+
 def check_out_folder(out: Path, force: bool = False, option: str = "--out") -> None:
     """Refuse to overwrite an existing output folder unless ``force``; never a file or a folder of the user's own
     files (one sceneprobe did not make), even with ``force``."""

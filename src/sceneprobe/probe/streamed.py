@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json, stable_safetensors
 from ..config import Config
 from ..errors import fail
 from . import fit
@@ -444,7 +444,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                 meta = {"fingerprint": fp, "rows": json.dumps(prow, sort_keys=True), "protocol": "sd",
                         "model": model, "site": key[0], "step": str(key[1]), "solver": "exact-streamed",
                         "config": json.dumps(sw.fit_identity(pc), sort_keys=True), "device": sp.fit_device.type}
-                atomic_write_bytes(paths[key], st_save(tensors, metadata=meta))
+                atomic_write_bytes(paths[key], stable_safetensors(st_save(tensors, metadata=meta)))
                 done[key] = sw._finished_rows(paths[key], fp)
             atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
                                        "timesteps": timesteps, "subsample": cc.subsample})

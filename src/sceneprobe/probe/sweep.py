@@ -48,7 +48,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, stable_safetensors
 from ..capture.store import CaptureStore, load_labels
 from ..config import ProbeConfig, fingerprint, to_dict
 from ..errors import fail
@@ -596,7 +596,7 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
                 "protocol": labels.protocol, "model": model, "site": site, "step": str(step), "solver": cfg.solver,
                 "config": json.dumps(fit_identity(cfg), sort_keys=True), "device": device.type}
         path = probe_path(run, labels.protocol, model, site, step)
-        atomic_write_bytes(path, st_save(tensors, metadata=meta))
+        atomic_write_bytes(path, stable_safetensors(st_save(tensors, metadata=meta)))
         return path
 
     def done_one(job, path: Path) -> None:
@@ -657,7 +657,7 @@ def write_per_image(out: Path, arrays: dict[str, np.ndarray], positions: dict[st
     data = np_save({k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())},
                    metadata={"key": "protocol/model/site/step/task/metric",
                              "positions": json.dumps(positions or {}, sort_keys=True)})
-    atomic_write_bytes(out / "per_image.safetensors", data)
+    atomic_write_bytes(out / "per_image.safetensors", stable_safetensors(data))
     return out / "per_image.safetensors"
 
 
