@@ -59,9 +59,8 @@ STREAMED_VERSION = 2                   # 2: val/test predictions kept in float64
 @dataclass
 class Acc:
     """One (site, step): statistics on the device, subsample and predictions on the CPU."""
-    G: torch.Tensor                       # (C+1, C+1) float64, last column = intercept
-    B: torch.Tensor                       # (C+1, 3) float64: Xᵀ[raw target sum, positives, pixels]
-    P: float = 0.0
+    stats: fit.RidgeStats | None          # G (C+1, C+1), last column = intercept; B (C+1, 3): Xᵀ[raw target sum,
+                                          # positives, pixels]; P = Σ pixels (float64, on the capture device)
     nonfinite: int = 0
     sub: list = field(default_factory=list)     # [(image id, X (m, C+1) float16, n (m,), pos (m,))] per train image
     val: list = field(default_factory=list)     # [(b, 2L, h, w) float64]
@@ -108,8 +107,7 @@ class StreamedProbes:
         self.m, self.dtype, self.pool = cc.subsample, getattr(torch, cc.dtype), cc.pool
         self.lams = list(pc.lambdas)
         self.fit_device, self.workers = resolve_device(pc.device), resolve_workers(pc.workers)
-        self.acc = {(s, t): Acc(torch.zeros(c + 1, c + 1, dtype=torch.float64, device=device),
-                                torch.zeros(c + 1, 3, dtype=torch.float64, device=device))
+        self.acc = {(s, t): Acc(fit.RidgeStats(c + 1, 3, device))
                     for s, (c, h, w) in self.shapes.items() for t in range(steps)}
         H, W = size
         self.count = {(h, w): fit.block_count(H, W, h, w) for c, h, w in self.shapes.values()}
@@ -152,10 +150,7 @@ class StreamedProbes:
             dsum, pos = sums[h, w]                                                  # (b, h, w) float64
             n = self.count[h, w].to(self.device).reshape(1, -1).expand(len(ids), -1).reshape(-1)   # (b·h·w,)
             X = _design(x)                                                          # (b·h·w, C+1)
-            Xw = X * n.sqrt()[:, None]
-            a.G += Xw.T @ Xw
-            a.B += X.T @ torch.stack([dsum.reshape(-1), pos.reshape(-1), n], 1)
-            a.P += float(n.sum())
+            a.stats.add(X, n, torch.stack([dsum.reshape(-1), pos.reshape(-1), n], 1))
             hw = h * w
             k = min(self.m, hw)
             for j, i in enumerate(ids):                                             # the saliency subsample
@@ -177,9 +172,7 @@ class StreamedProbes:
             raise ValueError("accumulators of different sites or steps cannot be merged")
         for key, a in self.acc.items():
             b = other.acc[key]
-            a.G += b.G.to(a.G.device)
-            a.B += b.B.to(a.B.device)
-            a.P += b.P
+            a.stats.merge(b.stats)
             a.nonfinite += b.nonfinite
             a.sub.extend(b.sub)
 
@@ -223,10 +216,10 @@ class StreamedProbes:
         a, bias, lams, dev = self.acc[key], self.pc.bias, self.lams, self.fit_device
         C = self.shapes[site][0]
         d = C + int(bias)
-        G, B = a.G.to(dev), a.B.to(dev).clone()
+        G, B = a.stats.G.to(dev), a.stats.B.to(dev).clone()
         B[:, 0] = (B[:, 0] - self.mean * B[:, 2]) / self.std                       # standardised target sums
         stats = fit.RidgeStats(d, 3, dev)
-        stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.P
+        stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.stats.P
         scale = fit.feature_scale(stats.G, stats.P, C)
         penalty = fit.penalty_mask(d, bias, dev) * scale ** 2
         a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
@@ -235,7 +228,7 @@ class StreamedProbes:
         a.solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks))
         a.theta_s = a.solver.path(lams, init)                                     # the path to 1e-3, as the sweep
         a.scale = scale
-        a.G = a.B = None                                                          # free the device memory
+        a.stats = None                                                            # free the device memory
 
     @staticmethod
     def _chunks(a: Acc, d: int, device=torch.device("cpu"), per: int = 64) -> list:
