@@ -92,3 +92,22 @@ def test_tune_decoder_moves_only_the_decoder(tmp_path, tiny_cfg, tiny_data, tiny
     assert list(tuned.config.latents_mean) == list(load_vae(tiny_run / "vae").config.latents_mean)
     rec = json.loads((tmp_path / "tune_decoder" / "eval.json").read_text())
     assert set(rec["before"]["edge_stripe_recon"]) == {"top", "bottom", "left", "right"} and rec["steps"] == 2
+
+
+def test_flip_augmentation_uses_the_mirrored_scenes_latents(tmp_path, tiny_run, tiny_data):
+    """The VAE is not flip-equivariant (stride-2 convolutions pad one side), so mirroring a latent is not the latent of
+    the mirrored scene; the cache holds enc(mirror(x)), which differs from mirror(enc(x)) on this VAE."""
+    import numpy as np
+
+    from sceneprobe.models.io import load_vae
+    from sceneprobe.models.latents import encode_mode
+    from sceneprobe.sample import to_latent
+    from sceneprobe.train.ldm import cached_latents
+    vae = load_vae(tiny_run / "vae")
+    train = tiny_data.subset("train")
+    z, zm = cached_latents(vae, train, tmp_path)
+    want = to_latent(vae, encode_mode(vae, np.ascontiguousarray(train.rgb[:, :, ::-1])))
+    assert torch.equal(zm, want) and zm.shape == z.shape
+    assert not torch.allclose(zm, z.flip(-1), atol=1e-3)  # the old augmentation would have trained on other latents
+    z2, zm2 = cached_latents(vae, train, tmp_path)  # read back from the cache
+    assert torch.equal(z2, z) and torch.equal(zm2, zm)

@@ -172,7 +172,7 @@ class TrainLDMConfig:
     prediction_type: str = opt("v_prediction", choices=("v_prediction", "epsilon"))  # v: x̂₀ error bounded at high noise
     snr_gamma: float = opt(5.0, ge=0.0, le=1e6)  # min-SNR-γ loss weighting (Hang et al. 2023); 0 = unweighted MSE
     zero_terminal_snr: bool = True  # rescale_betas_zero_snr + trailing spacing: the last timestep is pure noise
-    flip: bool = True             # horizontal-flip augmentation of the cached latents
+    flip: bool = True             # horizontal-flip augmentation: the mirrored scenes' latents
     checkpoint_every: int = opt(250, ge=1)
     log_every: int = opt(25, ge=1)
     seed: int = seed_opt(0)

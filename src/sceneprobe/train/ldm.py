@@ -2,7 +2,10 @@
 
 The training latents z = (mode(q(z|x)) − mean_c)·scaling_factor/std_c (per-channel statistics of the VAE folder,
 see :func:`sceneprobe.sample.to_latent`) are encoded once and cached (``train_ldm/latents.safetensors``,
-keyed by the VAE's weights hash). Sampling uses EMA weights: ``run/unet`` holds the EMA copy.
+keyed by the VAE's weights hash), with the latents of the mirrored scenes for flip augmentation: the VAE is not
+flip-equivariant (its stride-2 convolutions pad one side only), so a mirrored latent is not the latent of the mirrored
+scene — it decodes with ±8 grey levels of error in the border columns, and a U-Net trained on mirrored latents drew
+a left-dark/right-bright border gradient of ±4. Sampling uses EMA weights: ``run/unet`` holds the EMA copy.
 """
 from __future__ import annotations
 
@@ -25,22 +28,25 @@ from ..sample import to_latent
 from ..models.latents import encode_mode
 
 
-def cached_latents(vae, data, folder: Path) -> torch.Tensor:
-    """Scaled training latents (N, c, h, w), encoded once per (VAE weights, dataset)."""
-    key = {"vae": model_hash(vae), "n": len(data), "names": data.names[:3] + data.names[-3:],
+def cached_latents(vae, data, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled training latents of the scenes and of the mirrored scenes, each (N, c, h, w), encoded once per
+    (VAE weights, dataset)."""
+    key = {"version": 2, "vae": model_hash(vae), "n": len(data), "names": data.names[:3] + data.names[-3:],
            "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),
            "latents_mean": getattr(vae.config, "latents_mean", None), "latents_std": getattr(vae.config, "latents_std", None)}
     key = json.loads(json.dumps(key))  # tuples → lists, as the saved copy reads back
     path, meta = folder / "latents.safetensors", folder / "latents.json"
     if path.exists() and meta.exists() and json.loads(meta.read_text()) == key:
-        return load_file(path)["latents"]
+        t = load_file(path)
+        return t["latents"], t["latents_mirrored"]
     # contiguous: a strided (channels-last) z would pick other conv kernels than the cached copy and break bitwise resume
     z = to_latent(vae, encode_mode(vae, data.rgb)).contiguous()
+    zm = to_latent(vae, encode_mode(vae, np.ascontiguousarray(data.rgb[:, :, ::-1]))).contiguous()  # (N, H, W, 3): W mirrored
     tmp = path.with_name(f".latents.tmp-{os.getpid()}.safetensors")  # several processes may race here
-    save_file({"latents": z.contiguous()}, tmp)
+    save_file({"latents": z, "latents_mirrored": zm}, tmp)
     tmp.replace(path)
     atomic_write_json(meta, key)
-    return z
+    return z, zm
 
 
 def diffusion_loss(sched, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -90,7 +96,7 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     preflight(tdir, resume)  # before writing anything: --resume needed, checkpoint readable
     tdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(tdir / "config.yaml", dump_yaml(cfg))
-    z = cached_latents(vae, train, tdir)  # (N, c, h, w)
+    z, z_mirrored = cached_latents(vae, train, tdir)  # (N, c, h, w) each
     sched = build_train_scheduler(tc)
     torch.manual_seed(tc.seed)
     unet = build_unet(cfg.unet, vae.config.latent_channels, latent_size(cfg.vae, vae.config.sample_size))
@@ -101,9 +107,9 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     def loss_fn(model, g, step):
         idx = torch.randint(len(z), (tc.batch_size,), generator=g)
         x0 = z[idx]  # (B, c, h, w)
-        if tc.flip:  # the scenes have no preferred left/right: flip half the latents (drawn from g, so resumable)
-            flip = torch.rand(tc.batch_size, generator=g) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        if tc.flip:  # the scenes have no preferred left/right: half the batch are the mirrored scenes' latents (drawn
+            flip = torch.rand(tc.batch_size, generator=g) < 0.5  # from g, so resumable); never z.flip(-1), see above
+            x0 = torch.where(flip[:, None, None, None], z_mirrored[idx], x0)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, tc.num_train_timesteps, (tc.batch_size,), generator=g)
         pred = model(sched.add_noise(x0, noise, t), t).sample  # (B, c, h, w)
