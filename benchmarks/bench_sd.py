@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     from sceneprobe.capture.sd import SDSampler, make_scheduler, run_capture_sd
     from sceneprobe.config import load_config
-    from sceneprobe.probe.streamed import run_streamed_sd
+    from sceneprobe.probe.streamed_sd import run_streamed_sd
     from sceneprobe.study_sd import make_labeller
 
     cuda = torch.cuda.is_available()

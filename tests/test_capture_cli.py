@@ -59,8 +59,10 @@ def test_accelerate_two_processes_write_the_same_store_as_one(run_dir, tmp_path)
     args = ["capture", "--protocol", "generate", "--preset", "tiny", "--no-progress"]
     assert main([*args, "--run", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                        "no", "--dynamo_backend", "no", "--cpu", "-m", "sceneprobe", *args, "--run", str(two)],
+    # two real processes (gloo) on a CPU machine: --multi_gpu starts them through torchrun, sceneprobe.processes makes
+    # accelerate group them; `--cpu` would start only one
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sceneprobe", *args, "--run", str(two)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     store = two / "captures" / "generate" / "ldm"

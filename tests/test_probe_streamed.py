@@ -91,3 +91,80 @@ def test_streamed_mode_stores_no_activations_and_resumes(runs, capsys):
                  log=logs.append)
     assert sum("up to date" in s for s in logs) == 2
     assert (runs["sub"] / "report" / "results.csv").read_bytes() == before
+
+
+SUB = {"steps": 2, "batch_size": 5, "height": 32, "width": 32, "store": "streamed", "subsample": 24}
+
+
+def _outputs(run: Path) -> dict:
+    """Every file the streamed study writes that a rerun must reproduce (results, per-image metrics, probes)."""
+    files = [run / "report" / "results.csv", run / "report" / "per_image.safetensors",
+             run / "captures" / "sd" / "labels.safetensors", *sorted((run / "probes").rglob("*.safetensors"))]
+    return {str(f.relative_to(run)): f.read_bytes() for f in files}
+
+
+def test_streamed_resumes_an_interrupted_run_byte_for_byte(runs, tmp_path, monkeypatch):
+    """Killed in the train phase, then again in the test phase: the third attempt samples only the unfinished chunks
+    (checkpoint_every 1: a chunk per batch; one process keeps val predictions in memory, so the val chunk is sampled
+    again) and writes exactly the files of an uninterrupted run (whose chunks were 8 batches: with one process the
+    chunking does not change a bit)."""
+    import sceneprobe.capture.sd as sd
+    real = sd.sample_and_record_sd
+    calls = {"n": 0, "crash": None}
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["crash"]:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(sd, "sample_and_record_sd", counted)
+    cfg = load_config("cpu", None, {"capture": {**SUB, "checkpoint_every": 1}})
+    folder, prompts, out = runs["sub"].parent / "tiny-sd", runs["sub"].parent / "p.csv", tmp_path / "run"
+    # 12 prompts: 7 train (batches of 5 and 2), 2 val, 3 test → 4 sampling calls per model
+    for crash in (2, 3):                     # train chunk 1 of ldm; then (resumed: train 1, val 0) test chunk 0
+        calls.update(n=0, crash=crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_sd_study(cfg, folder, prompts, out, progress=False, log=lambda s: None)
+        assert (out / "captures" / "sd" / "ldm" / "streamed" / "train.r0.pt").is_file()
+    calls.update(n=0, crash=None)
+    run_sd_study(cfg, folder, prompts, out, progress=False, log=lambda s: None)
+    assert calls["n"] == 2 + 4               # ldm's val and test chunks, then the permuted control from scratch
+    assert not (out / "captures" / "sd" / "ldm" / "streamed").exists()      # checkpoints removed when done
+    want, got = _outputs(runs["sub"]), _outputs(out)
+    assert set(got) == set(want) and len(want) > 10
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_streamed_under_accelerate_two_processes_equals_one(runs, tmp_path):
+    """`accelerate launch` with two CPU processes: the chunks are dealt out, the statistics added on the main process;
+    the results equal the one-process run's (G's float64 additions are grouped differently: last bits)."""
+    import os
+    import subprocess
+    import sys
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate CLI is not installed in this environment")
+    conf = tmp_path / "c.yaml"
+    conf.write_text("capture: {steps: 2, batch_size: 5, height: 32, width: 32, store: streamed, subsample: 24, "
+                    "checkpoint_every: 1}\n")
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # two real processes (gloo) on a CPU machine: --multi_gpu starts them through torchrun, sceneprobe.processes makes
+    # accelerate group them; `--cpu` would start only one
+    p = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sceneprobe", "run", "--preset", "cpu",
+                        "--config", str(conf), "--sd", str(runs["sub"].parent / "tiny-sd"),
+                        "--prompts", str(runs["sub"].parent / "p.csv"), "--out", str(out), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("error")]
+    assert "2 process(es)" in p.stdout                 # the main process's log line for each model
+    one, two = (_rows(r / "report" / "results.csv") for r in (runs["sub"], out))
+    assert set(one) == set(two)
+    for key, v in one.items():
+        tol = dict(rel=1e-4, abs=1e-6) if key[3] == "depth" or key[0] == "baseline" else dict(rel=1e-3, abs=1e-2)
+        assert two[key] == pytest.approx(v, nan_ok=True, **tol), key
+    from safetensors.numpy import load_file
+    la, lb = (load_file(str(r / "captures" / "sd" / "labels.safetensors")) for r in (runs["sub"], out))
+    for k in la:
+        assert np.array_equal(la[k], lb[k]), k        # every image sampled and labelled once, by one of the two

@@ -215,6 +215,7 @@ class CaptureConfig:
     variant: str = ""             # weight-file variant ("fp16" for *.fp16.safetensors); "": found by itself
     store: str = opt("full", choices=("full", "streamed"))  # streamed: sufficient statistics, no activation store
     subsample: int = opt(64, ge=1, le=1_000_000)  # streamed: stored train positions per image, site and step
+    checkpoint_every: int = opt(8, ge=1, le=1_000_000)  # streamed: batches per chunk (the unit of resume and of dealing out)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@
   scaffolding (marker, lock, ``config.yaml``, an empty ``.stages/``); a marker this command added to a folder it
   adopted is removed too.
 
-Under ``accelerate launch`` only the main process (RANK 0) takes the lock; the other ranks write into the folder the
-main process holds.
+Under ``accelerate launch`` only the main process (RANK 0) checks, claims and locks a folder; the other ranks wait for
+it (a barrier) and then write into the folder the main process holds. (Checking on every rank raced: a rank could see
+the folder the main process had just created, not yet marked, and call it foreign.)
 """
 from __future__ import annotations
 
@@ -113,11 +114,22 @@ def check_not_foreign(path: Path, option: str) -> None:
                        f"sceneprobe never writes into them: pass a new or empty folder as {option}")
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _barrier() -> None:
+    """All processes of ``accelerate launch`` meet here (nothing when not launched)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from .processes import process_state
+        process_state().wait_for_everyone()
+
+
 # ------------------------------------------------------------------------------------------------------- locks
 @contextlib.contextmanager
 def file_lock(lock_path: Path, what: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``lock_path`` (created if needed) or fail at once naming the holder's pid."""
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if _rank() != 0:
         yield                                                          # accelerate: rank 0 holds it for all
         return
     lock_path = Path(lock_path)
@@ -207,6 +219,10 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
     if must_exist and not folder.is_dir():
         raise fail(f"{option} {folder} does not exist; pass a run folder (made by `sceneprobe run` or the training "
                    f"commands)")
+    if _rank() != 0:                                                   # accelerate: rank 0 claims it for all
+        _barrier()
+        yield folder
+        return
     check_not_foreign(folder, option)
     created = not folder.exists()
     try:
@@ -218,10 +234,10 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
         with file_lock(folder / LOCK, folder):
             locked = True
             added_marker = read_marker(folder) is None
-            if int(os.environ.get("RANK", "0") or 0) == 0:
-                if added_marker:
-                    write_marker(folder, made_by)
-                clean_stale_inside(folder)
+            if added_marker:
+                write_marker(folder, made_by)
+            clean_stale_inside(folder)
+            _barrier()                                                 # the other ranks may write now
             yield folder
     except SceneprobeError:
         if locked:

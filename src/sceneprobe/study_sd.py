@@ -81,7 +81,7 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     proot = out / "captures" / "sd"
     if cc.store == "streamed":
-        from .probe.streamed import run_streamed_sd
+        from .probe.streamed_sd import run_streamed_sd
         results = run_streamed_sd(cfg, model, prompts, out, lab, controls=controls, force=force, progress=progress,
                                   log=log)
     else:

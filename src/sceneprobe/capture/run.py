@@ -144,8 +144,8 @@ class _PendingStore(CaptureStore):
 
 
 def _state():
-    from accelerate import PartialState
-    return PartialState()
+    from ..processes import process_state
+    return process_state()
 
 
 def _read_json(path: Path) -> dict:

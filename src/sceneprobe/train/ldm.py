@@ -118,8 +118,8 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, ema_decay=tc.ema_decay, desc="train-ldm")
     unet, ema = train_loop(unet, loss_fn, spec, resume=resume, progress=progress)
-    from accelerate import PartialState
-    if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
+    from ..processes import process_state
+    if not process_state().is_main_process:  # under `accelerate launch` one process evaluates and saves
         return run / "unet"
     if ema is not None:
         ema.copy_to(unet.parameters())

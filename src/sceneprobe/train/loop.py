@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..errors import fail
+from ..processes import use_cpu
 from ..sample import sample_seed
 
 LossFn = Callable[[torch.nn.Module, torch.Generator, int], tuple[torch.Tensor, dict]]
@@ -112,7 +113,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, spec: LoopSpec, resume: 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    acc = Accelerator()
+    acc = Accelerator(cpu=use_cpu())  # without cpu=True a CPU machine's processes would each train alone
     # foreach: one fused kernel per step over all tensors (torch only picks it by default on GPUs)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0, foreach=True)
     ema = EMAModel(model.parameters(), decay=spec.ema_decay, model_cls=type(model), model_config=model.config,

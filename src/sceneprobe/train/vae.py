@@ -73,8 +73,8 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, desc="train-vae")
     vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
-    from accelerate import PartialState
-    if not PartialState().is_main_process:  # under `accelerate launch` one process evaluates and saves
+    from ..processes import process_state
+    if not process_state().is_main_process:  # under `accelerate launch` one process evaluates and saves
         return run / "vae"
     # Normalise the latents per channel for the diffusion model (diffusers' latents_mean / latents_std keys).
     set_latent_stats(vae, train.rgb[:1024])
@@ -129,8 +129,8 @@ def tune_decoder(cfg: Config, data, vae, tdir: Path, resume: bool = False, progr
                     checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, seed=tc.seed, desc="tune-decoder")
     vae, _ = train_loop(vae, loss_fn, spec, resume=resume, progress=progress)
     vae.requires_grad_(True)
-    from accelerate import PartialState
-    if PartialState().is_main_process:
+    from ..processes import process_state
+    if process_state().is_main_process:
         before = json.loads((tdir / "before.json").read_text())
         atomic_write_json(tdir / "eval.json", {"before": before, "after": figures(vae), "steps": tc.decoder_steps})
     return vae
