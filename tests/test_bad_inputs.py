@@ -169,6 +169,8 @@ ROWS = [
     ("intervene-lr-nan", 4, ["intervene", "--preset", "tiny", "--config", "{box}/c.yaml", "--run", "{run}"],
      "intervene.lr", lambda b, r: write(b, "c.yaml", "intervene: {lr: .nan}\n")),
     ("sample-n-negative", 4, ["sample", "--preset", "tiny", "--n", "-3", "--out", "{box}/s"], "option --n", None),
+    ("sample-ddim-eta-one", 4, ["sample", "--preset", "tiny", "--config", "{box}/c.yaml", "--out", "{box}/s"],
+     "sample.eta must be < 1 with sampler ddim", lambda b, r: write(b, "c.yaml", "sample: {eta: 1.0}\n")),
     ("scenes-seed-beyond-64-bits", 4, ["scenes", "--preset", "tiny", "--seed", BIG, "--out", "{box}/d"],
      "option --seed", None),
     ("prompts-seed-beyond-64-bits", 4, ["capture", "--preset", "tiny", "--run", "{box}/sdrun", "--model", "{box}/sd",

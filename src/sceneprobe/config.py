@@ -191,6 +191,12 @@ class SampleConfig:
     batch_size: int = opt(32, ge=1, le=65536)
     seed: int = seed_opt(0)
 
+    def problems(self):
+        # diffusers' DDIM step at η = 1 takes √(1 − ᾱ_prev − σ²) with σ² = 1 − ᾱ_prev up to rounding at a zero-SNR
+        # first step (the shipped schedule): √ of −1e-8 is NaN and every sample is black. DDPM is the η = 1 sampler
+        if self.sampler == "ddim" and self.eta >= 1:
+            yield "eta", f"must be < 1 with sampler ddim, got {self.eta}; use sampler: ddpm for the fully stochastic sampler"
+
 
 @dataclass(frozen=True)
 class CaptureConfig:
