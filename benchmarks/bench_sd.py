@@ -252,6 +252,11 @@ def main(argv=None) -> int:
     proj["streamed_batch_acts_device_gb"] = args.batch * full_per_image / 1e9
     proj["streamed_ram_gb"] = (proj["streamed_subsample_ram_gb"] + proj["streamed_val_pred_ram_gb"]
                                + proj["streamed_test_pred_ram_gb"] + labels_gb)
+    # checkpoints while a model runs (probe/streamed_sd.py), one process: its statistics, the subsample, the test
+    # predictions (val predictions stay in memory); removed when the model's probes are written
+    proj["streamed_checkpoints_gb"] = (proj["streamed_G_device_gb"] + proj["streamed_subsample_ram_gb"]
+                                       + proj["streamed_test_pred_ram_gb"])
+    proj["streamed_peak_disk_gb"] = proj["streamed_disk_gb"] + proj["streamed_checkpoints_gb"]
     if res == PAPER_RES:
         for key in ("sample_s_per_image_step", "full_capture_s_per_image_step", "full_probe_s_per_image_step",
                     "streamed_s_per_image_step"):
@@ -270,7 +275,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(fig, indent=1))
     print(f"projection (617 prompts x 512 px, {n_steps} U-Net calls, 16 U-Net sites + VAE, {models} model(s)): "
-          f"full store {proj['full_store_gb']:.0f} GB on disk; streamed {proj['streamed_disk_gb']:.1f} GB on disk, "
+          f"full store {proj['full_store_gb']:.0f} GB on disk; streamed {proj['streamed_disk_gb']:.1f} GB on disk "
+          f"(at most {proj['streamed_peak_disk_gb']:.1f} GB with the checkpoints of a running model), "
           f"{proj['streamed_ram_gb']:.1f} GB RAM (subsample {proj['streamed_subsample_ram_gb']:.1f}, val predictions "
           f"{proj['streamed_val_pred_ram_gb']:.1f}, test predictions {proj['streamed_test_pred_ram_gb']:.1f}), "
           f"{proj['streamed_G_device_gb']:.1f} GB statistics + {proj['streamed_batch_acts_device_gb']:.1f} GB batch "
