@@ -9,10 +9,11 @@ from __future__ import annotations
 
 
 def use_cpu() -> bool:
-    """Run on the CPU: ``accelerate launch --cpu`` (ACCELERATE_USE_CPU), or no GPU."""
+    """Run on the CPU: ``accelerate launch --cpu`` (ACCELERATE_USE_CPU), or no GPU (CUDA or Apple's MPS)."""
     import torch
     from accelerate.utils import parse_flag_from_env
-    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not gpu
 
 
 def process_state():
