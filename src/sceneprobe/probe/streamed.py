@@ -33,18 +33,15 @@ The SD study's driver — processes, checkpoints and resume, ``accelerate launch
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_bytes, atomic_write_json, stable_safetensors
 from ..config import Config
 from ..errors import fail
 from . import fit

@@ -120,10 +120,10 @@ def _read_labels(part: dict, depth_all: np.ndarray, sal_all: np.ndarray) -> None
 
 
 def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, labeller, ck: Checkpoints, *,
-                 progress: bool, log: Callable[[str], None]) -> tuple[StreamedProbes, np.ndarray, np.ndarray, dict] | None:
+                 progress: bool) -> tuple[StreamedProbes, np.ndarray, np.ndarray] | None:
     """Phases 1–5 of one model (module doc) on every process. Returns, on the main process, the accumulator with
-    every chosen probe and the test predictions, the labels (depth, saliency) of all images and the probe seconds
-    by phase; None on the others."""
+    every chosen probe, the test predictions and the probe seconds by phase, and the labels (depth, saliency) of all
+    images; None on the others."""
     from ..capture.run import probe_split, save_images
     from ..capture.sd import sample_and_record_sd
     from ..capture.store import load_labels
@@ -187,15 +187,12 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
                 a.sub = []
             done.append(c)
             _save(ck.rank(rank), _stats_state(sp, done))
-    seconds = dict(sp.seconds)
-    del sp
     state.wait_for_everyone()
 
-    # 2. fit (main): every process's statistics and subsample
-    sp = StreamedProbes(m.shapes, m.n_steps, size, cfg, m.device)
+    # 2. fit (main): its own statistics plus the other processes', every chunk's subsample
     if main:
         with sp.timed("checkpoints"):
-            for r in range(world):
+            for r in range(1, world):
                 _add_stats(sp, _load(ck.rank(r)))
             for c in range(len(chunks[0])):
                 part = _load(ck.chunk("train", c))
@@ -220,10 +217,10 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
         # resumed run samples the val chunks again (15 % of the images); several processes pass them on as files
         files = world > 1 or phase == "test"
         for c in todo[phase]:
-            b_all = [i for b in chunks[code][c] for i in b]
             for b_ids in chunks[code][c]:
                 batch_fn(run(b_ids))
             if files:
+                b_all = [i for b in chunks[code][c] for i in b]
                 with sp.timed("checkpoints"):                # Acc.val / Acc.test hold the predictions
                     _save(ck.chunk(phase, c), {**_labels_part(b_all, depth_all, sal_all),
                                                "pred": {key: torch.from_numpy(np.concatenate(getattr(a, phase)))
@@ -256,11 +253,7 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
     # 5. test predictions of the chosen probes
     predict("test", 2, sp.test_batch)
     bar.close()
-    if not main:
-        return None
-    for k, v in sp.seconds.items():
-        seconds[k] = seconds.get(k, 0.0) + v
-    return sp, depth_all, sal_all, seconds
+    return (sp, depth_all, sal_all) if main else None
 
 
 def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, labeller, *,
@@ -319,9 +312,9 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                 record.unlink(missing_ok=True)
             ck = Checkpoints(mdir / "streamed", {"fingerprint": fp, "processes": state.num_processes,
                                                  "checkpoint_every": cc.checkpoint_every}, state, force, log)
-            res = stream_model(m, cfg, proot, model, control, labeller, ck, progress=progress, log=log)
+            res = stream_model(m, cfg, proot, model, control, labeller, ck, progress=progress)
             if res is not None:
-                sp, depth_all, sal_all, secs = res
+                sp, depth_all, sal_all = res
                 if control is None:
                     split = probe_split(ids)
                     collect_samples(proot / "images", proot / "samples.safetensors", ids, split)
@@ -339,7 +332,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                 atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
                                            "timesteps": timesteps, "subsample": cc.subsample})
                 ck.remove()
-                secs.update({k: v for k, v in sp.seconds.items() if k == "metrics"})
+                secs = sp.seconds
                 probe_s = sum(secs.values())
                 wall = time.perf_counter() - t_model
                 log(f"[streamed sd/{model}] {wall:.1f} s: capture {wall - probe_s:.1f} s, probes {probe_s:.1f} s ("
