@@ -31,6 +31,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..config import Config, dump_yaml, to_dict
 from ..errors import fail
 from ..models.io import save_model
+from ..train.loop import LoopSpec, on_model_device, train_loop
 from ..world.render import FAR_DEPTH
 from .model import Labeller, label_images
 
@@ -71,6 +72,7 @@ def labeller_loss(model, rgb: torch.Tensor, depth: torch.Tensor, sal: torch.Tens
     d = torch.where(flip[:, None, None], d.flip(-1), d)
     s = torch.where(flip[:, None, None], s.flip(-1), s)
     c = model.config if hasattr(model, "config") else model.module.config
+    x, d, s = on_model_device(model, x, d, s)
     z = (d.clamp(MIN_DEPTH, c.far_depth).log() - c.log_depth_mean) / c.log_depth_std
     out = model(x)
     l_depth = (out.log_depth_z - z).abs().mean()
@@ -178,7 +180,6 @@ def train_labeller(cfg: Config, data, out: Path, resume: bool = False, force: bo
     def loss_fn(m, g, step):
         return labeller_loss(m, rgb, depth, sal, g, lc.batch_size)
 
-    from ..train.loop import LoopSpec, train_loop
     spec = LoopSpec(out=tdir, steps=lc.steps, lr=lc.lr, lr_min_ratio=_opt(lc, "lr_min_ratio"),
                     warmup=min(100, lc.steps // 10), checkpoint_every=_opt(lc, "checkpoint_every"),
                     log_every=_opt(lc, "log_every"), seed=lc.seed, desc="train-labeller")

@@ -23,7 +23,7 @@ from ..config import Config, dump_yaml
 from ..errors import fail
 from ..models.build import build_train_scheduler, build_unet, latent_size
 from ..models.io import LDM, load_vae, model_hash, save_model
-from .loop import LoopSpec, preflight, train_loop
+from .loop import LoopSpec, on_model_device, preflight, train_loop
 from ..sample import to_latent
 from ..models.latents import encode_mode
 
@@ -112,6 +112,7 @@ def train_ldm(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
             x0 = torch.where(flip[:, None, None, None], z_mirrored[idx], x0)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, tc.num_train_timesteps, (tc.batch_size,), generator=g)
+        x0, noise, t = on_model_device(model, x0, noise, t)
         pred = model(sched.add_noise(x0, noise, t), t).sample  # (B, c, h, w)
         return diffusion_loss(sched, pred, x0, noise, t, tc.snr_gamma), {}
 

@@ -44,6 +44,13 @@ class LoopSpec:
     desc: str = "train"
 
 
+def on_model_device(model: torch.nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The batch tensors moved to ``model``'s device. Loss functions draw every batch on the CPU from the step's
+    generator (the same numbers on any device, so a GPU run trains on the same batches) and move it here."""
+    device = next(model.parameters()).device
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
 def lr_at(step: int, spec: LoopSpec) -> float:
     warm = min(1.0, (step + 1) / max(1, spec.warmup))
     cos = 0.5 * (1 + math.cos(math.pi * min(step, spec.steps) / max(1, spec.steps)))
@@ -134,6 +141,8 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, spec: LoopSpec, resume: 
         log_path.unlink()
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
+    if ema is not None:
+        ema.to(acc.device)  # the shadow weights live beside the model's (a GPU run: on the GPU)
     model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=spec.desc, unit="step",
                disable=not progress or not acc.is_main_process, dynamic_ncols=True)
@@ -163,4 +172,8 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, spec: LoopSpec, resume: 
             _save_checkpoint(ckpt, raw, opt, ema, done)
     acc.wait_for_everyone()
     model.eval()
+    # callers evaluate and save on the CPU beside the VAE and the data (a GPU run hands its model back there too)
+    raw.to("cpu")
+    if ema is not None:
+        ema.to("cpu")
     return raw, ema

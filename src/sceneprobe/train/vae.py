@@ -19,7 +19,7 @@ from ..errors import fail
 from ..models.build import build_vae, init_vae_logvar
 from ..models.io import save_model
 from ..models.latents import evaluate_vae, images_to_tensor, set_latent_stats
-from .loop import LoopSpec, preflight, train_loop
+from .loop import LoopSpec, on_model_device, preflight, train_loop
 
 
 def _batch(rgb: torch.Tensor, g: torch.Generator, batch: int, crop: int) -> torch.Tensor:
@@ -68,7 +68,8 @@ def train_vae(cfg: Config, data, run: Path, resume: bool = False, force: bool = 
     atomic_write_text(tdir / "config.yaml", dump_yaml(cfg))
 
     def loss_fn(model, g, step):
-        return vae_loss(model, _batch(rgb, g, tc.batch_size, crop), g, tc.recon, tc.kl_weight)
+        x, = on_model_device(model, _batch(rgb, g, tc.batch_size, crop))
+        return vae_loss(model, x, g, tc.recon, tc.kl_weight)
 
     spec = LoopSpec(out=tdir, steps=tc.steps, lr=tc.lr, lr_min_ratio=tc.lr_min_ratio, checkpoint_every=tc.checkpoint_every,
                     log_every=tc.log_every, seed=tc.seed, desc="train-vae")
@@ -119,7 +120,8 @@ def tune_decoder(cfg: Config, data, vae, tdir: Path, resume: bool = False, progr
     vae.quant_conv.requires_grad_(False)
 
     def loss_fn(model, g, step):
-        x = _batch(rgb, g, tc.decoder_batch_size, 0)  # full images: the decoder sees the true borders
+        # full images: the decoder sees the true borders
+        x, = on_model_device(model, _batch(rgb, g, tc.decoder_batch_size, 0))
         with torch.no_grad():
             z = model.encode(x).latent_dist.mode()
         rec = model.decode(z).sample
