@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sceneprobe.quality import colour_stats, comparison_grid, edge_bands, fsd, ground_detail, quality_summary
+from sceneprobe.quality import (colour_stats, comparison_grid, edge_bands, fsd, ground_detail, ground_detail_per_image,
+                                ground_detail_ratio, quality_summary, texture_verdict)
 
 
 def _scenes(n=40, seed=0):
@@ -59,3 +60,31 @@ def test_ground_detail_sees_a_checker_and_not_a_flat_or_blurred_ground():
     tex[4:, 2 * H // 3:] = checker[2 * H // 3:, ::-1, None]  # two kinds of image, so the FSD covariances are finite
     q = quality_summary(tex, tex, tex, reconstructions=flat)
     assert q["ground_detail"]["samples"] == q["ground_detail"]["heldout"] > q["ground_detail"]["vae_recon"] == 0.0
+
+
+def test_texture_verdict_follows_the_ratio_ci_on_both_sides_of_the_line():
+    """The texture goal is a rule on a CI: samples with the reference's checker → met; with half its contrast (ratio
+    0.5) → not met; four samples of which two are flat (ratio 0.5 but a CI wider than the gap to 0.8) → undecided."""
+    H, n = 24, 40
+    yy, xx = np.mgrid[:H, :H]
+
+    def grounds(contrast, count, seed):
+        rng = np.random.default_rng(seed)
+        out = np.full((count, H, H, 3), 120, np.uint8)
+        for i in range(count):  # squares of 3–5 pixels: per-image detail varies, as on real grounds
+            k = int(rng.integers(3, 6))
+            c = np.where(((yy // k) + (xx // k)) % 2 == 0, 120 - contrast // 2, 120 + contrast // 2)
+            out[i, 2 * H // 3:] = c[2 * H // 3:, :, None]
+        return out
+
+    ref = grounds(80, n, 0)
+    assert np.isclose(ground_detail_per_image(ref).mean(), ground_detail(ref), atol=1e-3)
+    same = ground_detail_ratio(grounds(80, n, 1), ref)
+    half = ground_detail_ratio(grounds(40, n, 2), ref)
+    assert same["ci95"][0] >= 0.8 and texture_verdict(same) == "met"
+    assert half["ci95"][1] < 0.8 and texture_verdict(half) == "not met"
+    few = np.concatenate([grounds(80, 2, 3), np.full((2, H, H, 3), 120, np.uint8)])
+    mixed = ground_detail_ratio(few, ref)
+    assert mixed["ci95"][0] < 0.8 <= mixed["ci95"][1] and texture_verdict(mixed) == "undecided"
+    flat = ground_detail_ratio(ref, np.full((4, H, H, 3), 120, np.uint8))  # no detail to be a share of
+    assert flat == {"value": None, "ci95": None} and texture_verdict(flat) == "undecided"

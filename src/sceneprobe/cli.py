@@ -205,7 +205,8 @@ def _write_quality(ldm, data, out: Path, s) -> None:
           f"{q['fsd_vae_recon_vs_heldout']:.2f}, noise {q['fsd_noise_vs_heldout']:.2f}); mean RGB samples "
           f"{q['colour_samples']['mean_rgb']} vs data {q['colour_heldout']['mean_rgb']}; cast "
           f"{q['colour_samples']['cast']} vs {q['colour_heldout']['cast']}; edge stripes {json.dumps(q['edge_stripe_samples'])}; "
-          f"ground detail {json.dumps(q['ground_detail'])}")
+          f"ground detail {json.dumps(q['ground_detail'])}, samples/VAE {q['ground_detail_ratio_vs_vae_recon']['value']} "
+          f"(95 % CI {q['ground_detail_ratio_vs_vae_recon']['ci95']})")
 
 
 def cmd_capture(args) -> Path:

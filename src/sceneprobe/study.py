@@ -272,7 +272,8 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
                     "the samples over the data's, beyond the global difference (edge_stripe_real_floor: the largest "
                     "such excess of sets of as many real scenes, its noise floor); ground detail = mean |grey − its 3×3 "
                     "mean| over the bottom third (grey levels: the checker texture of the near ground) of samples, "
-                    "data and VAE reconstructions.\n\n" + _metric_table(q)))
+                    "data and VAE reconstructions (ground_detail_ratio_vs_vae_recon, where present: the samples' "
+                    "over the reconstructions', with a 95 % bootstrap CI over images).\n\n" + _metric_table(q)))
     v = _read_json(run / "train_vae" / "eval.json") or shipped.get("train_vae", {}).get("eval")
     if v:
         out.append(("VAE reconstruction (held-out scenes)", _metric_table(v)))
