@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_bytes, atomic_write_json, stable_safetensors
+from ..atomic import atomic_write_json
 from ..config import Config
 from ..errors import fail
 from . import fit
@@ -265,7 +265,6 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
     ``seconds`` (optional) receives, per model, the wall time of the probe work by phase and of the whole model
     (``{model: {"statistics": …, "checkpoints": …, "fit": …, "predict": …, "choose": …, "metrics": …, "total": …}}``):
     capture time = total − the probe phases."""
-    from safetensors.torch import save as st_save
 
     from ..capture.run import _state, collect_samples, probe_split
     from ..capture.sd import load_sd, prepare_sd, sd_options
@@ -324,10 +323,9 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                 labels = sw.load_protocol_labels(proot, n, pc.depth_target)
                 done = {}
                 for key, (tensors, prow) in sp.results(labels, "sd", model, timesteps).items():
-                    meta = {"fingerprint": fp, "rows": json.dumps(prow, sort_keys=True), "protocol": "sd",
-                            "model": model, "site": key[0], "step": str(key[1]), "solver": "exact-streamed",
-                            "config": json.dumps(sw.fit_identity(pc), sort_keys=True), "device": sp.fit_device.type}
-                    atomic_write_bytes(paths[key], stable_safetensors(st_save(tensors, metadata=meta)))
+                    sw.write_probe_file(paths[key], tensors, fingerprint=fp, rows=prow, protocol="sd", model=model,
+                                        site=key[0], step=key[1], solver="exact-streamed", cfg=pc,
+                                        device=sp.fit_device.type)
                     done[key] = sw._finished_rows(paths[key], fp)
                 atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
                                            "timesteps": timesteps, "subsample": cc.subsample})

@@ -460,6 +460,17 @@ def find_stores(run: Path) -> list[tuple[Path, list[Path]]]:
     return out
 
 
+def write_probe_file(path: Path, tensors: dict, *, fingerprint: str, rows: dict, protocol: str, model: str,
+                     site: str, step: int, solver: str, cfg, device: str) -> None:
+    """One probe file (both tasks' weights) with the metadata a rerun checks (fingerprint of the store, finished
+    rows, fit identity of ``cfg``), written atomically with byte-stable safetensors."""
+    from safetensors.torch import save as st_save
+    meta = {"fingerprint": fingerprint, "rows": json.dumps(rows, sort_keys=True), "protocol": protocol,
+            "model": model, "site": site, "step": str(step), "solver": solver,
+            "config": json.dumps(fit_identity(cfg), sort_keys=True), "device": device}
+    atomic_write_bytes(path, stable_safetensors(st_save(tensors, metadata=meta)))
+
+
 def probe_path(run: Path, protocol: str, model: str, site: str, step: int) -> Path:
     return Path(run) / "probes" / protocol / model / site / f"step_{step:02d}.safetensors"
 
@@ -545,7 +556,6 @@ def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True, threads: int 
 
 
 def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
-    from safetensors.torch import save as st_save
     from tqdm import tqdm
 
     if cfg.solver not in ("exact", "adam"):
@@ -592,11 +602,9 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
         labels, store, site, step = job
         model = store.manifest.get("model", store.root.name)
         tensors, done = probe_one(store, site, step, labels, cfg, device)
-        meta = {"fingerprint": fps[store.root], "rows": json.dumps(done, sort_keys=True),
-                "protocol": labels.protocol, "model": model, "site": site, "step": str(step), "solver": cfg.solver,
-                "config": json.dumps(fit_identity(cfg), sort_keys=True), "device": device.type}
         path = probe_path(run, labels.protocol, model, site, step)
-        atomic_write_bytes(path, stable_safetensors(st_save(tensors, metadata=meta)))
+        write_probe_file(path, tensors, fingerprint=fps[store.root], rows=done, protocol=labels.protocol, model=model,
+                         site=site, step=step, solver=cfg.solver, cfg=cfg, device=device.type)
         return path
 
     def done_one(job, path: Path) -> None:
