@@ -127,6 +127,13 @@ class RidgeStats:
             self.B += X.T @ tsum
         self.P += float(weight.sum())
 
+    def columns(self, cols: list[int]) -> "RidgeStats":
+        """The statistics of the same rows restricted to the columns ``cols`` (a sub-block of G and B)."""
+        out = RidgeStats(len(cols), self.k, self.G.device)
+        idx = torch.tensor(cols, device=self.G.device)
+        out.G, out.B, out.P = self.G[idx][:, idx].clone(), self.B[idx].clone(), self.P
+        return out
+
     def merge(self, other: "RidgeStats") -> None:
         """Add the statistics of another, disjoint set of rows (on any device)."""
         if (other.d, other.k) != (self.d, self.k):
@@ -156,16 +163,17 @@ def penalty_mask(d: int, bias: bool, device: torch.device | str = "cpu") -> torc
 
 
 def ridge_path(stats: RidgeStats, lambdas: Iterable[float], bias: bool,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
+               scale: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Exact ridge for every λ: ``(G/P + λM) θ = B/P`` in scaled coordinates; returns raw-space θ (L, d, k).
 
-    With ``scale`` s the fit is on x/s (penalty on the scaled weights) and ``θ_raw = θ_scaled / s``.
+    With ``scale`` s the fit is on x/s (penalty on the scaled weights) and ``θ_raw = θ_scaled / s``. ``mask`` (d,)
+    is M's diagonal (1 penalised, 0 free; default: all but the bias), e.g. 0 for the layout-prior channels.
     """
     dev = stats.G.device
     s = torch.ones(stats.d, dtype=torch.float64, device=dev) if scale is None else scale.to(dev)
     Gs = stats.G / (s[:, None] * s[None, :]) / stats.P                         # (d, d)
     Bs = stats.B / s[:, None] / stats.P                                        # (d, k)
-    M = torch.diag(penalty_mask(stats.d, bias, dev))
+    M = torch.diag(penalty_mask(stats.d, bias, dev) if mask is None else mask.to(dev, torch.float64))
     out = [_solve_spd(Gs + lam * M, Bs) for lam in lambdas]
     return torch.stack(out) / s[None, :, None]                                 # (L, d, k)
 
