@@ -233,6 +233,13 @@ class ProbeConfig:
     lambdas: tuple[float, ...] = opt((1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0),
                                      gt=0.0, le=1e12, min_items=1)
     depth_target: str = opt("depth", choices=("depth", "inverse"))  # "inverse": 1/depth (MiDaS's convention)
+    # layout-fair probes (probe/layout.py): "input" gives every probe — model, control, VAE, input — the position-only
+    # prior (train means at the site's native size: standardised depth, salient log-odds) as two unpenalised input
+    # channels, so its score is what the features add beyond layout; "none": features and intercept only
+    layout: str = opt("input", choices=("input", "none"))
+    # with layout "input", also fit the probe without the prior beside it (rows of model "<model>.noprior"; with
+    # bias: false that is the paper's probe), so the report can show what the prior changed
+    plain: bool = True
     epochs: int = opt(30, ge=1, le=100_000)
     lr: float = opt(1e-3, gt=0.0, le=10.0)
     batch_size: int = opt(4, ge=1, le=65536)
@@ -247,6 +254,8 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class LabellerConfig:
     channels: tuple[int, ...] = opt((32, 64, 128), ge=1, le=4096, min_items=1)
+    layers_per_block: int = opt(1, ge=1, le=16)
+    norm_num_groups: int = opt(8, ge=1, le=4096)  # reduced to gcd(groups, channels) per level
     n_scenes: int = opt(4000, ge=3, le=10_000_000)
     steps: int = opt(1500, ge=1, le=10_000_000)
     batch_size: int = opt(32, ge=1, le=65536)
