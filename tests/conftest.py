@@ -44,4 +44,7 @@ def tiny_run(tmp_path_factory, tiny_cfg, tiny_data) -> Path:
     run = tmp_path_factory.mktemp("run") / "tiny"
     train_vae(tiny_cfg, tiny_data, run, progress=False)
     train_ldm(tiny_cfg, tiny_data, run, progress=False)
+    # made by sceneprobe's own functions, so it carries the marker the CLI writes (the only proof of ownership)
+    from sceneprobe.owned import write_marker
+    write_marker(run, "sceneprobe train-vae, train-ldm (test fixture)")
     return run

@@ -1,4 +1,6 @@
-"""Write files and folders so that nothing is ever half-written: temporary name, then rename."""
+"""Write files and folders so that nothing is ever half-written: temporary name, then rename.
+
+The bottom layer: no ownership here (:mod:`sceneprobe.owned` builds on it: markers, locks, checks)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import fail
 
 
 def stable_safetensors(data: bytes) -> bytes:
@@ -30,52 +31,29 @@ def stable_safetensors(data: bytes) -> bytes:
     return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
 
 
-def check_out_folder(out: Path, force: bool = False, option: str = "--out") -> None:
-    """Refuse to overwrite an existing output folder unless ``force``; never a file or a folder of the user's own
-    files (one sceneprobe did not make), even with ``force``."""
-    from .owned import check_not_foreign, check_target
-    out = Path(out)
-    check_target(out, option)
-    if out.exists() and not force:
-        raise fail(f"output folder {out} already exists; choose another {option} or pass --force to replace it")
-    check_not_foreign(out, option)
-
-
 @contextlib.contextmanager
-def atomic_folder(out: Path, force: bool = False, made_by: str | None = "sceneprobe") -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+def temp_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``out``; on success it replaces ``out`` (if any) in one rename.
 
-    On any exception the temporary folder is removed and ``out`` is left as it was. The folder is owned
-    (:mod:`sceneprobe.owned`): a second writer of the same ``out`` fails at once, temporaries left beside ``out`` by a
-    killed writer are removed first, and the new folder carries the marker ``made_by`` (None: no ownership checks,
-    for caches inside a folder).
+    On any exception the temporary folder is removed and ``out`` is left as it was. No ownership checks and no lock:
+    callers outside a folder they own use :func:`sceneprobe.owned.atomic_folder`, which checks, locks and marks.
     """
-    from .owned import clean_stale_temps, sibling_lock, write_marker
     out = Path(out)
-    if made_by is not None:
-        check_out_folder(out, force)
-    elif out.exists() and not force:
-        raise fail(f"output folder {out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with sibling_lock(out) if made_by is not None else contextlib.nullcontext():
-        if made_by is not None:
-            clean_stale_temps(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
-        try:
-            yield tmp
-            if made_by is not None:
-                write_marker(tmp, made_by)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import SceneprobeError, fail
+from .owned import ADOPT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub, ever: everything is local
 
@@ -134,12 +135,19 @@ def cmd_train_ldm(args) -> Path:
 def cmd_train_labeller(args) -> Path:
     """Train the depth + saliency labeller on rendered scenes (labeller/train.py); --depth-model is scored beside it."""
     from .labeller import DepthModelLabeller, train_labeller
+    from .owned import owned_folder
     cfg = _config(args, _seeded(args, "labeller"))
     dpt = DepthModelLabeller(Path(args.depth_model)) if args.depth_model else None
-    return train_labeller(cfg, _data(args), Path(args.out), resume=args.resume, force=args.force,
-                          progress=not args.no_progress, fp16=args.fp16,
-                          train_dir=Path(args.train_dir) if args.train_dir else None,
-                          command=_command_line("train-labeller", args), depth_model=dpt)
+    with owned_folder(_train_dir(args), "sceneprobe train-labeller", "--train-dir"):   # never the user's folder
+        return train_labeller(cfg, _data(args), Path(args.out), resume=args.resume, force=args.force,
+                              progress=not args.no_progress, fp16=args.fp16, train_dir=_train_dir(args),
+                              command=_command_line("train-labeller", args), depth_model=dpt)
+
+
+def _train_dir(args) -> Path:
+    """train-labeller's checkpoint folder: --train-dir, or OUT/../train_<OUT name> (as labeller/train.py)."""
+    out = Path(args.out)
+    return Path(args.train_dir) if args.train_dir else out.parent / f"train_{out.name}"
 
 
 def _command_line(name: str, args) -> str:
@@ -176,7 +184,7 @@ def cmd_sample(args) -> Path:
     cfg = _config(args, _merged(_seeded(args, "sample"), _options("sample", args, n="n", steps="steps",
                                                                    sampler="sampler")))
     s = cfg.sample
-    from .atomic import check_out_folder
+    from .owned import check_out_folder
     check_out_folder(Path(args.out), args.force)                   # before loading the model
     ldm = load_ldm(_model_root(args.model))
     data = _data(args) if args.data else None           # before sampling: a bad folder fails fast
@@ -328,24 +336,41 @@ def _owned(args):
     ``fill``: a run folder written in place (created with a marker, or checked to be ours; locked inside);
     ``read``: the same, but it must exist already (probe, report, intervene read it first);
     ``replace``: a folder replaced whole (locked beside it; never a folder of the user's own files);
-    ``parent``: a model folder updated in place (``--vae``): its run folder is claimed and locked.
+    ``parent``: a model folder updated in place (``--vae``): its run folder is claimed and locked (so a VAE is
+    rewritten, and tune-decoder's logs written, only inside a folder sceneprobe made; never through a link).
     """
     import contextlib
 
-    from .owned import owned_folder, replaced_folder
+    from .owned import check_not_link, owned_folder, replaced_folder
     spec = getattr(args, "owns", None)
     value = getattr(args, spec[0], None) if spec else None
     if value is None:
         return contextlib.nullcontext()
     option, mode = f"--{spec[0]}", spec[1]
     if mode == "replace":
-        return replaced_folder(Path(value), option)
+        return replaced_folder(Path(value), option, made_by=f"sceneprobe {args.command}")
     if mode == "parent":
+        check_not_link(Path(value), option)
         if not Path(value).is_dir():
             raise fail(f"{option} {value} does not exist; pass a model folder")
         return owned_folder(Path(value).resolve().parent, f"sceneprobe {args.command}", f"the folder of {option}",
                             must_exist=True)
     return owned_folder(Path(value), f"sceneprobe {args.command}", option, must_exist=mode == "read")
+
+
+def _adopt_targets(args) -> list[Path]:
+    """The folders ``--adopt`` claims: the one the command writes (the run folder of ``--vae``; train-labeller's
+    training folder too)."""
+    if not getattr(args, "adopt", False):
+        return []
+    option, mode = getattr(args, "owns", None) or ("out", "replace")
+    value = getattr(args, option, None)
+    if value is None:
+        return []
+    targets = [Path(value).resolve().parent if mode == "parent" else Path(value)]
+    if args.command == "train-labeller":
+        targets.append(_train_dir(args))
+    return targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
         if "data" in {a.dest for a in sp._actions} and "skip_bad" not in {a.dest for a in sp._actions}:
             sp.add_argument("--skip-bad", action="store_true", help="leave out unusable files of --data instead of "
                                                                     "stopping")
+        if sp.get_default("owns") or "out" in {a.dest for a in sp._actions}:  # every command that writes a folder
+            sp.add_argument(ADOPT, action="store_true",
+                            help="claim the folder it writes although it has no .sceneprobe.json marker: only for a "
+                                 "folder an older sceneprobe made (before markers); never pass it for your own files")
     return p
 
 
@@ -496,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from . import owned
         owned.command_name = f"sceneprobe {args.command}"
+        owned.set_adopted(_adopt_targets(args))
         if getattr(args, "preset", None) is not None:
             _config(args, _seeded(args, "world"))  # preset, --config and --seed checked before any folder is touched
         with _owned(args):
@@ -511,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        from . import owned
+        owned.set_adopted([])                                          # --adopt holds for this command only
     if result is not None:
         print(result)
     return 0

@@ -1,11 +1,16 @@
-"""Owned output folders: a marker says what made a folder, a lock keeps a second writer out.
+"""Owned output folders: a marker proves a folder is sceneprobe's, a lock keeps a second writer out.
 
 * **Marker** ``.sceneprobe.json`` (``{"made_by": "sceneprobe run", "version": …}``): written into every folder a
-  command creates (or adopts while empty). A command refuses to write into a non-empty folder that carries neither the
-  marker nor the unmistakable layout of an older sceneprobe folder (``.stages/``, ``vae/config.json``, …): the user's
-  own files are never touched. The error says what is there and what to pass instead.
+  command creates (or adopts while empty). It is the only proof of ownership: a non-empty folder without it holds the
+  user's files, whatever it looks like (``captures/``, ``scenes.jsonl``, a diffusers VAE or a whole Stable Diffusion
+  folder), and no command writes into it or replaces it, not even with ``--force``. A folder made by an older
+  sceneprobe (before markers) is adopted only when the user says so: ``--adopt`` (:func:`set_adopted`), which the
+  refusal names; the adopted folder then gets its marker (``"adopted": true``), removed again if the command fails.
+* **Links**: a symbolic link given as a folder to write (``--out``, ``--run``, ``--vae``) is refused in one line;
+  sceneprobe never replaces a link by a folder nor writes through one (pass the folder it points to).
 * **Lock** (``fcntl.flock`` on ``.sceneprobe.lock`` inside the folder, or ``.<name>.lock`` beside a folder that is
-  replaced whole): a second writer fails at once with one line naming the holder's pid. The OS releases the lock
+  replaced whole), both on the folder's resolved real path, so two writers through different names of one folder
+  collide: a second writer fails at once with one line naming the holder's pid. The OS releases the lock
   when its process dies (even by SIGKILL), so a killed run never blocks its own resume. The lock file is removed on
   release; an acquirer checks that the file it locked is still the one on disk (so removal is race-free).
 * **Rollback**: a folder created by a command that then fails with a user error is removed again when it holds only
@@ -15,6 +20,8 @@
 Under ``accelerate launch`` only the main process (RANK 0) checks, claims and locks a folder; the other ranks wait for
 it (a barrier) and then write into the folder the main process holds. (Checking on every rank raced: a rank could see
 the folder the main process had just created, not yet marked, and call it foreign.)
+
+Layering: this module builds on :mod:`sceneprobe.atomic` (temporary name, then rename), never the other way round.
 """
 from __future__ import annotations
 
@@ -27,33 +34,43 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from .atomic import atomic_write_json, temp_folder
 from .errors import SceneprobeError, fail
 
 MARKER = ".sceneprobe.json"
 LOCK = ".sceneprobe.lock"
 OURS = (MARKER, LOCK)
-# Layouts only sceneprobe writes: a folder holding one of these was made by an older sceneprobe (before markers).
-LEGACY_SIGNS = (".stages", "vae/config.json", "unet/config.json", "captures", "train_vae", "train_ldm", "probes",
-                "report/results.csv", "scenes.jsonl")
-OUR_MODEL_CLASSES = ("AutoencoderKL", "UNet2DModel", "Labeller")  # a diffusers folder of these: one of our models
 SCAFFOLDING = {MARKER, LOCK, "config.yaml", ".stages"}
+ADOPT = "--adopt"
 
 _held: dict[str, list] = {}  # realpath of a lock file → [fd, count]: re-entrant within one process
+_adopted: set[str] = set()   # real paths the user adopted with --adopt (set by the CLI for one command)
 command_name = ""            # "sceneprobe run": set by the CLI, written into the lock file for the next writer to read
 
 
 def read_marker(folder: Path) -> dict | None:
+    """The marker's content, or None when ``folder`` has no readable marker (a dict with ``made_by``)."""
     try:
         data = json.loads((Path(folder) / MARKER).read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
+    return data if isinstance(data, dict) and isinstance(data.get("made_by"), str) else None
 
 
-def write_marker(folder: Path, made_by: str) -> None:
+def write_marker(folder: Path, made_by: str, adopted: bool = False) -> None:
     from . import __version__
-    from .atomic import atomic_write_json
-    atomic_write_json(Path(folder) / MARKER, {"made_by": made_by, "version": __version__})
+    atomic_write_json(Path(folder) / MARKER, {"made_by": made_by, "version": __version__,
+                                              **({"adopted": True} if adopted else {})})
+
+
+def set_adopted(paths: list[Path | str]) -> None:
+    """The folders the user adopted for this command (``--adopt``): treated as sceneprobe's, and marked when written."""
+    _adopted.clear()
+    _adopted.update(os.path.realpath(p) for p in paths)
+
+
+def is_adopted(folder: Path) -> bool:
+    return os.path.realpath(folder) in _adopted
 
 
 def user_entries(folder: Path) -> list[str]:
@@ -67,26 +84,9 @@ def user_entries(folder: Path) -> list[str]:
 
 
 def is_ours(folder: Path) -> bool:
-    """Made by sceneprobe: marker present, or the layout of a folder an older sceneprobe made."""
-    folder = Path(folder)
-    return read_marker(folder) is not None or any((folder / s).exists() for s in LEGACY_SIGNS) or \
-        _is_our_dataset(folder) or _is_our_model(folder)
-
-
-def _is_our_model(folder: Path) -> bool:
-    """A diffusers model folder (``save_pretrained``) of one of sceneprobe's model classes (e.g. a labeller)."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-        return cfg.get("_class_name") in OUR_MODEL_CLASSES and "_diffusers_version" in cfg
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _is_our_dataset(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "meta.json").read_text()).get("format") == "sceneprobe-scenes"
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Made by sceneprobe: the folder carries the marker a sceneprobe command wrote. Nothing else counts (no layout,
+    no model class): a folder the user made can look exactly like one of ours."""
+    return read_marker(Path(folder)) is not None
 
 
 def _listing(entries: list[str]) -> str:
@@ -94,9 +94,19 @@ def _listing(entries: list[str]) -> str:
     return ", ".join(entries[:4]) + more
 
 
-def check_target(path: Path, option: str) -> None:
-    """``path`` may be created or written by a command: not a file, and (if it exists) writable."""
+def check_not_link(path: Path, option: str) -> None:
+    """A symbolic link is never replaced by a folder nor written through: refused (the safe choice)."""
     path = Path(path)
+    if path.is_symlink():
+        target = os.readlink(path)
+        raise fail(f"{option} {path} is a symbolic link (to {target}); sceneprobe never replaces a link or writes "
+                   f"through one: pass the folder itself or a new folder as {option}")
+
+
+def check_target(path: Path, option: str) -> None:
+    """``path`` may be created or written by a command: not a link, not a file, and (if it exists) writable."""
+    path = Path(path)
+    check_not_link(path, option)
     if path.exists() and not path.is_dir():
         raise fail(f"{option} {path} is a file, not a folder; pass a folder path as {option}")
     probe = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
@@ -105,13 +115,25 @@ def check_target(path: Path, option: str) -> None:
 
 
 def check_not_foreign(path: Path, option: str) -> None:
-    """Refuse a non-empty folder that sceneprobe did not make (it holds the user's own files)."""
+    """Refuse a non-empty folder without sceneprobe's marker (it holds the user's own files) unless adopted."""
     path = Path(path)
-    if path.is_dir() and not is_ours(path):
+    if path.is_dir() and not is_ours(path) and not is_adopted(path):
         entries = user_entries(path)
         if entries:
-            raise fail(f"{option} {path} already holds files sceneprobe did not make ({_listing(entries)}); "
-                       f"sceneprobe never writes into them: pass a new or empty folder as {option}")
+            raise fail(f"{option} {path} already holds files sceneprobe did not make ({_listing(entries)}) and no "
+                       f"{MARKER} marker; sceneprobe never writes into them: pass a new or empty folder as "
+                       f"{option} (only if an older sceneprobe made it, before folders carried the marker, pass "
+                       f"{ADOPT} to claim it)")
+
+
+def check_out_folder(out: Path, force: bool = False, option: str = "--out") -> None:
+    """Refuse to overwrite an existing output folder unless ``force``; never a link, a file or a folder of the user's
+    own files (one without sceneprobe's marker), even with ``force``."""
+    out = Path(out)
+    check_target(out, option)
+    if out.exists() and not force:
+        raise fail(f"output folder {out} already exists; choose another {option} or pass --force to replace it")
+    check_not_foreign(out, option)
 
 
 def _rank() -> int:
@@ -183,10 +205,11 @@ def file_lock(lock_path: Path, what: Path) -> Iterator[None]:
 
 
 def sibling_lock(out: Path) -> contextlib.AbstractContextManager:
-    """The lock of a folder that is replaced whole (``.<name>.lock`` in its parent)."""
+    """The lock of a folder that is replaced whole (``.<name>.lock`` beside its resolved real path)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(out.parent / f".{out.name}.lock", out)
+    real = Path(os.path.realpath(out))                                 # one lock per folder, whatever its name
+    return file_lock(real.parent / f".{real.name}.lock", out)
 
 
 def clean_stale_temps(out: Path) -> None:
@@ -231,11 +254,11 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
         raise fail(f"{option} {folder} cannot be created ({e.strerror}); pass a folder you can write to") from None
     locked = added_marker = False
     try:
-        with file_lock(folder / LOCK, folder):
+        with file_lock(Path(os.path.realpath(folder)) / LOCK, folder):
             locked = True
             added_marker = read_marker(folder) is None
             if added_marker:
-                write_marker(folder, made_by)
+                write_marker(folder, made_by, adopted=is_adopted(folder) and bool(user_entries(folder)))
             clean_stale_inside(folder)
             _barrier()                                                 # the other ranks may write now
             yield folder
@@ -260,12 +283,32 @@ def _rollback(folder: Path, created: bool, added_marker: bool) -> None:
 
 
 @contextlib.contextmanager
-def replaced_folder(out: Path, option: str = "--out") -> Iterator[Path]:
+def replaced_folder(out: Path, option: str = "--out", made_by: str | None = None) -> Iterator[Path]:
     """A folder that a command replaces whole (built in a temporary sibling, renamed at the end): locked beside it,
-    never a file or a folder of the user's own files; stale temporaries of a killed writer are removed first."""
+    never a link, a file or a folder of the user's own files; stale temporaries of a killed writer are removed first.
+    ``made_by``: the marker written into ``out`` when the command has made it."""
     out = Path(out)
     check_target(out, option)
     check_not_foreign(out, option)
     with sibling_lock(out):
         clean_stale_temps(out)
         yield out
+        if made_by is not None and out.is_dir() and not out.is_symlink() and read_marker(out) is None:
+            write_marker(out, made_by)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, force: bool = False, made_by: str = "sceneprobe") -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename (:func:`atomic.temp_folder`).
+
+    On any exception the temporary folder is removed and ``out`` is left as it was. The folder is owned: ``out`` is
+    checked (:func:`check_out_folder`), a second writer of the same ``out`` fails at once, temporaries left beside
+    ``out`` by a killed writer are removed first, and the new folder carries the marker ``made_by``.
+    """
+    out = Path(out)
+    check_out_folder(out, force)
+    with sibling_lock(out):
+        clean_stale_temps(out)
+        with temp_folder(out) as tmp:
+            yield tmp
+            write_marker(tmp, made_by)

@@ -132,7 +132,7 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.
 def sample_to_folder(ldm, out: Path, n: int, seed: int = 0, steps: int = 15, sampler: str = "ddim", eta: float = 0.0,
                      batch_size: int = 32, force: bool = False, progress: bool = True) -> Path:
     """Write ``out/000000.png`` … and ``out/grid.png`` (built in a temporary folder, renamed at the end)."""
-    from .atomic import atomic_folder
+    from .owned import atomic_folder
     with atomic_folder(Path(out), force) as tmp:
         all_imgs = []
         for start in tqdm(range(0, n, batch_size), desc="sample", unit="batch", disable=not progress):

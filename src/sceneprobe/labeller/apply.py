@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_folder, atomic_write_json, check_out_folder
+from ..atomic import atomic_write_json
+from ..owned import atomic_folder, check_out_folder
 from ..errors import fail
 from .model import label_images
 

@@ -39,7 +39,8 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..atomic import atomic_folder, atomic_write_json, atomic_write_text, check_out_folder
+from ..atomic import atomic_write_json, atomic_write_text, temp_folder
+from ..owned import atomic_folder, check_out_folder
 from ..errors import fail
 from .render import FAR_DEPTH, SALIENCY_RULE, _render_chunk, check_render_args, chunked, map_chunks, stack_chunks
 
@@ -282,7 +283,7 @@ def cache_dir(folder: Path) -> Path:
 def _write_cache(folder: Path, key: str, data: SceneData) -> None:
     """Packed arrays in :func:`cache_dir` (replaced in one rename). Where it cannot be written, no cache is kept."""
     try:
-        with atomic_folder(cache_dir(folder), force=True, made_by=None) as tmp:
+        with temp_folder(cache_dir(folder)) as tmp:
             np.save(tmp / "rgb.npy", data.rgb)
             if data.depth is not None:
                 np.save(tmp / "depth.npy", data.depth)
