@@ -54,7 +54,7 @@ def _fake_readout_and_interventions(r):
 
 
 def test_report_is_self_contained_and_answers_with_numbers(run, capsys):
-    assert main(["report", "--run", str(run)]) == 0
+    assert main(["report", "--run", str(run), "--adopt"]) == 0        # synthetic_run writes no marker: claimed
     html_path = run / "report" / "report.html"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(html_path)
     page = html_path.read_text()
