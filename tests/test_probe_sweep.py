@@ -61,7 +61,11 @@ def test_probe_stays_at_chance_without_signal(planted, tmp_path):
             assert shuffled < _value(true, model="ldm", task=task, metric=metric, **q) - 0.2
             assert _value(rows, model="permuted", task=task, metric=metric, **q) < \
                 _value(rows, task=task, metric=metric, **base) + 0.05
-        assert abs(_value(rows, model="permuted", task="depth", metric="spearman", **q)) < 0.2
+        # the layout-fair probe of signal-free features is the position-only baseline: skill ≈ 0 …
+        assert abs(_value(rows, model="permuted", task="depth", metric="skill", **q)) < 0.05
+        # … while the plain probe (no prior) of the same features cannot even represent the layout: ρ ≈ 0
+        assert abs(_value(rows, model="permuted.noprior", task="depth", metric="spearman", **q)) < 0.2
+        assert _value(rows, model="permuted.noprior", task="depth", metric="skill", **q) < -0.2
 
 
 def test_results_are_deterministic_and_resumable(planted, tmp_path, monkeypatch):
@@ -100,7 +104,7 @@ def test_test_split_never_influences_the_fit(tmp_path):
         ta = load_file(str(a / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
         tb = load_file(str(b / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
         for k in ta:
-            if not k.startswith("test."):                      # per-test-image scores differ, the fit must not
+            if "test." not in k:                               # per-test-image scores differ, the fit must not
                 torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)
     val = lambda rows: [(r["task"], r["metric"], r["value"]) for r in rows if r["split"] == "val"]
     assert val(ra) == val(rb)
@@ -116,9 +120,10 @@ def test_streaming_passes_equal_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "CACHE_BYTES", 0)
     monkeypatch.setattr(sweep, "CHUNK", 7)
     streamed = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
-    assert cached.lam == streamed.lam
-    torch.testing.assert_close(cached.depth, streamed.depth, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(cached.saliency, streamed.saliency, rtol=1e-8, atol=1e-10)
+    for c, s in zip(cached, streamed):                         # the layout-fair probe and the plain one
+        assert c.lam == s.lam
+        torch.testing.assert_close(c.depth, s.depth, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c.saliency, s.saliency, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -130,7 +135,7 @@ def test_sweep_probe_is_the_exact_brute_force_fit(tmp_path, bias):
                         models=("ldm",))
     store = sweep.CaptureStore(run / "captures/noised/ldm")
     labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
-    p = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig(bias=bias))
+    p, _ = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig(bias=bias, layout="none"))
     tr = labels.idx(0)
     x = upsample_nearest(store.read("unet.down0.attn0", 0, tr).double(), 8, 8)
     X = x.permute(0, 2, 3, 1).reshape(-1, 6).numpy() / p.scale[:6].numpy()  # scaled features, one row per pixel
@@ -144,6 +149,80 @@ def test_sweep_probe_is_the_exact_brute_force_fit(tmp_path, bias):
         np.testing.assert_allclose(p.depth[6], r.intercept_, atol=1e-8)
         # the val-chosen decision threshold τ is folded into the intercept: logit − τ > 0
         np.testing.assert_allclose(p.saliency[6] + p.threshold, lr.intercept_[0], atol=1e-5)
+
+
+def test_layout_fair_probe_is_the_exact_fit_with_free_layout_weights(tmp_path):
+    """With the layout channels the chosen probes are the exact minimisers of the stated objectives: on every label
+    pixel of the nearest-upsampled rows [x/s | L | 1], the gradient of (1/P)Σ(y − ŷ)² + λ‖w‖² (depth) and of
+    (1/P)ΣCE + (λ/2)‖w‖² (saliency) vanishes, with the layout weights and the intercept unpenalised."""
+    from sceneprobe.probe.fit import upsample_nearest
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, noise=1.0, n=30, channels=6, size=8, steps=1,
+                        models=("ldm",))
+    store = sweep.CaptureStore(run / "captures/noised/ldm")
+    labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
+    p, plain = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    assert p.layout.shape == (2, 4, 4) and len(p.depth) == 6 + 2 + 1 and len(plain.depth) == 6 + 1
+    tr = labels.idx(0)
+    x = store.read("unet.down0.attn0", 0, tr).double()
+    x = torch.cat([x, p.layout[None].expand(len(x), -1, -1, -1)], 1)                   # (n, 8, 4, 4)
+    X = upsample_nearest(x, 8, 8).permute(0, 2, 3, 1).reshape(-1, 8)
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=torch.float64)], 1).numpy()          # (P, 9)
+    P = len(X)
+    pen = np.r_[p.scale[:6].numpy() ** 2, 0, 0, 0]                                      # λ‖s·w‖², layout + bias free
+    y = labels.depth[tr].reshape(-1).astype(np.float64)
+    th = p.depth.numpy()
+    g = 2 * X.T @ (X @ th - y) / P + 2 * p.lam[0] * pen * th
+    assert np.abs(g).max() < 1e-6                    # the design holds the layout in float32 (as the activations)
+    m = labels.saliency[tr].reshape(-1).astype(np.float64)
+    ts = p.saliency.numpy().copy()
+    ts[-1] += p.threshold                                                               # the maximum-likelihood fit
+    g = X.T @ (1 / (1 + np.exp(-(X @ ts))) - m) / P + p.lam[1] * pen * ts
+    assert np.abs(g).max() < 1e-6
+
+
+def _layout_run(tmp_path, kind: str):
+    """A store whose features carry either only position (the same map in every image) or only the scene (each
+    image's labels minus the mean layout, mixed into 6 channels, plus noise: no position code)."""
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 8}, noise=0.05, n=80, channels=6, size=16, steps=1,
+                        models=("ldm",))
+    lab = load_labels(run / "captures/noised")
+    store = sweep.CaptureStore(run / "captures/noised/ldm")
+    n = store.n
+    rng = np.random.default_rng(3)
+    if kind == "position":
+        yy, xx = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 8), indexing="ij")
+        code = np.stack([yy, xx, yy * xx, yy ** 2, np.sin(3 * xx), np.cos(2 * yy)])       # (6, 8, 8): where, not what
+        x = np.broadcast_to(code, (n, 6, 8, 8)) + 0.01 * rng.standard_normal((n, 6, 8, 8))
+    else:
+        d = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(lab["depth"]).float()[:, None], 8)[:, 0]
+        m = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(lab["saliency"]).float()[:, None], 8)[:, 0]
+        d = (d - d.mean(0, keepdim=True)).numpy()               # each image's departure from the mean layout:
+        m = (m - m.mean(0, keepdim=True)).numpy()               # what the scene adds, with no layout left in it
+        x = np.stack([d, m, d + m, d - m, 2 * d, 2 * m], 1) + 0.3 * rng.standard_normal((n, 6, 8, 8))
+    from sceneprobe.capture.store import shard_path, write_rows
+    write_rows(shard_path(store.root, "unet.down0.attn0", 0), 0, torch.from_numpy(np.ascontiguousarray(x)).float())
+    return sweep.read_results(sweep.run_probes(run, ProbeConfig(), progress=False))
+
+
+def test_position_without_scene_does_not_beat_the_layout_baseline(tmp_path):
+    rows = _layout_run(tmp_path, "position")
+    q = dict(protocol="noised", site="unet.down0.attn0", step=0, split="test")
+    assert _value(rows, model="ldm", task="depth", metric="skill", **q) < 0.05
+    base = _value(rows, model="baseline", site="position@8x8", step=-1, split="test", task="saliency",
+                  metric="dice", protocol="noised")
+    assert _value(rows, model="ldm", task="saliency", metric="dice", **q) < base + 0.05
+
+
+def test_scene_without_position_beats_the_layout_baseline(tmp_path):
+    rows = _layout_run(tmp_path, "scene")
+    q = dict(protocol="noised", site="unet.down0.attn0", step=0, split="test")
+    base = _value(rows, model="baseline", site="position@8x8", step=-1, split="test", task="saliency",
+                  metric="dice", protocol="noised")
+    assert _value(rows, model="ldm", task="depth", metric="skill", **q) > 0.3
+    assert _value(rows, model="ldm", task="saliency", metric="dice", **q) > base + 0.1
+    # and the layout prior is what the plain probe of the same features lacks
+    assert _value(rows, model="ldm", task="depth", metric="skill", **q) > \
+        _value(rows, model="ldm.noprior", task="depth", metric="skill", **q) + 0.1
 
 
 @pytest.mark.parametrize("cfg", [ProbeConfig(bias=True, upsample="area"),
@@ -183,7 +262,7 @@ def test_labels_must_align_and_have_all_splits(tmp_path):
 
 def test_cli_probe_prints_results_path_last(tmp_path, capsys):
     run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 4}, n=16, channels=4, size=8, steps=1, models=("ldm",))
-    assert main(["probe", "--run", str(run), "--preset", "tiny", "--no-progress"]) == 0
+    assert main(["probe", "--run", str(run), "--preset", "tiny", "--no-progress", "--adopt"]) == 0   # no marker
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run / "report" / "results.csv")
 
 
@@ -209,7 +288,7 @@ def test_per_image_scores_lambda_edges_and_baselines(planted):
     assert {r["lambda_edge"] for r in rows} <= {"", "low", "high"}
     narrow = synthetic_run(run.parent / "narrow", sites={"unet.down0.attn0": 16}, noise=0.05, **SMALL)
     edge = sweep.read_results(sweep.run_probes(narrow, ProbeConfig(lambdas=(10.0, 100.0, 1e3)), progress=False))
-    chosen = {(r["step"], r["task"]): r["value"] for r in edge if r["metric"] == "lambda"}
+    chosen = {(r["step"], r["task"]): r["value"] for r in edge if r["metric"] == "lambda" and r["model"] == "ldm"}
     for r in (r for r in edge if r["model"] == "ldm"):
         lam = chosen[r["step"], r["task"]]
         assert r["lambda_edge"] == {10.0: "low", 1e3: "high"}.get(lam, ""), r

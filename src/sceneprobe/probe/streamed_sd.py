@@ -345,7 +345,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
         if state.is_main_process:
             for (site, step), (prow, per_image) in sorted(done.items()):
                 rows.extend(prow)
-                for (task, metric), v in per_image.items():
+                for (_, task, metric), v in per_image.items():      # (variant, task, metric): streamed probes are plain
                     arrays[sw.per_image_key("sd", model, site, step, task, metric)] = v
     if not state.is_main_process:
         return None

@@ -54,6 +54,7 @@ from ..config import ProbeConfig, fingerprint, to_dict
 from ..errors import fail
 from . import fit
 from . import baselines as bl
+from . import layout as lay
 from .baselines import BASELINE_MODEL
 from .metrics import METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
 from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
@@ -62,7 +63,7 @@ from .parallel import map_ordered, resolve_device, resolve_workers, single_threa
 # λ of that probe's task is the grid's smallest / largest (widen probe.lambdas), else empty
 COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value", "lo", "hi",
            "lambda_edge")
-PROBE_VERSION = 2                      # bump when the fit or the file format changes: old probes are redone
+PROBE_VERSION = 3                      # 3: layout-fair probes (+ the plain one); bump when the fit or the file format changes: old probes are redone
 SKY_DEPTH = 0.99                       # × FAR_DEPTH: labels at or beyond are sky (renderer: sky = FAR_DEPTH; = readout.py)
 CHUNK = 64                             # images per streamed chunk
 CACHE_BYTES = 1 << 29                  # train rows kept in memory for the IRLS passes (else re-read from disk)
@@ -196,11 +197,18 @@ def _iter_images(store: CaptureStore, site: str, step: int,
         yield r, _features(x)[0]                                               # (b, C, h, w) float32
 
 
-def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Native predictions x·θ (+ b) for every θ, on θ's device: (n, L, h, w) float64 on the CPU."""
+def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool,
+             layout: torch.Tensor | None = None) -> torch.Tensor:
+    """Native predictions x·θ (+ L·θ_L) (+ b) for every θ, on θ's device: (n, L, h, w) float64 on the CPU.
+
+    θ = [features (C) | layout weights (k, with ``layout`` (k, h, w)) | bias]."""
     out = []
+    k = 0 if layout is None else layout.shape[0]
     for _, x in _iter_images(store, site, step, rows):
-        z = torch.einsum("nchw,lc->nlhw", x.to(thetas.device, torch.float64), thetas[:, : x.shape[1]])
+        C = x.shape[1]
+        z = torch.einsum("nchw,lc->nlhw", x.to(thetas.device, torch.float64), thetas[:, :C])
+        if k:
+            z = z + torch.einsum("khw,lk->lhw", layout.to(thetas.device, torch.float64), thetas[:, C:C + k])[None]
         if bias:
             z = z + thetas[:, -1][None, :, None, None]
         out.append(z.cpu())
@@ -210,7 +218,7 @@ def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool) -> torch
 # ---------------------------------------------------------------- one probe ----------------------------------------
 @dataclass
 class Probe:
-    """A fitted (site, step): raw-space weights θ (d,) per task (d = C [+1 bias]) and what was chosen."""
+    """A fitted (site, step): raw-space weights θ (d,) per task (d = C [+2 layout] [+1 bias]) and what was chosen."""
     depth: torch.Tensor
     saliency: torch.Tensor           # logit weights (x·θ > 0 ⇔ salient)
     scale: torch.Tensor
@@ -218,25 +226,47 @@ class Probe:
     selected: dict[str, tuple[str, float]]   # task → (selection metric name, value), e.g. ("lambda", 0.01)
     nonfinite: int = 0
     threshold: float = 0.0           # val-chosen logit threshold τ, already folded into the saliency intercept
+    layout: torch.Tensor | None = None   # (2, h, w) layout channels the probe reads (None: a plain probe)
+
+
+def layout_of(labels: ProtocolLabels, h: int, w: int, cfg: ProbeConfig) -> torch.Tensor | None:
+    """The layout channels (2, h, w) float64 a probe at native size h×w reads (None with ``probe.layout: none``)."""
+    return lay.maps(labels.prior(h, w, cfg.upsample)) if cfg.layout == "input" else None
+
+
+def _design(x: torch.Tensor, lrows: torch.Tensor | None, bias: bool, device) -> torch.Tensor:
+    """Activations (b, C, h, w) → design rows (b·h·w, C [+ k] [+ 1]) float32: [features | layout | 1]."""
+    C = x.shape[1]
+    X = x.to(device).permute(0, 2, 3, 1).reshape(-1, C)                         # (b·h·w, C) float32
+    parts = [X]
+    if lrows is not None:
+        parts.append(lrows.to(device, torch.float32).repeat(len(x), 1))
+    if bias:
+        parts.append(torch.ones(len(X), 1, device=device))
+    return torch.cat(parts, 1) if len(parts) > 1 else X
 
 
 def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig,
-              device: torch.device | str = "cpu") -> Probe:
+              device: torch.device | str = "cpu") -> tuple[Probe, Probe | None]:
     """Ridge (depth) and IRLS logistic (saliency) from one streamed pass over the train rows; λ chosen on val.
 
+    Returns (the layout-fair probe, the plain probe fitted beside it from the same pass — or None): with
+    ``probe.layout: input`` the design is [features | layout (2, unpenalised) | 1] (:mod:`.layout`); the plain
+    probe uses the features and the intercept only (a column subset of the same statistics and rows).
     The statistics, the kept train rows and the solvers live on ``device``; metrics are computed on the CPU."""
     device = torch.device(device)
     C, h, w = store.shape(site)
-    d = C + int(cfg.bias)
+    layout = layout_of(labels, h, w, cfg)
+    k = 0 if layout is None else layout.shape[0]
+    lrows = None if layout is None else lay.rows(layout, 1)                     # (h·w, k)
+    d = C + k + int(cfg.bias)
     n_pix, dsum, pos = labels.native(h, w, cfg.upsample)
     stats = fit.RidgeStats(d, 3, device)
     cache, cached_bytes, nonfinite, over = [], 0, 0, False
     for r, x in store.iter_rows(site, step, labels.idx(0), CHUNK):
         x, nbad = _features(x)
         nonfinite += nbad
-        X = x.to(device).permute(0, 2, 3, 1).reshape(-1, C)                    # (b·h·w, C) float32
-        if cfg.bias:
-            X = torch.cat([X, torch.ones(len(X), 1, device=device)], 1)
+        X = _design(x, lrows, cfg.bias, device)                                # (b·h·w, d) float32
         wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1).to(device)   # (b·h·w,)
         ps = pos[r].reshape(-1).to(device)
         X64 = X.double()
@@ -249,18 +279,40 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
             cache.append((X, wt, ps, X64))
 
     def chunks():
-        return _rechunk(store, site, step, labels, cfg, n_pix, pos, device) if over else cache
+        return _rechunk(store, site, step, labels, cfg, n_pix, pos, lrows, device) if over else cache
 
     scale = fit.feature_scale(stats.G, stats.P, C)
-    penalty = fit.penalty_mask(d, cfg.bias, device) * scale ** 2                       # λ‖s·w‖²: ridge on x/s, in raw units
+    main = _fit_columns(store, site, step, labels, cfg, stats, chunks, list(range(d)), C, k, scale, layout, device,
+                        nonfinite)
+    plain = None
+    if k and cfg.plain:
+        cols = list(range(C)) + ([d - 1] if cfg.bias else [])
+        idx = torch.tensor(cols, device=device)
+
+        def sub():
+            return [tuple(t[:, idx] if t.dim() == 2 else t for t in c) for c in chunks()]
+        plain = _fit_columns(store, site, step, labels, cfg, stats.columns(cols), sub, cols, C, 0, scale[idx], None,
+                             device, nonfinite)
+    return main, plain
+
+
+def _fit_columns(store, site, step, labels: ProtocolLabels, cfg: ProbeConfig, stats: fit.RidgeStats, chunks,
+                 cols: list[int], C: int, k: int, scale: torch.Tensor, layout, device, nonfinite: int) -> Probe:
+    """Both tasks' λ paths on the design columns ``cols`` ([features | k layout | bias]); λ and τ chosen on val."""
+    _, h, w = store.shape(site)
+    d = len(cols)
+    mask = fit.penalty_mask(d, cfg.bias, device)
+    mask[C:C + k] = 0.0                                                        # the layout's weights are free
+    penalty = mask * scale ** 2                                                # λ‖s·w‖²: ridge on x/s, in raw units
     lams = list(cfg.lambdas)
-    theta_d = fit.ridge_path(stats, lams, cfg.bias, scale)[:, :, 0]            # (L, d)
+    theta_d = fit.ridge_path(stats, lams, cfg.bias, scale, mask)[:, :, 0]      # (L, d)
     init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
     solver = fit.LogisticSolver(chunks, stats.P, penalty, len(labels.idx(0)) * h * w)   # in the rows' span if fewer
     theta_s = solver.path(lams, init)                                          # to 1e-3 relative: enough to choose λ
 
     L, sc = len(lams), labels.scorer(1, h, w)
-    z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias).numpy()  # (n, 2L, h, w)
+    z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias,
+                 layout).numpy()                                                            # (n, 2L, h, w)
     rm = sc.depth(z[:, :L], spearman=False)["rmse"]                                              # (n, L)
     i_d = _pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams)                 # lowest val MSE (= best skill)
     if cfg.bias:
@@ -272,8 +324,9 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     selected = {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}
     tau = 0.0
     if cfg.bias:
-        ts, tau = with_val_threshold(store, site, step, labels, ts)
-    return Probe(theta_d[i_d].cpu(), ts.cpu(), scale.cpu(), (lams[i_d], lams[i_s]), selected, nonfinite, tau)
+        ts, tau = with_val_threshold(store, site, step, labels, ts, layout)
+    return Probe(theta_d[i_d].cpu(), ts.cpu(), scale.cpu(), (lams[i_d], lams[i_s]), selected, nonfinite, tau,
+                 layout)
 
 
 def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[float, float]:
@@ -294,11 +347,11 @@ def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> t
 
 
 def with_val_threshold(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
-                       theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+                       theta: torch.Tensor, layout: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(θ, τ): the saliency probe with its decision threshold τ chosen on val folded into the intercept (last entry
     of θ): the probe stays linear and "salient ⇔ logit > 0" now means "logit > τ" of the maximum-likelihood fit."""
     _, h, w = store.shape(site)
-    z = _predict(store, site, step, labels.idx(1), theta[None], True).numpy()[:, 0]       # (n, h, w)
+    z = _predict(store, site, step, labels.idx(1), theta[None], True, layout).numpy()[:, 0]       # (n, h, w)
     _, tau = tune_threshold(labels.scorer(1, h, w), z)
     out = theta.clone()
     out[-1] -= tau
@@ -322,24 +375,25 @@ def _pick(scores: list[float], lams: list[float]) -> int:
     return best if best is not None else max(range(len(lams)), key=lambda i: lams[i])
 
 
-def _rechunk(store, site, step, labels, cfg, n_pix, pos, device=torch.device("cpu")):
+def _rechunk(store, site, step, labels, cfg, n_pix, pos, lrows=None, device=torch.device("cpu")):
     """Train rows re-read from disk (when they exceed CACHE_BYTES): same chunks as the first pass."""
-    C = store.shape(site)[0]
     for r, x in _iter_images(store, site, step, labels.idx(0)):
-        X = x.to(device).permute(0, 2, 3, 1).reshape(-1, C)
-        if cfg.bias:
-            X = torch.cat([X, torch.ones(len(X), 1, device=device)], 1)
+        X = _design(x, lrows, cfg.bias, device)
         yield (X, n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1).to(device), pos[r].reshape(-1).to(device))
 
 
 def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig) -> Probe:
     """The paper's trainer (Adam, Huber / 2-class CE, 30 epochs, batch 4); checkpoint chosen on val loss.
 
-    Holds the train and val rows of one (site, step) in memory, as the paper's loader does."""
-    C = store.shape(site)[0]
+    Holds the train and val rows of one (site, step) in memory, as the paper's loader does. With ``probe.layout:
+    input`` the layout channels are appended to the activations (Adam has no penalty to exempt them from)."""
+    C, h, w = store.shape(site)
+    layout = layout_of(labels, h, w, cfg)
     tr, va = labels.idx(0), labels.idx(1)
     xt, nbad = _features(store.read(site, step, tr))
     xv, _ = _features(store.read(site, step, va))
+    if layout is not None:
+        xt, xv = (torch.cat([x, layout.float()[None].expand(len(x), -1, -1, -1)], 1) for x in (xt, xv))
     common = dict(upsample=cfg.upsample, bias=cfg.bias, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                   seed=cfg.seed)
     rd = fit.fit_adam(xt, torch.from_numpy(labels.depth[tr]), xv, torch.from_numpy(labels.depth[va]), "depth", **common)
@@ -350,9 +404,10 @@ def fit_paper_adam(store: CaptureStore, site: str, step: int, labels: ProtocolLa
     theta_s = torch.cat([wl, (rs.bias[1] - rs.bias[0])[None]]) if cfg.bias else wl
     tau = 0.0
     if cfg.bias:
-        theta_s, tau = with_val_threshold(store, site, step, labels, theta_s)
-    return Probe(theta_d, theta_s, torch.ones(C, dtype=torch.float64), (0.0, 0.0),
-                 {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad, tau)
+        theta_s, tau = with_val_threshold(store, site, step, labels, theta_s, layout)
+    return Probe(theta_d, theta_s, torch.ones(xt.shape[1], dtype=torch.float64), (0.0, 0.0),
+                 {"depth": ("epoch", float(rd.best_epoch)), "saliency": ("epoch", float(rs.best_epoch))}, nbad, tau,
+                 layout)
 
 
 def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.ndarray | None,
@@ -412,7 +467,7 @@ def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, pro
     _, h, w = store.shape(site)
     for split, code in SPLITS.items():
         z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]).to(device),
-                     cfg.bias).numpy()                                                  # (n, 2, h, w)
+                     cfg.bias, probe.layout).numpy()                                    # (n, 2, h, w)
         m = native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
         ref = prior_metrics(labels, code, h, w, cfg.upsample)
         for task, metric in list(m):
@@ -428,16 +483,26 @@ def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, pro
 
 
 def probe_tensors(probe: Probe, C: int, bias: bool, labels: ProtocolLabels) -> dict[str, torch.Tensor]:
-    """Weights in raw activation units, saliency in the paper's 2-class format (symmetric halves of the logit)."""
+    """Weights in raw activation units, saliency in the paper's 2-class format (symmetric halves of the logit).
+
+    A layout-fair probe also stores ``layout`` (2, h, w), the layout channels it reads, ``<task>.layout_weight``
+    and their contribution as a per-position offset ``depth.offset`` (1, h, w) / ``saliency.offset`` (2, h, w):
+    output = x·W + b + offset[:, y, x]."""
+    k = 0 if probe.layout is None else probe.layout.shape[0]
     wd, ws = probe.depth[:C], probe.saliency[:C]
-    bd = probe.depth[C:] if bias else torch.zeros(1, dtype=torch.float64)
-    bs = probe.saliency[C:] if bias else torch.zeros(1, dtype=torch.float64)
+    bd = probe.depth[-1:] if bias else torch.zeros(1, dtype=torch.float64)
+    bs = probe.saliency[-1:] if bias else torch.zeros(1, dtype=torch.float64)
     t = {"depth.weight": wd[:, None], "depth.bias": bd.reshape(1),
          "saliency.weight": torch.stack([-ws / 2, ws / 2], 1), "saliency.bias": torch.cat([-bs / 2, bs / 2]),
          "feature_scale": probe.scale[:C], "lambda": torch.tensor(probe.lam, dtype=torch.float64),
          "saliency.threshold": torch.tensor([probe.threshold], dtype=torch.float64),
          "depth_norm": torch.tensor([labels.depth_mean, labels.depth_std], dtype=torch.float64)}
-    return {k: v.float().contiguous() for k, v in t.items()}
+    if k:
+        vd, vs = probe.depth[C:C + k], probe.saliency[C:C + k]
+        od, os_ = lay.offset(probe.layout, vd), lay.offset(probe.layout, vs)
+        t.update({"layout": probe.layout, "depth.layout_weight": vd, "saliency.layout_weight": vs,
+                  "depth.offset": od[None], "saliency.offset": torch.stack([-os_ / 2, os_ / 2])})
+    return {k_: v.float().contiguous() for k_, v in t.items()}
 
 
 # ---------------------------------------------------------------- the sweep ----------------------------------------
@@ -488,8 +553,9 @@ def probe_fingerprint(cfg: ProbeConfig, store: CaptureStore, labels: ProtocolLab
     return fingerprint(fit_identity(cfg), {"version": PROBE_VERSION, "manifest": manifest, "labels": labels.digest})
 
 
-def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str], np.ndarray]] | None:
-    """(result rows, per-test-image metrics) of a finished probe file with this fingerprint, else None."""
+def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str, str], np.ndarray]] | None:
+    """(result rows, per-test-image metrics {(variant, task, metric)}: variant "" or "noprior") of a finished probe
+    file with this fingerprint, else None."""
     from safetensors import safe_open
     if not path.is_file():
         return None
@@ -498,8 +564,12 @@ def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str
             meta = f.metadata() or {}
             if meta.get("fingerprint") != fp or "rows" not in meta:
                 return None
-            per_image = {tuple(k.split(".", 2)[1:]): f.get_tensor(k).numpy() for k in f.keys()
-                         if k.startswith("test.")}
+            per_image = {}
+            for k in f.keys():                       # "test.<task>.<metric>"; the plain probe's "noprior.test.…"
+                variant, _, rest = k.rpartition("test.") if k.startswith(("test.", f"{lay.PLAIN}.test.")) else \
+                    ("", "", "")
+                if rest:
+                    per_image[(variant.rstrip("."), *rest.split(".", 1))] = f.get_tensor(k).numpy()
     except Exception:                                                          # damaged or foreign file: refit
         return None
     return json.loads(meta["rows"]), per_image
@@ -507,21 +577,29 @@ def _finished_rows(path: Path, fp: str) -> tuple[list[dict], dict[tuple[str, str
 
 def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig,
               device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Fit, score and format one (site, step): (tensors for the probe file, result rows)."""
+    """Fit, score and format one (site, step): (tensors for the probe file, result rows).
+
+    With a plain probe beside the layout-fair one, its tensors are prefixed ``noprior.`` and its rows carry the
+    model name ``<model>.noprior``."""
     if cfg.solver == "exact":
-        probe = fit_exact(store, site, step, labels, cfg, device)
+        probe, plain = fit_exact(store, site, step, labels, cfg, device)
     else:
-        probe = fit_paper_adam(store, site, step, labels, cfg)                # the paper's trainer: CPU only
-    scores, per_image = score(store, site, step, labels, probe, cfg, device)
-    timestep = store.timesteps[store.steps.index(step)]
-    edge = {"depth": lambda_edge(probe.lam[0], cfg.lambdas), "saliency": lambda_edge(probe.lam[1], cfg.lambdas)} \
-        if cfg.solver == "exact" else {}
-    rows = [_row(store.manifest.get("protocol", labels.protocol), store.manifest.get("model", store.root.name), site,
-                 step, timestep, task, split, metric, v, lambda_edge=edge.get(task, ""))
-            for (task, split, metric), v in scores.items()]
-    tensors = probe_tensors(probe, store.shape(site)[0], cfg.bias, labels)
-    tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-                    for (task, metric), v in per_image.items()})     # per test image, for the report's bootstrap
+        probe, plain = fit_paper_adam(store, site, step, labels, cfg), None   # the paper's trainer: CPU only
+    model = store.manifest.get("model", store.root.name)
+    C = store.shape(site)[0]
+    tensors, rows = {}, []
+    for p, name, prefix in ((probe, model, ""), (plain, lay.plain_model(model), f"{lay.PLAIN}.")):
+        if p is None:
+            continue
+        scores, per_image = score(store, site, step, labels, p, cfg, device)
+        timestep = store.timesteps[store.steps.index(step)]
+        edge = {"depth": lambda_edge(p.lam[0], cfg.lambdas), "saliency": lambda_edge(p.lam[1], cfg.lambdas)} \
+            if cfg.solver == "exact" else {}
+        rows += [_row(store.manifest.get("protocol", labels.protocol), name, site, step, timestep, task, split,
+                      metric, v, lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
+        tensors.update({prefix + k: v for k, v in probe_tensors(p, C, cfg.bias, labels).items()})
+        tensors.update({f"{prefix}test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
+                        for (task, metric), v in per_image.items()})   # per test image, for the report's bootstrap
     if probe.nonfinite:
         print(f"warning: {store.root}/{site} step {step}: {probe.nonfinite} non-finite activations (fp16 overflow?) "
               f"were replaced by 0", file=sys.stderr)
@@ -617,8 +695,9 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
         model = store.manifest.get("model", store.root.name)
         done, per_image = found[store, site, step]
         rows.extend(done)
-        for (task, metric), v in per_image.items():
-            arrays[per_image_key(labels.protocol, model, site, step, task, metric)] = v
+        for (variant, task, metric), v in per_image.items():
+            name = lay.plain_model(model) if variant else model
+            arrays[per_image_key(labels.protocol, name, site, step, task, metric)] = v
     positions = {}
     for _, labels, stores in groups:
         sizes = {tuple(s.shape(site)[1:]) for s in stores for site in s.sites} | {labels.size}
