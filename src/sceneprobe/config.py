@@ -208,6 +208,9 @@ class CaptureConfig:
     vae_input: str = opt("latent", choices=("latent", "x0"))  # "latent": z after step t's update; "x0": predicted
     dtype: str = opt("float16", choices=("float16", "float32"))
     pool: int = opt(1, ge=1, le=64)  # spatial average pooling factor applied before storing
+    # the input control (capture/run.py: INPUT_SITE): the U-Net's input x_t at every step with its k×k neighbourhood
+    # as channels (c·k² per position), stored for the trained model; 0 = not captured. Odd.
+    input_window: int = opt(5, ge=0, le=15)
     batch_size: int = opt(32, ge=1, le=65536)
     controls: tuple[str, ...] = opt(("permuted", "fresh"), choices=("permuted", "fresh"))
     control_seed: int = seed_opt(100)
@@ -222,6 +225,10 @@ class CaptureConfig:
     store: str = opt("full", choices=("full", "streamed"))  # streamed: sufficient statistics, no activation store
     subsample: int = opt(64, ge=1, le=1_000_000)  # streamed: stored train positions per image, site and step
     checkpoint_every: int = opt(8, ge=1, le=1_000_000)  # streamed: batches per chunk (the unit of resume and of dealing out)
+
+    def problems(self):
+        if self.input_window and self.input_window % 2 == 0:
+            yield "input_window", f"must be odd (a window centred on each position) or 0, got {self.input_window}"
 
 
 @dataclass(frozen=True)
@@ -263,6 +270,22 @@ class LabellerConfig:
     seed: int = seed_opt(0)
 
 
+def _readout_labeller_default() -> "LabellerConfig":
+    """The read-out labeller's recipe: another architecture and seed than ``labeller`` (trained on its own world)."""
+    return LabellerConfig(channels=(12, 24, 48, 48), layers_per_block=2, norm_num_groups=6, seed=1)
+
+
+@dataclass(frozen=True)
+class ReadoutConfig:
+    """The image read-out (labeller/readout.py): a labeller on each step's decoded x̂₀.
+
+    ``labeller``: "second" = the independent read-out labeller (``labeller_readout``: another seed, architecture and
+    training world), so in ``generate`` — whose labels are the first labeller on the final image — the read-out does
+    not score itself; "same" = the labels' labeller (its last steps then score ≈ 1 by construction). Both protocols
+    use the chosen one (``noised`` scores it against exact labels)."""
+    labeller: str = opt("second", choices=("second", "same"))
+
+
 @dataclass(frozen=True)
 class InterveneConfig:
     n_edits: int = opt(32, ge=1, le=1_000_000)
@@ -276,6 +299,10 @@ class InterveneConfig:
     # where edits act: "attn" = to_out[0] (before the residual, the paper's), "block" = the residual stream (the
     # Attention module's output); each through probes fitted on that reading (interventions/probes_<kind>/)
     site_kinds: tuple[str, ...] = opt(("attn", "block"), choices=("attn", "block"), min_items=1)
+    # dose–response: edit sizes ‖Δa‖/‖a‖ along the optimised direction (and the random / permuted-probe controls)
+    doses: tuple[float, ...] = opt((0.05, 0.10, 0.25, 0.50), ge=0.0, le=10.0, min_items=1)
+    # a dose "visibly changes the image" when the probe edit's mean |edited − unedited| (grey levels) is at least this
+    visible_change: float = opt(2.0, ge=0.0, le=255.0)
 
     def problems(self):
         if self.shift_min > self.shift_max:
@@ -311,6 +338,8 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     labeller: LabellerConfig = field(default_factory=LabellerConfig)
+    labeller_readout: LabellerConfig = field(default_factory=_readout_labeller_default)  # the second, independent one
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     intervene: InterveneConfig = field(default_factory=InterveneConfig)
 
     def problems(self):
@@ -320,6 +349,11 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) > t:
                 yield key, f"must be <= train_ldm.num_train_timesteps ({t}), got {getattr(getattr(self, section), name)}"
+        a, b = self.labeller, self.labeller_readout
+        if self.readout.labeller == "second" and (a.channels, a.layers_per_block, a.norm_num_groups, a.seed) == \
+                (b.channels, b.layers_per_block, b.norm_num_groups, b.seed):
+            yield "labeller_readout", ("must differ from labeller in architecture or seed (an independent read-out); "
+                                       "change it, or set readout.labeller: same")
         crop, size, down = self.train_vae.crop, self.world.size, 2 ** (len(self.vae.block_out_channels) - 1)
         if crop and crop % down:
             yield "train_vae.crop", f"must be 0 or a multiple of {down} (the VAE's downsampling), got {crop}"
