@@ -156,7 +156,9 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     st = CaptureStore(root)
     st.verify()
     m = st.manifest
-    assert m["site_order"] == UNET_SITES + ["vae.dec.mid.attn0"]  # the encoder is not run while sampling
+    # the encoder is not run while sampling; the input control (x_t with its 5×5 neighbourhood) is the last site
+    assert m["site_order"] == UNET_SITES + ["vae.dec.mid.attn0", caprun.INPUT_SITE]
+    assert m["sites"][caprun.INPUT_SITE]["shape"] == [4 * 25, 16, 16] and m["input_window"] == 5
     assert sorted(st.sites) == sorted(m["site_order"])  # (manifest keys are sorted on disk)
     assert m["n"] == 6 and m["sample_ids"] == list(range(6)) and m["steps"] == [0, 1] and len(m["timesteps"]) == 2
     assert m["timesteps"][0] > m["timesteps"][1]  # step 0 is the noisiest
@@ -167,12 +169,21 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     assert not (root / "progress").exists()
     # Reference: the plain sampler, hooks in memory, batch of two ids from the middle (batch independence).
     ids = [4, 5]
-    steps_seen = []
-    with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae}, st.sites) as rec:
-        imgs, _ = generate(ldm, ids, cfg.capture.seed, steps=2,
-                           callback=lambda i, t, x, x0: (steps_seen.append(t), decode(ldm.vae, x)))
+    steps_seen, x_in = [], []
+    hook = ldm.unet.register_forward_pre_hook(lambda mod, args: x_in.append(args[0].clone()))
+    try:
+        with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae},
+                                       [s for s in st.sites if s != caprun.INPUT_SITE]) as rec:
+            imgs, _ = generate(ldm, ids, cfg.capture.seed, steps=2,
+                               callback=lambda i, t, x, x0: (steps_seen.append(t), decode(ldm.vae, x)))
+    finally:
+        hook.remove()
     assert steps_seen == m["timesteps"]
-    for site in st.sites:
+    for step in (0, 1):                       # the input site: the U-Net's own input at that step, unfolded
+        ref = torch.nn.functional.unfold(x_in[step], 5, padding=2).reshape(2, 100, 16, 16)
+        torch.testing.assert_close(st.read(caprun.INPUT_SITE, step, ids), ref.half().float(), atol=2e-3, rtol=2e-3)
+        assert torch.equal(ref[:, 12], x_in[step][:, 0]) and torch.equal(ref[:, 25 + 12], x_in[step][:, 1])
+    for site in (s for s in st.sites if s != caprun.INPUT_SITE):
         for step in (0, 1):
             torch.testing.assert_close(st.read(site, step, ids), rec.outputs[site][step].half().float(),
                                        atol=2e-3, rtol=2e-3)
@@ -216,7 +227,7 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     cfg = tiny_cfg(n_noised=4)
     root = run_capture(cfg, tmp_path, "noised", ldm, data=data, progress=False)
     st = CaptureStore(root)
-    assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
+    assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0", caprun.INPUT_SITE]
     test = data.subset("test")
     assert st.n == 4 and st.manifest["names"] == test.names[:4]
     enc0 = st.read("vae.enc.mid.attn0", 0)
@@ -243,6 +254,8 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
                                atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(st.read("vae.dec.mid.attn0", 1, [2]),
                                rec.outputs["vae.dec.mid.attn0"][0].half().float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(st.read(caprun.INPUT_SITE, 1, [2]),     # the input control: this x_t, unfolded
+                               caprun.input_rows(xt, 5).half().float(), atol=2e-3, rtol=2e-3)
     labels = load_labels(root.parent)
     assert np.array_equal(labels["depth"], test.depth[:4]) and labels["depth"].dtype == np.float32
     assert np.array_equal(labels["saliency"], test.saliency[:4].astype(np.uint8))

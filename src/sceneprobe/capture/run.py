@@ -70,7 +70,7 @@ from ..sample import decode, denoise, generators, initial_noise, sample_seed, to
 from .recorder import KINDS, Recorder
 from .store import CaptureStore, create_shard, finish_manifest, save_labels, shard_path, write_rows
 
-CAPTURE_VERSION = 2  # 2: decoder fed this U-Net's update in noised; encoder stored once; x̂₀ read-out
+CAPTURE_VERSION = 3  # 2: decoder fed this U-Net's update in noised; encoder stored once; x̂₀ read-out; 3: input site
 PROTOCOLS = ("generate", "noised")
 CONTROLS = ("permuted", "fresh")
 DTYPES = ("float16", "float32")
@@ -89,6 +89,10 @@ VAE_DEC_INPUT = {  # what the decoder site reads at step i (recorded in the mani
                      "latent), from this store's U-Net prediction"},
 }
 STEP_INDEPENDENT = ("vae.enc.mid.attn0",)  # sites that do not depend on the step: stored once, as step 0
+# The input control: the U-Net's input x_t at each step, every position with its k×k neighbourhood as channels
+# (channel c·k² + dy·k + dx, zero-padded at the border), so a linear probe on it sees what a small local filter of the
+# input could read. Stored for the trained model only (the controls' inputs add nothing to compare against).
+INPUT_SITE = "input.xt"
 
 Emit = Callable[[str, int, torch.Tensor], None]  # (site, step, rows (b, C, h, w))
 X0Sink = Callable[[int, torch.Tensor], None]     # (step, decoded x̂₀ of the read-out rows (k, 3, H, W) in [−1, 1])
@@ -265,21 +269,35 @@ def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callabl
 
 
 @torch.no_grad()
+def input_rows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The input control's rows: x (b, c, h, w) → (b, c·k², h, w), each position with its k×k neighbourhood."""
+    b, c, h, w = x.shape
+    return F.unfold(x.float(), window, padding=window // 2).reshape(b, c * window * window, h, w)
+
+
 def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], unet, vae, scheduler,
                       z: torch.Tensor, sample_ids: Sequence[int], seed: int, steps: int, unet_sites: Sequence[str],
                       vae_sites: Sequence[str], kind: str, vae_input: str, emit: Emit,
                       keep_half: str | None = None, x0_rows: Sequence[int] = (),
-                      x0_sink: X0Sink | None = None, stop_after: int | None = None) -> np.ndarray | None:
+                      x0_sink: X0Sink | None = None, stop_after: int | None = None,
+                      input_window: int = 0) -> np.ndarray | None:
     """One sampling pass from x_T = ``z`` (B, c, h, w) recording every site at every step; returns uint8 images.
 
     ``unet_fn`` calls ``unet`` exactly once per step (twice the batch with CFG: ``keep_half="cond"``). The VAE sites
     at step i read ``scheduler.step``'s ``prev_sample`` (``vae_input="latent"``) or ``pred_original_sample``
     (``"x0"``). ``x0_sink(step, images)`` (optional) receives the decoded x̂₀ of the batch rows ``x0_rows``.
     ``stop_after``: stop sampling after that step (its sites recorded) and return None — no final images.
+    ``input_window`` k > 0 also records :data:`INPUT_SITE`, the U-Net's input with its k×k neighbourhood.
     """
     cur = {"step": 0, "mute": False}
     final: dict[str, torch.Tensor] = {}
     rows = list(x0_rows)
+    if input_window:
+        inner = unet_fn
+
+        def unet_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            emit(INPUT_SITE, cur["step"], input_rows(x, input_window))
+            return inner(x, t)
 
     def on_out(site: str, y: torch.Tensor) -> None:
         if not cur["mute"]:
@@ -426,11 +444,14 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
     vae_sites = ["vae.dec.mid.attn0"] if protocol == "generate" else ["vae.enc.mid.attn0", "vae.dec.mid.attn0"]
     vae_sites = [v for v in vae_sites if v in list_sites(vae, "vae")]
     if sites is not None:
-        unknown = [x for x in sites if x not in unet_sites + vae_sites]
+        unknown = [x for x in sites if x not in unet_sites + vae_sites + [INPUT_SITE]]
         if unknown:
             raise fail(f"site {unknown[0]!r} is not a site of the {protocol} protocol for this model; sites: "
                        f"{', '.join(unet_sites + vae_sites)}")
         unet_sites, vae_sites = [x for x in unet_sites if x in sites], [x for x in vae_sites if x in sites]
+    window = cc.input_window if control is None else 0
+    if sites is not None and INPUT_SITE not in sites:
+        window = 0
     sites = unet_sites + vae_sites
     site_steps = {v: [0] for v in sites if v in STEP_INDEPENDENT}
     if store_steps is not None:
@@ -455,13 +476,18 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         if "vae.enc.mid.attn0" in sites:
             vae.encode(torch.zeros(1, 3, vae.config.sample_size, vae.config.sample_size, device=device))
     shapes = site_shapes({"unet": unet, "vae": vae}, sites, cc.site_kind, shape_pass, cc.pool)
+    if window:                                  # not a module: its shape is the latent's, c·k² channels
+        sites.append(INPUT_SITE)
+        shapes[INPUT_SITE] = (c * window * window, s // cc.pool, s // cc.pool)
+        if store_steps is not None:
+            site_steps[INPUT_SITE] = keep
 
     identity = {"version": CAPTURE_VERSION, "protocol": protocol, "model": model, "n": n, "steps": cc.steps,
                 "site_kind": cc.site_kind, "vae_input": cc.vae_input, "dtype": cc.dtype, "pool": cc.pool,
                 "seed": cc.seed, "control_seed": cc.control_seed if control else None, "sites": sites,
                 "model_hash": unet_hash, "vae_hash": vae_hash, "scheduler": _jsonable(ldm.scheduler_config),
                 "names": names, "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input], "readout": readout,
-                "site_steps": site_steps, "stop_after": stop_after}
+                "site_steps": site_steps, "stop_after": stop_after, "input_window": window}
     spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity), site_steps)
     image_dir = (proot if control is None else root) / "images"
 
@@ -471,14 +497,14 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         rows, sink = x0_for(start, stop)
         images = sample_and_record(lambda x, t: unet(x, t).sample, unet, vae, sched, z, b_ids, cc.seed, cc.steps,
                                    unet_sites, vae_sites, cc.site_kind, cc.vae_input, emit, x0_rows=rows, x0_sink=sink,
-                                   stop_after=stop_after)
+                                   stop_after=stop_after, input_window=window)
         if images is not None:
             save_images(image_dir, b_ids, images)
 
     def run_noised(start: int, stop: int, emit: Emit) -> None:
         rows, sink = x0_for(start, stop)
         _noised_batch(unet, vae, sched, test.rgb[start:stop], ids[start:stop], cc.seed, unet_sites, vae_sites,
-                      cc.site_kind, cc.vae_input, emit, device, x0_rows=rows, x0_sink=sink)
+                      cc.site_kind, cc.vae_input, emit, device, x0_rows=rows, x0_sink=sink, input_window=window)
 
     ran = fill_store(spec, run_generate if protocol == "generate" else run_noised, force, progress,
                      desc=f"capture {protocol}/{model}")
@@ -507,6 +533,9 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                     "images": "x0/step_XX/<sample id:06d>.png", "what": "decoded pred_original_sample of "
                     "scheduler.step at each step (uint8 RGB)"} if readout else None,
         "model_root": str(ldm.root) if ldm.root else None, "stop_after": stop_after,
+        "input_window": window, "input_site": {"what": "the U-Net's input x_t at each step (after "
+                                               "scale_model_input), each position with its k×k neighbourhood as "
+                                               "channels c·k² + dy·k + dx, zero-padded", "k": window} if window else None,
     }
     finish_store(root, manifest)
     return root
@@ -540,7 +569,7 @@ class _Rows:
 @torch.no_grad()
 def _noised_batch(unet, vae, sched, rgb: np.ndarray, ids: Sequence[int], seed: int, unet_sites, vae_sites,
                   kind: str, vae_input: str, emit: Emit, device, x0_rows: Sequence[int] = (),
-                  x0_sink: X0Sink | None = None) -> None:
+                  x0_sink: X0Sink | None = None, input_window: int = 0) -> None:
     """Encode, then x_t = add_noise(z0, ε, t) at every timestep with one fixed ε per sample; record every site.
 
     The decoder reads ``scheduler.step(unet(x_t), t, x_t)``'s ``prev_sample`` (``vae_input="latent"``) or
@@ -565,7 +594,10 @@ def _noised_batch(unet, vae, sched, rgb: np.ndarray, ids: Sequence[int], seed: i
         for i, t in enumerate(sched.timesteps):
             cur["step"] = i
             xt = sched.add_noise(z0, eps, t.reshape(1).expand(len(ids)).to(device))  # (b, c, h, w)
-            pred = unet(sched.scale_model_input(xt, t), t).sample                  # ε̂ or v̂: the scheduler knows
+            x_in = sched.scale_model_input(xt, t)
+            if input_window:
+                emit(INPUT_SITE, i, input_rows(x_in, input_window))
+            pred = unet(x_in, t).sample                                            # ε̂ or v̂: the scheduler knows
             if not dec and not (x0_sink is not None and rows):
                 continue
             out = sched.step(pred, t, xt)                                           # stateless for DDIM (η = 0)
