@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sceneprobe.intervene.verdicts import edit_verdict, gain
+from sceneprobe.intervene.verdicts import dose_claim, dose_verdict, edit_verdict, gain
 from sceneprobe.probe.stats import paired_bootstrap
 
 N = 40
@@ -79,3 +79,73 @@ def test_missing_controls_and_bad_min_effect():
     from sceneprobe.errors import SceneprobeError
     with pytest.raises(SceneprobeError):
         edit_verdict(rows("saliency", {"probe": (0.7, 0.2, 0.05, 0.05), "random": (0, 1, 0, 0)}), "saliency", -1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ dose-response
+def dose_rows(task: str, doses: dict[float, dict[str, tuple[float, float]]], headroom=(0.3, 0.05), n: int = N,
+              g0: float = -0.2, noise: float = 0.02, seed: int = 0) -> list[dict]:
+    """Per-output rows: dose → arm → (fraction of the headroom gained, image change in grey levels); edits alternate
+    between two headrooms (a shift with room and a nearly symmetric mirror), the unedited output scores g₀ = −H/2."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        H = headroom[k % len(headroom)]
+        base = -H / 2
+        out.append({"edit": k, "condition": "unedited", "dose": 0.0, "gain": base, "headroom": H,
+                    "pixel_change": 0.0, "delta_ratio": 0.0})
+        for d, arms in doses.items():
+            for arm, (frac, px) in arms.items():
+                g = base if frac is None else base + H * (frac + noise * rng.standard_normal())
+                out.append({"edit": k, "condition": arm, "dose": d, "gain": g, "headroom": H,
+                            "pixel_change": px, "delta_ratio": d})
+    return out
+
+
+def test_an_edit_of_zero_dose_scores_zero_and_is_never_a_no():
+    # every arm at dose 0 returns the unedited output: its gain is the unedited gain, its image unchanged
+    r = dose_rows("depth", {0.0: {"probe": (None, 0.0), "random": (None, 0.0), "permuted_probe": (None, 0.0)}})
+    v = dose_verdict(r, "depth", 0.0, min_effect=0.05, visible_change=2.0, n_boot=300)
+    for arm in ("probe", "random", "permuted_probe", "unedited"):
+        e = v["relative_gain"][arm]
+        assert e["mean"] == 0 and e["lo"] == 0 and e["hi"] == 0
+    assert v["rule_reading"] == "no" and not v["visible"] and v["verdict"] == "inconclusive"   # too small to tell
+    assert "barely changes" in v["sentence"]
+    c = dose_claim("depth", [v])
+    assert c["answer"] == "inconclusive" and "no dose changes the image visibly" in c["sentence"]
+
+
+def test_relative_gain_is_a_ratio_of_sums_over_the_headroom():
+    r = dose_rows("depth", {0.25: {"probe": (0.5, 5.0), "random": (0.0, 5.0)}}, noise=0.0)
+    v = dose_verdict(r, "depth", 0.25, 0.05, 2.0, n_boot=300)
+    assert v["relative_gain"]["probe"]["mean"] == pytest.approx(0.5)        # half-way, whatever each edit's H
+    assert v["relative_gain"]["random"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert v["headroom"] == pytest.approx(0.175) and v["delta_ratio"]["probe"] == 0.25
+    # the unedited output is a control with R = 0: the difference to it is the probe's own R
+    assert v["minus_control"]["unedited"] == v["relative_gain"]["probe"]
+
+
+def test_dose_verdict_planted_yes_and_no_and_the_claim_follows_the_stated_rule():
+    doses = {0.05: {"probe": (0.01, 0.5), "random": (0.0, 0.5), "permuted_probe": (0.0, 0.5)},      # invisible
+             0.25: {"probe": (0.40, 6.0), "random": (0.01, 6.0), "permuted_probe": (0.02, 6.0)},   # a real move
+             0.50: {"probe": (0.60, 15.0), "random": (0.02, 15.0), "permuted_probe": (0.60, 15.0)}}  # control as good
+    r = dose_rows("saliency", doses)
+    vs = [dose_verdict(r, "saliency", d, 0.05, 2.0, n_boot=500) for d in doses]
+    assert [v["visible"] for v in vs] == [False, True, True]
+    assert vs[0]["verdict"] == "inconclusive" and vs[0]["rule_reading"] == "no"   # a "no" that nobody could see
+    assert vs[1]["verdict"] == "yes" and vs[1]["strongest_control"] == "permuted_probe"
+    assert vs[1]["sentence"].startswith("at 25% of ‖a‖ the edit moves the property")
+    assert vs[2]["verdict"] == "no" and vs[2]["beats_controls"] == "no"          # the permuted probe moves it too
+    c = dose_claim("saliency", vs)
+    assert c["answer"] == "yes" and c["dose"] == 0.25 and c["sentence"].startswith("Saliency edits move the object")
+    # no dose works although the image visibly changes: "no", quoting the largest visible dose
+    flat = {d: {a: (0.0, px) for a in ("probe", "random", "permuted_probe")}
+            for d, px in ((0.1, 1.0), (0.25, 4.0), (0.5, 12.0))}
+    ws = [dose_verdict(dose_rows("depth", flat, seed=1), "depth", d, 0.05, 2.0, n_boot=500) for d in flat]
+    assert [w["verdict"] for w in ws] == ["inconclusive", "no", "no"]
+    c = dose_claim("depth", ws)
+    assert c["answer"] == "no" and c["dose"] == 0.5 and c["sentence"].startswith("Depth edits fail")
+    assert "25%, 50%" in c["sentence"]
+    # an effect inside the CI: inconclusive at that dose, and the claim is not "yes"
+    noisy = dose_rows("depth", {0.25: {"probe": (0.04, 5.0), "random": (0.0, 5.0)}}, noise=0.5, n=12, seed=1)
+    u = dose_verdict(noisy, "depth", 0.25, 0.05, 2.0, n_boot=500)
+    assert u["verdict"] == "inconclusive" and dose_claim("depth", [u])["answer"] == "inconclusive"

@@ -16,8 +16,9 @@ The verdicts for the report's paper-comparison table are in ``run/interventions/
 """
 from __future__ import annotations
 
-from .editor import TASKS, Editor, ProbeEdit, ProbeHead, RandomEdit, load_probe_head, optimise_activation
+from .editor import (TASKS, DirectionRecorder, DoseEdit, Editor, ProbeEdit, ProbeHead, RandomEdit, load_probe_head,
+                     optimise_activation)
 from .run import run_interventions
 
-__all__ = ["TASKS", "Editor", "ProbeEdit", "ProbeHead", "RandomEdit", "load_probe_head", "optimise_activation",
-           "run_interventions"]
+__all__ = ["TASKS", "DirectionRecorder", "DoseEdit", "Editor", "ProbeEdit", "ProbeHead", "RandomEdit", "load_probe_head",
+           "optimise_activation", "run_interventions"]

@@ -13,6 +13,11 @@
   optionally rescaled to given norms: the permuted-probe control is *norm-matched* to the real edit, so it differs
   from it only in direction), or along a random direction with a given norm per (site, step, sample) (the equal-norm
   control).
+* :class:`DirectionRecorder` / :class:`DoseEdit` — the dose–response (issue 20): the recorder optimises the edit once
+  per (site, step, sample) on the *unedited* trajectory (through the run's probe and the permuted U-Net's probe) and
+  keeps only the unit directions u = Δ/‖Δ‖ and the optimiser's own size ‖Δ‖/‖a‖; a dose edit then applies
+  a′ = a + dose · ‖a‖ · u at every planned (site, step), ‖a‖ the norm (over C, H, W) of the activation it replaces, so
+  ‖a′ − a‖/‖a‖ = dose exactly — along the optimised direction, the permuted probe's, or a random one.
 
 Batch independence: the loss optimised is the *sum* over samples of per-sample mean losses and Adam is element-wise,
 so each sample's edit is what it would be alone; random directions come from a generator per (edit, site, step).
@@ -83,19 +88,27 @@ class Editor(SiteHooks):
 class ProbeHead:
     """One fitted (site, step) probe of one task as a function of the activation a (B, C, H, W).
 
-    prediction = upsample_nearest(pool(a) · w + b) at the label grid (B, H_l, W_l): the saliency logit
-    (w = w₁ − w₀ of the 2-class probe) or standardised depth.
+    prediction = upsample_nearest(pool(a) · w + b + o) at the label grid (B, H_l, W_l): the saliency logit
+    (w = w₁ − w₀ of the 2-class probe) or standardised depth; o (h, w) is a layout-fair probe's per-position offset
+    (its layout channels times their weights, ``<task>.offset`` in the file; absent: 0). The offset does not depend on
+    the activation, so it moves the prediction, not the gradient's direction per position.
     """
     task: str
     weight: torch.Tensor            # (C,) float32
     bias: float
     pool: int
     size: tuple[int, int]           # label grid (H_l, W_l)
+    offset: torch.Tensor | None = None   # (h, w) float32 at the stored resolution, or None
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         from ..probe.fit import upsample_nearest
         x = F.avg_pool2d(a, self.pool) if self.pool > 1 else a               # (B, C, h, w): the stored resolution
         z = torch.einsum("bchw,c->bhw", x, self.weight.to(x.device, x.dtype)) + self.bias
+        if self.offset is not None:
+            if tuple(self.offset.shape) != tuple(z.shape[1:]):
+                raise RuntimeError(f"probe offset {tuple(self.offset.shape)} does not match the activation's grid "
+                                   f"{tuple(z.shape[1:])}")
+            z = z + self.offset.to(z.device, z.dtype)
         return upsample_nearest(z, *self.size)                               # (B, H_l, W_l)
 
     def loss(self, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,12 +133,18 @@ def load_probe_head(path: Path, task: str, pool: int, size: tuple[int, int]) -> 
         t = load_file(str(path))
     except Exception as e:                                                     # damaged file: say which one
         raise fail(f"probe file {path} is unreadable ({type(e).__name__}); rerun `sceneprobe probe`") from None
+    offset = None
     if task == "saliency":
         w, b = t["saliency.weight"], t["saliency.bias"]
         weight, bias = w[:, 1] - w[:, 0], float(b[1] - b[0])
+        if "saliency.offset" in t:                                             # (2, h, w): the logit's is o₁ − o₀
+            offset = t["saliency.offset"][1] - t["saliency.offset"][0]
     else:
         weight, bias = t["depth.weight"][:, 0], float(t["depth.bias"][0])
-    return ProbeHead(task, weight.float().contiguous(), bias, int(pool), (int(size[0]), int(size[1])))
+        if "depth.offset" in t:                                                # (1, h, w)
+            offset = t["depth.offset"][0]
+    return ProbeHead(task, weight.float().contiguous(), bias, int(pool), (int(size[0]), int(size[1])),
+                     None if offset is None else offset.float().contiguous())
 
 
 def depth_norm(path: Path) -> tuple[float, float]:
@@ -231,4 +250,93 @@ class RandomEdit:
         if head is not None and self.target is not None:
             self.before[key] = head.loss(a.float(), self.target)
             self.after[key] = head.loss(new.float(), self.target)
+        return new
+
+
+# ------------------------------------------------------------------------------------------------------ dose-response
+def unit_rows(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ/‖Δ‖ per sample (B, ...), ‖Δ‖ (B,)); a zero Δ stays zero (no direction)."""
+    n = delta.flatten(1).norm(dim=1)                                                  # (B,)
+    scale = torch.where(n > 0, 1.0 / n.clamp_min(1e-30), torch.zeros_like(n))
+    return delta * scale.view(-1, *([1] * (delta.ndim - 1))), n
+
+
+class DirectionRecorder:
+    """Edit function that changes nothing: at each planned (site, step) it optimises the activation through each
+    head set (``{"probe": heads, "permuted_probe": perm_heads}``) toward ``target`` and records, per arm and key,
+    the unit direction ``dirs[arm][key]`` (B, C, H, W) float32, the optimiser's own dose ``natural[arm][key]`` =
+    ‖Δ‖/‖a‖ (B,) and the probe loss ``before`` / ``after`` the free optimisation (B,).
+
+    Run during an unedited generation, every direction is optimised at the unedited activation of its (site, step);
+    the dose edits apply them on their own trajectories (:class:`DoseEdit`).
+    """
+
+    def __init__(self, head_sets: Mapping[str, Mapping[tuple[str, int], ProbeHead]], target: torch.Tensor,
+                 lr: float, iters: int):
+        self.head_sets = {arm: dict(h) for arm, h in head_sets.items()}
+        self.target, self.lr, self.iters = target, lr, iters
+        self.dirs: dict[str, dict[tuple[str, int], torch.Tensor]] = {arm: {} for arm in self.head_sets}
+        self.natural: dict[str, dict[tuple[str, int], torch.Tensor]] = {arm: {} for arm in self.head_sets}
+        self.before: dict[str, dict[tuple[str, int], torch.Tensor]] = {arm: {} for arm in self.head_sets}
+        self.after: dict[str, dict[tuple[str, int], torch.Tensor]] = {arm: {} for arm in self.head_sets}
+        self.seen: list[tuple[str, int]] = []
+
+    def __call__(self, site: str, step: int, a: torch.Tensor) -> None:
+        key = (site, step)
+        for arm, heads in self.head_sets.items():
+            head = heads.get(key)
+            if head is None:
+                continue
+            new, b, f = optimise_activation(a, head, self.target, self.lr, self.iters)
+            u, n = unit_rows(new.float() - a.float())                                 # (B, C, H, W), (B,)
+            self.dirs[arm][key] = u
+            self.natural[arm][key] = n / a.float().flatten(1).norm(dim=1).clamp_min(1e-30)
+            self.before[arm][key], self.after[arm][key] = b, f
+            if key not in self.seen:
+                self.seen.append(key)
+        return None
+
+
+DirectionFn = Callable[[tuple[str, int], Sequence[int]], torch.Tensor]   # (key, (C, H, W)) → unit direction (C, H, W)
+
+
+class DoseEdit:
+    """Edit function of a batch whose row b is edited along ``directions[b]`` with relative size ``doses[b]``:
+    a′_b = a_b + doses[b] · ‖a_b‖ · u_b(site, step) at each planned (site, step) of ``keys``.
+
+    ``directions[b](key, shape)`` returns the unit direction (C, H, W) of row b at ``key`` (a stored optimised
+    direction, or :func:`random_direction`); a zero direction (the optimiser did not move) leaves the row as it is.
+    Records per key: ``ratios`` ‖a′ − a‖/‖a‖ (B,) as applied, ``act_norms`` ‖a‖ (B,), and with ``heads`` / ``target``
+    (B, H_l, W_l) the run's probe loss ``before`` / ``after`` the step (B,). A dose of 0 returns ``a`` itself.
+    """
+
+    def __init__(self, keys: Sequence[tuple[str, int]], doses: Sequence[float], directions: Sequence[DirectionFn],
+                 heads: Mapping[tuple[str, int], ProbeHead] | None = None, target: torch.Tensor | None = None):
+        if len(doses) != len(directions):
+            raise ValueError(f"{len(doses)} doses for {len(directions)} direction rows")
+        self.keys, self.doses, self.directions = set(keys), [float(d) for d in doses], list(directions)
+        self.heads, self.target = dict(heads or {}), target
+        self.ratios: dict[tuple[str, int], torch.Tensor] = {}
+        self.act_norms: dict[tuple[str, int], torch.Tensor] = {}
+        self.before: dict[tuple[str, int], torch.Tensor] = {}
+        self.after: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, site: str, step: int, a: torch.Tensor) -> torch.Tensor | None:
+        key = (site, step)
+        if key not in self.keys:
+            return None
+        if len(self.doses) != a.shape[0]:
+            raise RuntimeError(f"dose edit of {len(self.doses)} rows got a batch of {a.shape[0]}")
+        af = a.float()
+        norm = af.flatten(1).norm(dim=1)                                              # (B,) ‖a‖
+        u = torch.stack([fn(key, tuple(a.shape[1:])).to(a.device, torch.float32) for fn in self.directions])
+        size = torch.tensor(self.doses, dtype=torch.float32, device=a.device) * norm  # (B,) dose · ‖a‖
+        new = (af + size[:, None, None, None] * u).to(a.dtype)                        # (B, C, H, W)
+        new = torch.where(torch.tensor(self.doses, device=a.device)[:, None, None, None] == 0, a, new)
+        self.ratios[key] = (new.float() - af).flatten(1).norm(dim=1) / norm.clamp_min(1e-30)
+        self.act_norms[key] = norm
+        head = self.heads.get(key)
+        if head is not None and self.target is not None:
+            self.before[key] = head.loss(af, self.target).detach()
+            self.after[key] = head.loss(new.float(), self.target).detach()
         return new

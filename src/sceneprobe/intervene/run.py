@@ -1,25 +1,31 @@
-"""``run_interventions``: probe-guided edits during generation, scored by the labeller against counterfactuals.
+"""``run_interventions``: probe-guided edits during generation with a dose, scored by the labeller against counterfactuals.
 
 For each edit k (k = 0 … n_edits − 1) of a task, on a test-split sample of the generate protocol (same sample id,
-seed, DDIM steps as the capture), four outputs are generated from the same x_T:
+seed, DDIM steps as the capture):
 
-* ``unedited`` — the plain sample (it reproduces the captured image; the max difference is recorded);
-* ``probe`` — at the planned (site, step)s the site's output is replaced by the activation optimised through the
-  ``ldm`` probe of that (site, step) toward the counterfactual label (:mod:`.editor`);
-* ``random`` — the same (site, step)s get a random direction with the probe edit's ‖Δa‖ (per site, step, sample);
-* ``permuted_probe`` — the probe edit through the probe fitted on the permuted-weights control
-  (``probes/generate/permuted``), applied to the real U-Net.
+1. ``unedited`` — the plain sample (it reproduces the captured image; the max difference is recorded); the labeller's
+   label of it is the "original", its counterfactual (the mask moved; the depth moved or mirrored) the edit's target.
+2. The edit direction, once per edit: the sampling is replayed up to the last edited step (no decode) and at each
+   planned (site, step) the activation is optimised through that (site, step)'s ``ldm`` probe toward the target (Adam,
+   the paper's edit) and, on the same activation, through the permuted-weights control's probe; only the unit
+   directions u = Δ/‖Δ‖ are kept, and the optimiser's own size ‖Δ‖/‖a‖ is reported (``natural_ratio``).
+3. For every dose d of ``intervene.doses`` and every arm — ``probe`` (u of the run's probe), ``random`` (a random
+   unit direction per edit, site and step) and ``permuted_probe`` (u of the permuted U-Net's probe) — the sample is
+   generated again with a′ = a + d · ‖a‖ · u at every planned (site, step) (:class:`~.editor.DoseEdit`), ‖a‖ the norm
+   of the activation being replaced, so ‖Δa‖/‖a‖ = d for every arm (``delta_ratio``, measured).
 
-* ``permuted_probe`` is *norm-matched*: its optimised change is rescaled to the probe edit's ‖Δa‖ per (site, step,
-  sample), so it differs from the real edit in direction only (``raw_delta_norm`` keeps its own size).
+Cost: one unedited generation, one partial replay for the directions and 3 · len(doses) edited generations per batch
+of edits; the edited generations of a batch run in chunks of ``batch_size`` rows mixing doses and arms.
 
 The labeller labels every output. Saliency: Dice / IoU of the output's mask with the counterfactual (moved) mask and
-with the original mask (the unedited output's); depth: Spearman ρ of the output's depth with the counterfactual and the
-original depth maps. ``gain`` scores the edit (:mod:`.verdicts`): Dice(moved) − Dice(original) for saliency,
-ρ(counterfactual) − ρ(original) for depth; the verdict compares the probe edit's gain with the strongest control's
-(paired bootstrap over edits, ``report.min_edit``). ``psnr_bg``: PSNR (dB, uint8) of the output vs the unedited
-output outside the union of the original and counterfactual masks (saliency), over the whole image (depth: the whole
-layout is meant to change).
+with the original mask; depth: Spearman ρ of the output's depth with the counterfactual and the original depth maps.
+``gain`` = Dice(moved) − Dice(original) or ρ(counterfactual) − ρ(original); ``gain_vs_unedited`` = gain − the
+unedited output's gain; ``headroom`` = what a perfect edit would gain over the unedited output
+(:mod:`.verdicts`: 2(1 − s(original, counterfactual))). Scores per dose: the relative gain Σ(g − g₀)/ΣH with paired
+bootstrap CIs, the verdict per dose and the claim per task (:func:`.verdicts.dose_verdict`, :func:`.verdicts
+.dose_claim`). ``pixel_change``: mean |output − unedited output| over pixels and channels (grey levels), the measure
+of "visibly changes the image"; ``psnr_bg``: PSNR (dB) vs the unedited output outside the union of the original and
+counterfactual masks (saliency) or over the whole image (depth).
 
 Site kinds (``intervene.site_kinds``): ``attn`` edits the attention output before the residual (``to_out[0]``, the
 paper's), ``block`` the residual stream (the ``Attention`` module's output, residual included). Each kind is edited
@@ -31,20 +37,29 @@ Plan (the paper's defaults): saliency edits at the decoder-side sites (``unet.up
 ``round(steps · saliency_step_fraction)`` steps; depth edits at every U-Net site at the first ``depth_steps`` steps.
 Eligible samples for saliency are test samples whose labelled object covers 1–60 % of the image (all test samples if
 none does; noted in the summary). Outputs: ``run/interventions/results.csv`` (one row per output, ``site_kind``
-first), ``summary.json`` (every statistic), ``results.json`` (the verdicts, for the report's paper-comparison table;
-keys below), ``images_<kind>.safetensors``, ``run/report/extra/interventions.md`` and
-``run/report/figures/interventions.png``.
+first), ``summary.json`` (every statistic), ``results.json`` (everything the report quotes; keys below),
+``images_<kind>.safetensors``, ``run/report/extra/interventions.md``, ``run/report/figures/interventions.png``
+(examples) and ``run/report/figures/interventions_dose.png`` (relative gain vs dose per arm, with CIs).
 
 ``results.json``::
 
-    {"protocol": "generate", "rule": str, "min_effect": float, "n_boot": int, "ci_level": float,
+    {"protocol": "generate", "rule": str, "dose_rule": str, "min_effect": float, "visible_change": float,
+     "n_boot": int, "ci_level": float, "config": {intervene config}, "steps_total": int, "notes": [str],
      "headline_kind": "attn" (the paper's site when edited, else the first kind),
      "claims": {task: {"answer": "yes"|"no"|"inconclusive", "sentence": str, "site_kind": str}},   # headline kind
-     "kinds": {kind: {task: {"answer", "sentence", "beats_controls", "moved", "strongest_control", "metric",
-                             "definition", "n_edits", "sites", "steps",
-                             "gain": {condition: {"mean", "lo", "hi", "n"}},
-                             "probe_minus": {control: {"mean", "lo", "hi", "n"}},
-                             "norms": {condition: mean ‖Δa‖}}}}}
+     "kinds": {kind: {task: {"answer", "sentence", "dose" (the dose the claim quotes), "metric", "definition",
+                             "gain": {arm: {"mean", "lo", "hi", "n"}}         # relative gain at that dose
+                             "probe_minus": {control: {"mean", "lo", "hi", "n"}}, "strongest_control",
+                             "beats_controls", "moved", "n_edits", "sites", "steps", "eligible_samples",
+                             "regeneration_max_abs_diff", "notes", "headroom" (mean H),
+                             "natural": {arm: {"ratio", "loss_before", "loss_after"}},   # the optimiser's own edit
+                             "doses": [{"dose", "verdict", "rule_reading", "visible", "beats_controls", "moved",
+                                        "strongest_control", "relative_gain", "minus_control", "raw_gain",
+                                        "pixel_change", "delta_ratio", "probe_loss", "headroom", "n_edits",
+                                        "sentence"}]}}}}
+
+(one dict per (kind, task) has the keys answer / gain / probe_minus — the report's paper table reads exactly those;
+the per-dose entries say ``verdict``, not ``answer``.)
 """
 from __future__ import annotations
 
@@ -64,15 +79,16 @@ from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..config import Config, to_dict
 from ..errors import fail
 from ..labeller.readout import depth_target
-from .editor import TASKS, Editor, ProbeEdit, RandomEdit, depth_norm, load_probe_head
+from .editor import TASKS, DirectionRecorder, DoseEdit, Editor, depth_norm, load_probe_head, random_direction
 from .targets import TASK_CODE, Transform, counterfactual_depth, counterfactual_mask, draw_transform
-from .verdicts import RULE, edit_verdict, gain
+from .verdicts import ARMS, DOSE_RULE, REL_DEFINITION, REL_NAME, RULE, dose_claim, dose_verdict, gain
 
 PROTOCOL = "generate"
-CONDITIONS = ("unedited", "probe", "random", "permuted_probe")
-COLUMNS = ("site_kind", "task", "edit", "sample_id", "condition", "transform", "n_edits_applied", "delta_norm",
-           "raw_delta_norm", "probe_loss_before", "probe_loss_after", "dice_cf", "dice_orig", "iou_cf", "iou_orig",
-           "spearman_cf", "spearman_orig", "gain", "psnr_bg")
+CONDITIONS = ("unedited", *ARMS)                  # unedited, probe, random, permuted_probe
+COLUMNS = ("site_kind", "task", "edit", "sample_id", "condition", "dose", "transform", "n_edits_applied",
+           "delta_ratio", "natural_ratio", "delta_norm", "act_norm", "probe_loss_before", "probe_loss_after",
+           "dice_cf", "dice_orig", "iou_cf", "iou_orig", "spearman_cf", "spearman_orig", "gain", "gain_vs_unedited",
+           "headroom", "pixel_change", "psnr_bg")
 MASK_RANGE = (0.01, 0.60)        # saliency edits need an object to move: labelled mask area as a fraction of the image
 PSNR_CAP = 100.0                 # identical pixels: report 100 dB rather than ∞
 N_EXAMPLES = 4                   # edits per task shown in the figure
@@ -172,18 +188,26 @@ def plan(ctx: Context, task: str, cfg) -> tuple[list[str], list[int]]:
         raise fail(f"the capture has no {'decoder-side (unet.up*) ' if task == 'saliency' else ''}U-Net sites to edit")
     return sites, list(range(n))
 
-
 def check_config(cfg) -> None:
+    doses = tuple(getattr(cfg, "doses", (0.1,)))
     if cfg.n_edits < 1 or cfg.iters < 0 or cfg.lr <= 0 or cfg.depth_steps < 1 \
-            or not 0 < cfg.saliency_step_fraction <= 1:
-        raise fail(f"config intervene: need n_edits ≥ 1, iters ≥ 0, lr > 0, depth_steps ≥ 1 and "
-                   f"0 < saliency_step_fraction ≤ 1, got {to_dict(cfg)}")
+            or not 0 < cfg.saliency_step_fraction <= 1 or not doses or any(not 0 <= d < math.inf for d in doses):
+        raise fail(f"config intervene: need n_edits ≥ 1, iters ≥ 0, lr > 0, depth_steps ≥ 1, "
+                   f"0 < saliency_step_fraction ≤ 1 and doses ≥ 0, got {to_dict(cfg)}")
 
 
 # ------------------------------------------------------------------------------------------------------ generation
+class _Stop(Exception):
+    """Raised by the step callback to end a replay after its last edited step."""
+
+
 @torch.no_grad()
-def generate_edited(ctx: Context, rows: list[int], editor: Editor | None) -> np.ndarray:
-    """Replay the capture's sampling of store rows ``rows`` (same ids, seed, DDIM steps), with ``editor``'s hooks."""
+def generate_edited(ctx: Context, rows: list[int], editor: Editor | None,
+                    stop_after: int | None = None) -> np.ndarray | None:
+    """Replay the capture's sampling of store rows ``rows`` (same ids, seed, DDIM steps), with ``editor``'s hooks.
+
+    ``rows`` may repeat a row (several edits of one sample in a batch). With ``stop_after`` the replay ends after
+    that step (no decode) and returns None — for edit functions that only record."""
     from ..models.build import sampling_scheduler
     from ..sample import decode, denoise, initial_noise, to_uint8
     m, unet, vae = ctx.manifest, ctx.ldm.unet, ctx.ldm.vae
@@ -195,11 +219,19 @@ def generate_edited(ctx: Context, rows: list[int], editor: Editor | None) -> np.
 
     def fn(x, t):
         return unet(x, t).sample
-    if editor is None:
-        x = denoise(fn, sched, z, ids, int(m["seed"]), ctx.steps, 0.0)
-    else:
-        with editor:
-            x = denoise(fn, sched, z, ids, int(m["seed"]), ctx.steps, 0.0)
+
+    def stop(step, *_):
+        if stop_after is not None and step >= stop_after:
+            raise _Stop
+
+    try:
+        if editor is None:
+            x = denoise(fn, sched, z, ids, int(m["seed"]), ctx.steps, 0.0, callback=stop)
+        else:
+            with editor:
+                x = denoise(fn, sched, z, ids, int(m["seed"]), ctx.steps, 0.0, callback=stop)
+    except _Stop:
+        return None
     return to_uint8(decode(vae, x))
 
 
@@ -212,9 +244,27 @@ def psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(255.0 ** 2 / mse))
 
 
+def pixel_change(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |a − b| over pixels and channels of two uint8 images (grey levels of 0…255)."""
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
 def _mean_over(d: dict, keys, b: int) -> float:
     vals = [float(d[k][b]) for k in keys if k in d]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def _similarity(task: str, a: np.ndarray, b: np.ndarray) -> float:
+    """Dice (saliency) or Spearman ρ (depth) of two label maps (H, W)."""
+    from ..probe.metrics import dice, spearman
+    f = dice if task == "saliency" else spearman
+    return float(f(a[None], b[None])[0])
+
+
+def headroom(task: str, orig: np.ndarray, cf: np.ndarray) -> float:
+    """H = g(perfect) − g(unedited) = [s(cf, cf) − s(cf, orig)] − [s(orig, cf) − s(orig, orig)] (:mod:`.verdicts`)."""
+    s = lambda a, b: _similarity(task, a, b)                                    # noqa: E731
+    return (s(cf, cf) - s(cf, orig)) - (s(orig, cf) - s(orig, orig))
 
 
 # ------------------------------------------------------------------------------------------------------------- task
@@ -230,6 +280,12 @@ class TaskResult:
     regen_max_diff: float | None
     notes: list[str]
     kind: str = "attn"
+    doses: list[float] = field(default_factory=list)
+    natural: dict = field(default_factory=dict)      # arm → {"ratio", "loss_before", "loss_after"}: per-edit lists
+
+
+def _dose_key(d: float) -> str:
+    return f"{d:g}"
 
 
 def run_task(ctx: Context, task: str, cfg, batch_size: int, progress: bool = True) -> TaskResult:
@@ -263,14 +319,18 @@ def run_task(ctx: Context, task: str, cfg, batch_size: int, progress: bool = Tru
                          f"the image; saliency edits use every test sample")
     edits = [(k, int(eligible[k % len(eligible)]), draw_transform(cfg.seed, task, k, size, cfg.shift_min,
                                                                   cfg.shift_max)) for k in range(cfg.n_edits)]
+    doses = sorted(dict.fromkeys(float(d) for d in cfg.doses))
+    arms = [a for a in ARMS if a != "permuted_probe" or perm is not None]
     site_index = {s: i for i, s in enumerate(ctx.unet_sites)}
     kind = ctx.kind
     rows_out, examples, regen = [], {}, []
-    arrays: dict[str, list[np.ndarray]] = {c: [] for c in ("target", *CONDITIONS)}
-    for start in tqdm(range(0, len(edits), batch_size), desc=f"interventions {task}", unit="batch",
+    natural = {a: {"ratio": [], "loss_before": [], "loss_after": []} for a in arms if a != "random"}
+    arrays: dict[str, list[np.ndarray]] = {"target": [], "unedited": []}
+    for start in tqdm(range(0, len(edits), batch_size), desc=f"interventions {task} ({kind})", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         batch = edits[start:start + batch_size]
         rows = [r for _, r, _ in batch]
+        B = len(batch)
         orig = generate_edited(ctx, rows, None)
         if ctx.images is not None:
             regen.append(int(np.abs(orig.astype(np.int16) - ctx.images[rows].astype(np.int16)).max()))
@@ -278,57 +338,104 @@ def run_task(ctx: Context, task: str, cfg, batch_size: int, progress: bool = Tru
         if task == "saliency":
             cf = np.stack([counterfactual_mask(lab0["saliency"][i], t) for i, (_, _, t) in enumerate(batch)])
             target = torch.from_numpy(cf.astype(np.float32))                    # (B, H, W) {0, 1}
+            orig_label = lab0["saliency"]
         else:
             cf = np.stack([counterfactual_depth(lab0["depth"][i], t) for i, (_, _, t) in enumerate(batch)])
             target = torch.from_numpy((depth_target(cf, target_kind) - mean) / std).float()   # as the probe predicts
-        outs = {"unedited": (orig, {}, {}, {})}
-        raw: dict[str, dict] = {}
-        pe = ProbeEdit(heads, target, cfg.lr, cfg.iters)
-        outs["probe"] = (_run(ctx, rows, sites, pe, kind, keys), pe.norms, pe.before, pe.after)
-        re = RandomEdit(pe.norms, [(cfg.seed, TASK_CODE[task], k) for k, _, _ in batch], site_index, heads, target)
-        outs["random"] = (_run(ctx, rows, sites, re, kind, keys), re.applied_norms, re.before, re.after)
-        if perm is not None:
-            pp = ProbeEdit(perm, target, cfg.lr, cfg.iters, match_norms=pe.norms)   # norm-matched: direction only
-            outs["permuted_probe"] = (_run(ctx, rows, sites, pp, kind, keys), pp.norms, pp.before, pp.after)
-            raw["permuted_probe"] = pp.raw_norms
-        raw["probe"], raw["random"] = pe.raw_norms, re.applied_norms
-        conds = list(outs)
-        lab = label_images(ctx.labeller, np.concatenate([outs[c][0] for c in conds]))
-        B = len(batch)
-        for j, c in enumerate(conds):
-            img, norms, before, after = outs[c]
-            sal, dep = lab["saliency"][j * B:(j + 1) * B], lab["depth"][j * B:(j + 1) * B]
-            for i, (k, r, t) in enumerate(batch):
+            orig_label = lab0["depth"]
+        # the directions: optimised once per edit at the unedited activations, the replay stopped after the last step
+        rec = DirectionRecorder({"probe": heads, **({"permuted_probe": perm} if perm is not None else {})}, target,
+                                cfg.lr, cfg.iters)
+        generate_edited(ctx, rows, Editor(ctx.ldm.unet, sites, rec, kind), stop_after=max(steps))
+        if set(rec.seen) != set(keys):                                          # a bug, not a user mistake
+            raise RuntimeError(f"planned edits {sorted(set(keys) - set(rec.seen))[:3]} were never reached")
+        for a in natural:
+            natural[a]["ratio"] += [_mean_over(rec.natural[a], keys, i) for i in range(B)]
+            natural[a]["loss_before"] += [_mean_over(rec.before[a], keys, i) for i in range(B)]
+            natural[a]["loss_after"] += [_mean_over(rec.after[a], keys, i) for i in range(B)]
+
+        def direction(arm: str, i: int):
+            if arm == "random":
+                k = batch[i][0]
+                return lambda key, shape: random_direction(shape, (cfg.seed, TASK_CODE[task], k, site_index[key[0]],
+                                                                   key[1]))
+            return lambda key, shape: rec.dirs[arm][key][i]
+
+        # the dose runs: every (dose, arm, edit) of the batch, in chunks of batch_size rows
+        jobs = [(d, a, i) for d in doses for a in arms for i in range(B)]
+        outs: dict[tuple[float, str], dict] = {(d, a): {"img": [None] * B, "info": [None] * B} for d in doses for a in arms}
+        for c0 in range(0, len(jobs), batch_size):
+            chunk = jobs[c0:c0 + batch_size]
+            de = DoseEdit(keys, [d for d, _, _ in chunk], [direction(a, i) for _, a, i in chunk], heads,
+                          target[[i for _, _, i in chunk]])
+            imgs = _run(ctx, [rows[i] for _, _, i in chunk], sites, de, kind, keys)
+            for j, (d, a, i) in enumerate(chunk):
+                outs[(d, a)]["img"][i] = imgs[j]
+                outs[(d, a)]["info"][i] = {
+                    "delta_ratio": _mean_over(de.ratios, keys, j),
+                    "delta_norm": float(np.mean([float(de.ratios[k][j] * de.act_norms[k][j]) for k in keys])),
+                    "act_norm": _mean_over(de.act_norms, keys, j),
+                    "probe_loss_before": _mean_over(de.before, keys, j),
+                    "probe_loss_after": _mean_over(de.after, keys, j),
+                    "natural_ratio": _mean_over(rec.natural[a], keys, i) if a in natural else float("nan")}
+        order = [(d, a) for d in doses for a in arms]
+        edited = np.concatenate([np.stack(outs[o]["img"]) for o in order])
+        lab = label_images(ctx.labeller, np.concatenate([orig, edited]))
+        labels = lab["saliency"] if task == "saliency" else lab["depth"]
+        for i, (k, r, t) in enumerate(batch):
+            H = headroom(task, orig_label[i], cf[i])
+            if task == "saliency":
+                keep = ~((orig_label[i] > 0) | (cf[i] > 0))
+            else:
+                keep = np.ones(orig.shape[1:3], bool)
+            g0 = None
+            for j, cond in enumerate(["unedited", *order]):
+                img = orig[i] if cond == "unedited" else outs[cond]["img"][i]
+                y = labels[j * B + i]
                 row = {"site_kind": kind, "task": task, "edit": k, "sample_id": int(ctx.manifest["sample_ids"][r]),
-                       "condition": c, "transform": str(t), "n_edits_applied": len(norms) if c != "unedited" else 0,
-                       "delta_norm": _mean_over(norms, keys, i) if c != "unedited" else 0.0,
-                       "raw_delta_norm": _mean_over(raw[c], keys, i) if c != "unedited" else 0.0,
-                       "probe_loss_before": _mean_over(before, keys, i), "probe_loss_after": _mean_over(after, keys, i)}
-                if task == "saliency":
-                    m0, m1 = lab0["saliency"][i:i + 1], cf[i:i + 1]
-                    row.update(dice_cf=dice(sal[i:i + 1], m1)[0], dice_orig=dice(sal[i:i + 1], m0)[0],
-                               iou_cf=iou(sal[i:i + 1], m1)[0], iou_orig=iou(sal[i:i + 1], m0)[0])
-                    keep = ~((m0[0] > 0) | (m1[0] > 0))
+                       "condition": "unedited" if cond == "unedited" else cond[1],
+                       "dose": 0.0 if cond == "unedited" else cond[0], "transform": str(t),
+                       "n_edits_applied": 0 if cond == "unedited" else len(keys)}
+                if cond == "unedited":
+                    row.update(delta_ratio=0.0, natural_ratio=float("nan"), delta_norm=0.0,
+                               act_norm=float("nan"), probe_loss_before=_mean_over(rec.before["probe"], keys, i),
+                               probe_loss_after=float("nan"))
                 else:
-                    row.update(spearman_cf=spearman(dep[i:i + 1], cf[i:i + 1])[0],
-                               spearman_orig=spearman(dep[i:i + 1], lab0["depth"][i:i + 1])[0])
-                    keep = np.ones(orig.shape[1:3], bool)
+                    row.update(outs[cond]["info"][i])
+                if task == "saliency":
+                    m0, m1 = orig_label[i:i + 1], cf[i:i + 1]
+                    row.update(dice_cf=dice(y[None], m1)[0], dice_orig=dice(y[None], m0)[0],
+                               iou_cf=iou(y[None], m1)[0], iou_orig=iou(y[None], m0)[0])
+                else:
+                    row.update(spearman_cf=spearman(y[None], cf[i:i + 1])[0],
+                               spearman_orig=spearman(y[None], orig_label[i:i + 1])[0])
                 row["gain"] = gain(row, task)
-                row["psnr_bg"] = psnr(img[i], orig[i], keep) if c != "unedited" else float("nan")
+                g0 = row["gain"] if g0 is None else g0
+                row["gain_vs_unedited"] = row["gain"] - g0
+                row["headroom"] = H
+                row["pixel_change"] = pixel_change(img, orig[i])
+                row["psnr_bg"] = psnr(img, orig[i], keep) if cond != "unedited" else float("nan")
                 rows_out.append(row)
-            arrays[c].append(img)
-            if c == "probe":
-                examples.setdefault("edited", []).append(img)
-                examples.setdefault("edited_label", []).append(sal if task == "saliency" else dep)
         arrays["target"].append(cf.astype(np.float32))
-        examples.setdefault("original", []).append(orig)
-        examples.setdefault("target", []).append(cf)
-    rows_out.sort(key=lambda r: (r["edit"], CONDITIONS.index(r["condition"])))   # one block of conditions per edit
-    examples = {k: np.concatenate(v)[:N_EXAMPLES] for k, v in examples.items()}
+        arrays["unedited"].append(orig)
+        for (d, a) in order:
+            arrays.setdefault(f"{a}.dose{_dose_key(d)}", []).append(np.stack(outs[(d, a)]["img"]))
+        if len(examples.get("original", [])) < N_EXAMPLES:
+            examples.setdefault("original", []).extend(orig)
+            examples.setdefault("target", []).extend(cf)
+            examples.setdefault("probe", []).extend(np.stack([outs[(d, "probe")]["img"][i] for d in doses])
+                                                    for i in range(B))
+            examples.setdefault("random", []).extend(outs[(doses[-1], "random")]["img"])
+            j = 1 + order.index((doses[-1], "probe"))                          # the probe edit at the largest dose
+            examples.setdefault("probe_label", []).extend(labels[j * B:(j + 1) * B])
+    cidx = {c: n for n, c in enumerate(CONDITIONS)}
+    rows_out.sort(key=lambda r: (r["edit"], r["dose"], cidx[r["condition"]]))   # one block of outputs per edit
+    examples = {k: np.stack(v[:N_EXAMPLES]) for k, v in examples.items() if len(v)}
     examples["transforms"] = [str(t) for _, _, t in edits[:N_EXAMPLES]]
+    examples["doses"] = doses
     arrays = {c: np.concatenate(v) for c, v in arrays.items() if v}
     return TaskResult(task, sites, steps, rows_out, examples, arrays, int(len(eligible)),
-                      max(regen) if regen else None, notes, kind)
+                      max(regen) if regen else None, notes, kind, doses, natural)
 
 
 def _run(ctx: Context, rows: list[int], sites: list[str], edit, kind: str, keys) -> np.ndarray:
@@ -357,14 +464,7 @@ def results_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-METRICS = {"saliency": ("dice_cf", "dice_orig", "iou_cf", "iou_orig", "gain", "psnr_bg", "delta_norm", "raw_delta_norm",
-                        "probe_loss_before", "probe_loss_after"),
-           "depth": ("spearman_cf", "spearman_orig", "gain", "psnr_bg", "delta_norm", "raw_delta_norm",
-                     "probe_loss_before", "probe_loss_after")}
-HEADLINE = {"saliency": ("dice_cf", "dice_orig"), "depth": ("spearman_cf", "spearman_orig")}
-
-
-def _stats(x: np.ndarray) -> dict:
+def _stats(x) -> dict:
     x = np.asarray(x, np.float64)
     x = x[np.isfinite(x)]
     if len(x) == 0:
@@ -373,24 +473,25 @@ def _stats(x: np.ndarray) -> dict:
     return {"mean": round(float(x.mean()), 6), "sem": None if sem is None else round(sem, 6), "n": int(len(x))}
 
 
-def summarise(res: TaskResult, rc=None) -> dict:
-    """Per condition: mean, standard error and count of each metric; paired differences probe − each control; the
-    verdict (:func:`.verdicts.edit_verdict` with the report config ``rc``: min_edit, n_boot, boot_seed, ci_level)."""
-    from ..config import ReportConfig
-    rc = rc or ReportConfig()
-    by = {c: [r for r in res.rows if r["condition"] == c] for c in CONDITIONS}
-    by = {c: v for c, v in by.items() if v}
-    conds = {c: {m: _stats([r[m] for r in v]) for m in METRICS[res.task]} for c, v in by.items()}
-    paired, probe = {}, {r["edit"]: r for r in by["probe"]}
-    for other in ("unedited", "random", "permuted_probe"):
-        if other not in by:
-            continue
-        metrics = HEADLINE[res.task] + (("psnr_bg",) if other != "unedited" else ())   # unedited has no PSNR
-        paired[f"probe - {other}"] = {m: _stats([probe[r["edit"]][m] - r[m] for r in by[other]]) for m in metrics}
-    v = edit_verdict(res.rows, res.task, rc.min_edit, rc.n_boot, rc.boot_seed, rc.ci_level)
-    return {"site_kind": res.kind, "sites": res.sites, "steps": res.steps, "n_edits": len(by.get("probe", [])),
-            "eligible_samples": res.eligible, "regeneration_max_abs_diff": res.regen_max_diff, "conditions": conds,
-            "paired": paired, "verdict": v, "notes": res.notes}
+def summarise(res: TaskResult, rc=None, ic=None) -> dict:
+    """Per dose the verdict (:func:`.verdicts.dose_verdict`: relative gains with CIs, image change, ‖Δa‖/‖a‖), the
+    claim (:func:`.verdicts.dose_claim`), the optimiser's own edit size, and the headroom by counterfactual kind."""
+    from ..config import InterveneConfig, ReportConfig
+    rc, ic = rc or ReportConfig(), ic or InterveneConfig()
+    kw = dict(n_boot=rc.n_boot, seed=rc.boot_seed, level=rc.ci_level)
+    per_dose = [dose_verdict(res.rows, res.task, d, rc.min_edit, ic.visible_change, **kw) for d in res.doses]
+    claim = dose_claim(res.task, per_dose)
+    unedited = [r for r in res.rows if r["condition"] == "unedited"]
+    by_kind = {}
+    for r in unedited:
+        by_kind.setdefault(r["transform"].split("(")[0], []).append(r["headroom"])
+    return {"site_kind": res.kind, "sites": res.sites, "steps": res.steps, "n_edits": len(unedited),
+            "eligible_samples": res.eligible, "regeneration_max_abs_diff": res.regen_max_diff,
+            "doses": per_dose, "claim": claim,
+            "natural": {a: {k: _stats(v) for k, v in d.items()} for a, d in res.natural.items()},
+            "headroom": {"all": _stats([r["headroom"] for r in unedited]),
+                         **{k: _stats(v) for k, v in sorted(by_kind.items())}},
+            "notes": res.notes}
 
 
 def probe_depth_target(path: Path) -> str:
@@ -404,21 +505,40 @@ def probe_depth_target(path: Path) -> str:
         return "depth"
 
 
+DOSE_KEYS = ("dose", "verdict", "rule_reading", "visible", "beats_controls", "moved", "strongest_control",
+             "relative_gain", "minus_control", "raw_gain", "pixel_change", "delta_ratio", "probe_loss", "headroom",
+             "n_edits", "sentence")
+
+
+def task_entry(task: str, t: dict) -> dict:
+    """One (kind, task) of ``results.json``: the claim with the estimates of the dose it quotes, and every dose."""
+    claim = t["claim"]
+    at = next((d for d in t["doses"] if claim["dose"] is not None and d["dose"] == claim["dose"]), None)
+    empty = {"gain": {}, "probe_minus": {}, "strongest_control": None, "beats_controls": "inconclusive",
+             "moved": "inconclusive", "visible": False, "pixel_change": {}}
+    quoted = empty if at is None else {"gain": at["relative_gain"], "probe_minus": at["minus_control"],
+                                       "strongest_control": at["strongest_control"],
+                                       "beats_controls": at["beats_controls"], "moved": at["moved"],
+                                       "visible": at["visible"], "pixel_change": at["pixel_change"]}
+    metric = REL_NAME[task] + (f" at dose {claim['dose']:.0%} of ‖a‖" if claim["dose"] is not None else "")
+    return {"answer": claim["answer"], "sentence": claim["sentence"], "dose": claim["dose"], "metric": metric,
+            "definition": REL_DEFINITION[task], **quoted, "n_edits": t["n_edits"], "sites": t["sites"],
+            "steps": t["steps"], "eligible_samples": t["eligible_samples"],
+            "regeneration_max_abs_diff": t["regeneration_max_abs_diff"], "notes": t["notes"],
+            "headroom": t["headroom"],
+            "natural": {a: {k: v["mean"] for k, v in s.items()} for a, s in t["natural"].items()},
+            "doses": [{k: d[k] for k in DOSE_KEYS} for d in t["doses"]]}
+
+
 def verdicts_json(summary: dict, rc) -> dict:
-    """The compact verdict file ``interventions/results.json`` (keys: module docstring)."""
-    kinds = {}
-    for kind, k in summary["kinds"].items():
-        kinds[kind] = {}
-        for task, t in k["tasks"].items():
-            v = t["verdict"]
-            kinds[kind][task] = {**{key: v[key] for key in ("answer", "sentence", "beats_controls", "moved",
-                                                            "strongest_control", "metric", "definition", "n_edits",
-                                                            "gain", "probe_minus")},
-                                 "sites": t["sites"], "steps": t["steps"],
-                                 "norms": {c: s["delta_norm"]["mean"] for c, s in t["conditions"].items()}}
+    """``interventions/results.json``: everything the report quotes (keys: module docstring)."""
+    kinds = {kind: {task: task_entry(task, t) for task, t in k["tasks"].items()} for kind, k in summary["kinds"].items()}
     head = "attn" if "attn" in kinds else next(iter(kinds))
-    return {"protocol": PROTOCOL, "rule": RULE, "min_effect": rc.min_edit, "n_boot": rc.n_boot,
-            "ci_level": rc.ci_level, "headline_kind": head,
+    return {"protocol": PROTOCOL, "rule": RULE, "dose_rule": DOSE_RULE, "min_effect": rc.min_edit,
+            "visible_change": summary["config"].get("visible_change"), "n_boot": rc.n_boot, "ci_level": rc.ci_level,
+            "config": summary["config"], "steps_total": summary["steps_total"], "notes": summary["notes"],
+            "kind_notes": {kind: k.get("notes", []) for kind, k in summary["kinds"].items()},
+            "headline_kind": head,
             "claims": {task: {"answer": v["answer"], "sentence": v["sentence"], "site_kind": head}
                        for task, v in kinds[head].items()},
             "kinds": kinds}
@@ -429,7 +549,7 @@ def run_interventions(cfg: Config, run: Path, task: str = "both", progress: bool
     """Edit, score, and write the results and the report section; returns ``run/report/extra/interventions.md``."""
     from safetensors.numpy import save as np_save
 
-    from .report import write_figure, write_markdown
+    from .report import write_dose_figure, write_figure, write_markdown
     if task not in (*TASKS, "both"):
         raise fail(f"option --task must be saliency, depth or both, got {task!r}")
     from .kinds import prepare_kind
@@ -449,23 +569,26 @@ def run_interventions(cfg: Config, run: Path, task: str = "both", progress: bool
             ctx = load_context(run, prepare_kind(cfg, run, main, kind, sites, steps, progress))
         done = [run_task(ctx, t, ic, cfg.capture.batch_size, progress) for t in tasks]
         results += done
-        kinds[kind] = {"notes": ctx.notes, "tasks": {res.task: summarise(res, rc) for res in done}}
+        kinds[kind] = {"notes": ctx.notes, "tasks": {res.task: summarise(res, rc, ic) for res in done}}
     out = run / "interventions"
     atomic_write_text(out / "results.csv", results_csv([r for res in results for r in res.rows]))
-    summary = {"protocol": PROTOCOL, "config": to_dict(ic), "report": to_dict(rc), "rule": RULE,
+    summary = {"protocol": PROTOCOL, "config": to_dict(ic), "report": to_dict(rc), "rule": RULE, "dose_rule": DOSE_RULE,
                "capture_site_kind": main.kind, "steps_total": main.steps, "notes": main.notes, "kinds": kinds}
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_json(out / "results.json", verdicts_json(summary, rc))
+    verdicts = verdicts_json(summary, rc)
+    atomic_write_json(out / "results.json", verdicts)
     for kind in kinds:
         arrays = {f"{res.task}.{k}": np.ascontiguousarray(v) for res in results if res.kind == kind
                   for k, v in res.arrays.items()}
         atomic_write_bytes(out / f"images_{kind}.safetensors", np_save(arrays))
-    fig = write_figure(results, run / "report" / "figures" / "interventions.png")
-    md = write_markdown(summary, fig, run / "report" / "extra" / "interventions.md")
+    figs = run / "report" / "figures"
+    fig = write_figure(results, figs / "interventions.png")
+    dose_fig = write_dose_figure(verdicts, figs / "interventions_dose.png")
+    md = write_markdown(verdicts, fig, dose_fig, run / "report" / "extra" / "interventions.md")
     if log:
         log(f"[interventions] {out / 'results.csv'}")
     return md
 
 
-__all__ = ["run_interventions", "load_context", "plan", "run_task", "summarise", "psnr", "CONDITIONS", "COLUMNS",
-           "Transform"]
+__all__ = ["run_interventions", "load_context", "plan", "run_task", "summarise", "psnr", "pixel_change", "headroom",
+           "CONDITIONS", "COLUMNS", "Transform"]

@@ -23,6 +23,33 @@ edit's ‖Δa‖). Two rule readings (:func:`sceneprobe.probe.stats.verdict`):
 plain words; an edit that fails is said to fail, with what happened instead: the object damaged rather than moved (the
 original-mask Dice drops by at least the minimum effect, by the verdict rule), or the output unchanged (its agreement
 with the original drops by less than the minimum effect, CI included).
+
+**Dose–response (issue 20).** An edit of relative size ``dose`` = ‖Δa‖/‖a‖ is scored against the *headroom* of its
+counterfactual. With s the similarity of the task (Dice, Spearman ρ), "orig" the labeller's label of the unedited
+output and "cf" its counterfactual, the gain of an output X is g(X) = s(X, cf) − s(X, orig); the unedited output
+scores g₀ = s(orig, cf) − 1 and a perfect edit (its label *is* cf) g* = 1 − s(cf, orig), so the headroom is
+
+    H = g* − g₀ = 2 (1 − s(orig, cf))          (what a perfect edit could gain over the unedited output)
+
+and the **relative gain** of an arm over the edits k is R = Σ_k (g_k − g₀_k) / Σ_k H_k — 0 for the unedited output (an
+edit of zero dose scores exactly 0), 1 when every output's label is its counterfactual, < 0 when the label moves away.
+A ratio of sums, so edits with little headroom (a mirror of a nearly symmetric depth map) weigh little instead of
+dividing by ≈ 0; its CI is the paired bootstrap of the sums over edits (:func:`sceneprobe.probe.stats
+.bootstrap_sums`, the same resamples for every arm). Per dose, with the controls ``unedited`` (R = 0), ``random``
+(a random direction) and ``permuted_probe`` (the permuted U-Net's probe direction), both at the same dose:
+
+* ``beats_controls`` = verdict(R(probe) − R(strongest control), ``report.min_edit``) — the minimum effect is a
+  fraction of the headroom;
+* ``moved`` = verdict(R(probe), 0); the rule reading is "yes" when both are yes, "no" when either is no;
+* **image change** = mean over pixels and channels of |edited output − unedited output| (grey levels of 0…255), mean
+  over edits of the probe arm. A dose *visibly changes the image* when that mean is ≥ ``intervene.visible_change``.
+  A rule reading "no" at a dose that does not visibly change the image is reported "inconclusive" (the edit was too
+  small to tell), so a "no" always means the image changed and the property did not follow.
+
+The claim of a (site kind, task) — :func:`dose_claim` — is "yes" when some dose reads yes (the smallest such dose is
+quoted; no visibility guard is needed, the property moved beyond the controls of equal size), "no" when at least one
+dose visibly changes the image and every such dose reads "no" (the largest is quoted), else "inconclusive". Taking
+the best of several doses favours "yes" slightly (several looks at the data); the per-dose table shows every one.
 """
 from __future__ import annotations
 
@@ -31,7 +58,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..probe.stats import VERDICT_RULE, fmt_ci, paired_bootstrap, verdict
+from ..probe.stats import VERDICT_RULE, bootstrap_sums, fmt_ci, paired_bootstrap, verdict
 
 GAIN = {"saliency": ("dice_cf", "dice_orig"), "depth": ("spearman_cf", "spearman_orig")}
 GAIN_NAME = {"saliency": "moved-mask gain", "depth": "depth gain"}
@@ -150,4 +177,136 @@ def sentence(task: str, v: dict, where: str = "") -> str:
     return f"{subj} {fails}: {why}" + (f" ({change})" if change else "") + f"; {cmp}."
 
 
-__all__ = ["GAIN", "GAIN_DEFINITION", "GAIN_NAME", "RULE", "edit_verdict", "gain", "sentence"]
+# ------------------------------------------------------------------------------------------------------ dose-response
+ARMS = ("probe", "random", "permuted_probe")
+REL_NAME = {"saliency": "relative moved-mask gain", "depth": "relative depth gain"}
+REL_DEFINITION = {
+    task: f"relative {GAIN_NAME[task]} R = Σ(g − g₀) / ΣH over edits, where g is the {GAIN_NAME[task]} of the output, "
+          f"g₀ the unedited output's and the headroom H = 2(1 − {'Dice' if task == 'saliency' else 'ρ'}(original, "
+          f"counterfactual)) what a perfect edit gains over the unedited output; R = 0: no change, 1: every label "
+          f"is its counterfactual" for task in ("saliency", "depth")}
+DOSE_RULE = ("Per dose: yes when R(probe) − R(strongest control at the same dose, the unedited output's R = 0 "
+             "included) reads yes with minimum effect report.min_edit (a fraction of the headroom) and R(probe) reads "
+             "yes against 0; no when either reads no, but only if the dose visibly changes the image (mean "
+             "|edited − unedited| over pixels ≥ intervene.visible_change grey levels), else inconclusive. Claim: yes if "
+             "some dose reads yes (the smallest is quoted); no if some dose visibly changes the image and every such "
+             "dose reads no (the largest is quoted); inconclusive otherwise.")
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+
+
+def doses_of(rows: Sequence[dict]) -> list[float]:
+    """The doses of the edited rows, ascending."""
+    out: list[float] = []
+    for r in rows:
+        if r["condition"] != "unedited" and not any(_close(r["dose"], d) for d in out):
+            out.append(float(r["dose"]))
+    return sorted(out)
+
+
+def _zero(n: int) -> dict:
+    return {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": int(n)}
+
+
+def dose_verdict(rows: Sequence[dict], task: str, dose: float, min_effect: float, visible_change: float,
+                 n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """The verdict at one dose (module docstring) from per-output rows of one task.
+
+    ``rows`` need ``edit``, ``condition``, ``dose``, ``gain``, ``headroom`` (per edit, on every row of it) and
+    ``pixel_change``; ``delta_ratio`` and the probe-loss columns are summarised when present. Edits are kept where
+    every arm at this dose, the unedited output and the headroom are finite (the bootstrap pairs them).
+    """
+    unedited = {int(r["edit"]): r for r in rows if r["condition"] == "unedited"}
+    at = {c: {int(r["edit"]): r for r in rows if r["condition"] == c and _close(r["dose"], dose)} for c in ARMS}
+    arms = [c for c in ARMS if at[c]]
+    edits = sorted(set(unedited).intersection(*[set(at[c]) for c in arms])) if arms else []
+
+    def fin(*xs) -> bool:
+        return all(math.isfinite(float(x)) for x in xs)
+    edits = [k for k in edits if fin(unedited[k]["gain"], unedited[k]["headroom"])
+             and all(fin(at[c][k]["gain"]) for c in arms)]
+    kw = dict(n_boot=n_boot, seed=seed, level=level)
+    H = np.array([float(unedited[k]["headroom"]) for k in edits])
+    x = {c: np.array([float(at[c][k]["gain"]) - float(unedited[k]["gain"]) for k in edits]) for c in arms}
+    rel = {c: bootstrap_sums(lambda a, h: a / h, [x[c], H], **kw) for c in arms}
+    rel["unedited"] = _zero(len(edits))
+    minus = {"unedited": dict(rel["probe"])} if "probe" in rel else {}
+    for c in arms:
+        if c != "probe" and "probe" in rel:
+            minus[c] = bootstrap_sums(lambda a, b, h: (a - b) / h, [x["probe"], x[c], H], **kw)
+    raw = {c: paired_bootstrap([float(at[c][k]["gain"]) for k in edits], **kw) for c in arms}
+    raw["unedited"] = paired_bootstrap([float(unedited[k]["gain"]) for k in edits], **kw)
+    pixel = {c: paired_bootstrap([float(at[c][k].get("pixel_change", math.nan)) for k in edits], **kw) for c in arms}
+    ratio = {c: _mean([at[c][k].get("delta_ratio", math.nan) for k in edits]) for c in arms}
+    loss = {c: [_mean([at[c][k].get("probe_loss_before", math.nan) for k in edits]),
+                _mean([at[c][k].get("probe_loss_after", math.nan) for k in edits])] for c in arms}
+    ctrl = [c for c in ("unedited", *ARMS[1:]) if c in rel and math.isfinite(rel[c]["mean"])]
+    strongest = max(ctrl, key=lambda c: rel[c]["mean"]) if "probe" in rel else None
+    beats = verdict(minus[strongest], min_effect) if strongest else "inconclusive"
+    moved = verdict(rel["probe"], 0.0) if "probe" in rel else "inconclusive"
+    reading = "yes" if beats == moved == "yes" else ("no" if "no" in (beats, moved) else "inconclusive")
+    px = pixel.get("probe", {}).get("mean", math.nan)
+    visible = bool(math.isfinite(px) and px >= visible_change)
+    answer = "inconclusive" if reading == "no" and not visible else reading
+    out = {"dose": float(dose), "verdict": answer, "rule_reading": reading, "beats_controls": beats, "moved": moved,
+           "visible": visible, "visible_change": float(visible_change), "strongest_control": strongest,
+           "relative_gain": rel, "minus_control": minus, "raw_gain": raw, "pixel_change": pixel,
+           "delta_ratio": ratio, "probe_loss": loss, "headroom": _mean(H), "n_edits": len(edits),
+           "min_effect": float(min_effect)}
+    out["sentence"] = dose_sentence(task, out)
+    return out
+
+
+def _mean(v) -> float:
+    a = np.asarray([float(x) for x in v], np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def dose_sentence(task: str, d: dict) -> str:
+    """One dose's reading in words."""
+    s = d["strongest_control"]
+    if s is None:
+        return f"at {d['dose']:.0%} of ‖a‖: no probe edits were scored"
+    px = d["pixel_change"]["probe"]
+    cmp = (f"{REL_NAME[task]} {_ci(d['relative_gain']['probe'])} vs {_ci(d['relative_gain'][s])} "
+           f"{'for' if s == 'unedited' else 'after'} {CONTROL_WORDS[s]} (difference {_ci(d['minus_control'][s])}, "
+           f"minimum effect {d['min_effect']:g}); image change {_ci(px, 1)} grey levels")
+    why = {"yes": "moves the property", "no": "does not move the property although the image changes",
+           "inconclusive": ("the image barely changes (below the visible-change threshold "
+                            f"{d['visible_change']:g}), so a failure would say nothing"
+                            if d["rule_reading"] == "no" else "not resolved either way")}[d["verdict"]]
+    return f"at {d['dose']:.0%} of ‖a‖ the edit {why}: {cmp}"
+
+
+def dose_claim(task: str, per_dose: Sequence[dict]) -> dict:
+    """The (site kind, task) claim from the per-dose verdicts (module docstring): answer, the quoted dose, a sentence."""
+    subj = "Saliency edits" if task == "saliency" else "Depth edits"
+    scored = [d for d in per_dose if d["strongest_control"] is not None]
+    yes = [d for d in scored if d["verdict"] == "yes"]
+    vis = [d for d in scored if d["visible"]]
+    if not scored:
+        return {"answer": "inconclusive", "dose": None, "sentence": f"{subj}: no probe edits were scored."}
+    if yes:
+        d = min(yes, key=lambda d: d["dose"])
+        what = "move the object" if task == "saliency" else "change the depth toward the counterfactual"
+        return {"answer": "yes", "dose": d["dose"],
+                "sentence": f"{subj} {what}: {d['sentence']} (the smallest dose that reads yes)."}
+    if vis and all(d["verdict"] == "no" for d in vis):
+        d = max(vis, key=lambda d: d["dose"])
+        doses = ", ".join(f"{v['dose']:.0%}" for v in vis)
+        return {"answer": "no", "dose": d["dose"],
+                "sentence": f"{subj} fail: at every dose that visibly changes the image ({doses} of ‖a‖) the property "
+                            f"does not follow; {d['sentence']} (the largest such dose)."}
+    d = max(vis or scored, key=lambda d: d["dose"])
+    why = ("no dose changes the image visibly (largest mean change "
+           f"{max(v['pixel_change']['probe']['mean'] for v in scored):.1f} grey levels < {d['visible_change']:g})"
+           if not vis else "some doses that visibly change the image are unresolved")
+    return {"answer": "inconclusive", "dose": d["dose"],
+            "sentence": f"{subj} do not clearly work (inconclusive): {why}; {d['sentence']}."}
+
+
+__all__ = ["ARMS", "DOSE_RULE", "GAIN", "GAIN_DEFINITION", "GAIN_NAME", "REL_DEFINITION", "REL_NAME", "RULE",
+           "dose_claim", "dose_sentence", "dose_verdict", "doses_of", "edit_verdict", "gain", "sentence"]
