@@ -303,3 +303,20 @@ def test_inverse_depth_target(tmp_path):
     labels = sweep.load_protocol_labels(run / "captures/noised", None, "inverse")
     raw = load_labels(run / "captures/noised")["depth"]
     np.testing.assert_allclose(labels.target_units(labels.depth.astype(np.float64)), 1 / raw, rtol=1e-5)
+
+
+def test_relative_depth_errors_remove_offset_and_scale():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((3, 8, 8))
+    e = sweep.relative_depth_errors(y + np.array([1.0, -2.0, 0.5])[:, None, None], y)   # a per-image offset only
+    np.testing.assert_allclose(e["mse_centred"], 0, atol=1e-12)
+    np.testing.assert_allclose(e["mse_ssi"], 0, atol=1e-12)
+    e = sweep.relative_depth_errors(3 * y + 1, y)                                      # scale: centred sees it
+    assert (e["mse_centred"] > 1).all()
+    np.testing.assert_allclose(e["mse_ssi"], 0, atol=1e-12)
+    noise = rng.standard_normal((3, 8, 8))
+    e = sweep.relative_depth_errors(noise, y)                  # = the least-squares residual of y on [ŷ, 1]
+    for i in range(3):
+        A = np.c_[noise[i].ravel(), np.ones(64)]
+        res = y[i].ravel() - A @ np.linalg.lstsq(A, y[i].ravel(), rcond=None)[0]
+        assert e["mse_ssi"][i] == pytest.approx((res ** 2).mean(), rel=1e-10)

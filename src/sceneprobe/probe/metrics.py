@@ -239,8 +239,10 @@ class NearestScorer:
 
 HEADLINE = {"depth": "skill", "saliency": "dice"}  # the metric the report ranks by (higher is better)
 DEPTH_METRICS = ("mse", "rmse", "spearman", "pearson", "absrel", "delta1")
-METRICS = {"depth": ("skill", *DEPTH_METRICS, "skill_nonsky", *(f"{m}_nonsky" for m in DEPTH_METRICS)),
+METRICS = {"depth": ("skill", *DEPTH_METRICS, "skill_nonsky", *(f"{m}_nonsky" for m in DEPTH_METRICS),
+                     "skill_centred", "mse_centred", "skill_ssi", "mse_ssi"),
            "saliency": ("dice", "iou", "auroc", "ap")}
 HIGHER_IS_BETTER = {"skill": True, "mse": False, "rmse": False, "pearson": True, "spearman": True, "absrel": False,
                     "delta1": True, "dice": True, "iou": True, "auroc": True, "ap": True}
 HIGHER_IS_BETTER.update({f"{k}_nonsky": v for k, v in list(HIGHER_IS_BETTER.items())})
+HIGHER_IS_BETTER.update({"skill_centred": True, "skill_ssi": True, "mse_centred": False, "mse_ssi": False})

@@ -429,11 +429,30 @@ def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.nda
                 out[("depth", k + suffix)] = m[k][:, 0]
             for k, v in ratio.items():
                 out[("depth", k + suffix)] = v
+        out.update({("depth", k): v for k, v in relative_depth_errors(up, labels.depth[rows]).items()})
     if zs is not None:
         hs, ws = zs.shape[-2:]
         for k, v in labels.scorer(code, hs, ws).saliency(zs, ranking=True).items():
             out[("saliency", k)] = v[:, 0]
     return out
+
+
+def relative_depth_errors(pred: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image errors that ignore what a per-image offset (and scale) explains, on standardised depth (n, H, W):
+
+    * ``mse_centred`` = mean_p ((ŷ_p − ȳ̂) − (y_p − ȳ))²: the spatial error once each image's mean depth is removed
+      (a third of the layout prior's error is the per-image mean);
+    * ``mse_ssi`` = min_{a, b} mean_p (a·ŷ_p + b − y_p)² = var(y)·(1 − r²) (r = Pearson): the scale-and-shift-
+      invariant error with which the field scores relative depth (MiDaS's least-squares alignment).
+    Both become skills (``skill_centred``, ``skill_ssi``) over the position-only baseline like the headline."""
+    p = pred.reshape(len(pred), -1).astype(np.float64)
+    t = y.reshape(len(y), -1).astype(np.float64)
+    pc, tc = p - p.mean(1, keepdims=True), t - t.mean(1, keepdims=True)
+    mse_c = ((pc - tc) ** 2).mean(1)
+    vp, vt, cov = (pc ** 2).mean(1), (tc ** 2).mean(1), (pc * tc).mean(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ssi = np.where(vp > 0, vt - cov ** 2 / np.where(vp > 0, vp, 1.0), vt)       # residual of the best a·ŷ + b
+    return {"mse_centred": mse_c, "mse_ssi": np.maximum(ssi, 0.0)}
 
 
 def skill(mse: np.ndarray, mse_ref: np.ndarray) -> float:
@@ -474,6 +493,8 @@ def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, pro
             out[(task, split, metric)] = nanmean(m[(task, metric)])
         out[("depth", split, "skill")] = skill(m[("depth", "mse")], ref[("depth", "mse")])
         out[("depth", split, "skill_nonsky")] = skill(m[("depth", "mse_nonsky")], ref[("depth", "mse_nonsky")])
+        for kind in ("centred", "ssi"):
+            out[("depth", split, f"skill_{kind}")] = skill(m[("depth", f"mse_{kind}")], ref[("depth", f"mse_{kind}")])
         if split == "test":
             per_image = m
     for task, (name, value) in probe.selected.items():
