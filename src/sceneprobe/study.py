@@ -202,7 +202,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         def interventions():
             from .intervene import run_interventions
             run_interventions(cfg, out, progress=progress)
-        st.run("interventions", fingerprint(cfg.intervene, cfg.report, "verdicts-1"),
+        st.run("interventions", fingerprint(cfg.intervene, cfg.report, "doses-1"),
                [out / "report" / "extra" / "interventions.md"], interventions, clear=[out / "interventions"])
 
     from .report.html import write_report
