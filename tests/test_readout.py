@@ -62,7 +62,8 @@ def test_readout_file_aligns_with_the_test_rows_and_matches_the_labeller_on_the_
     assert path == readout_path(noised_run, "noised") and path.with_suffix(".json").is_file()
     with open(path, newline="") as f:
         head = next(csv.reader(f))
-    assert head == ["protocol", "step", "timestep", "row", "sample_id", "task", "metric", "value"]
+    assert head == ["protocol", "step", "timestep", "row", "sample_id", "task", "metric", "value", "labels_by",
+                    "readout_by"]
     store = CaptureStore(noised_run / "captures/noised/ldm")
     labels = load_labels(noised_run / "captures/noised")
     test = np.flatnonzero(labels["split"] == 2)
@@ -132,3 +133,64 @@ def test_the_report_section_shows_clean_and_reconstruction_scores_side_by_side(t
     (tmp_path / "labeller_eval.json").write_text(json.dumps({"clean": clean, "vae_reconstruction": recon}))
     body = dict(extra_sections(tmp_path))["Labeller quality (held-out rendered scenes and their VAE reconstructions)"]
     assert "| saliency_dice | 0.968 | 0.791 |" in body and "5 held-out scenes" in body
+
+
+# ------------------------------------------------------------------------ generate: a read-out that does not score itself
+def _tiny_labeller(folder, seed: int, **arch):
+    """A random tiny labeller with a non-constant head, saved (so it has a path and a weights file)."""
+    from sceneprobe.labeller import Labeller, load_labeller
+    from sceneprobe.models.io import save_model
+    torch.manual_seed(seed)
+    lab = Labeller(**arch).eval()
+    torch.nn.init.normal_(lab.conv_out.weight, std=0.3)
+    torch.nn.init.normal_(lab.conv_out.bias, std=0.3)
+    save_model(lab, folder)
+    return load_labeller(folder)
+
+
+@pytest.fixture(scope="module")
+def generate_run(tmp_path_factory, tiny_cfg, tiny_run):
+    """A tiny generate capture labelled by labeller A (channels (8, 16), seed 0); labeller B differs in seed and
+    architecture (channels (8, 8), two ResBlocks per level, 2 norm groups), like the study's read-out labeller."""
+    from sceneprobe.capture.run import run_capture
+    from sceneprobe.labeller import label_samples
+    from sceneprobe.models.io import load_ldm
+    root = tmp_path_factory.mktemp("readout_generate")
+    run = root / "run"
+    run_capture(tiny_cfg, run, "generate", load_ldm(tiny_run), progress=False)
+    a = _tiny_labeller(root / "labeller", 0, channels=(8, 16), norm_num_groups=4)
+    b = _tiny_labeller(root / "labeller_readout", 1, channels=(8, 8), layers_per_block=2, norm_num_groups=2)
+    label_samples(a, run / "captures" / "generate" / "samples.safetensors")
+    return run, a, b
+
+
+def test_generate_read_out_by_the_labels_labeller_scores_itself_at_the_last_step(generate_run):
+    """Planted: with the labels' own labeller the last step's x̂₀ (the final image) scores Dice ≈ 1 and depth MSE ≈ 0;
+    the second labeller does not — its last-step value is the two labellers' agreement."""
+    import json
+    run, a, b = generate_run
+    run_readout(run, "generate", a)
+    same, info_same = load_readout(run, "generate"), json.loads(readout_path(run, "generate").with_suffix(".json")
+                                                                .read_text())
+    run_readout(run, "generate", b)
+    other, info = load_readout(run, "generate"), json.loads(readout_path(run, "generate").with_suffix(".json")
+                                                            .read_text())
+    assert same.curve("saliency", "dice")[-1] > 0.99 and same.curve("depth", "mse")[-1] < 1e-3
+    assert info_same["readout_is_labels_labeller"] and info_same["final_image"]["saliency_dice"] > 0.999
+    assert other.curve("saliency", "dice")[-1] < 0.9 and other.curve("depth", "mse")[-1] > 0.01
+    assert not info["readout_is_labels_labeller"] and info["final_image"]["saliency_dice"] < 0.9
+    # who made what is on every row and in the .json
+    assert (same.labels_by, same.readout_by, same.site) == ("labeller", "labeller", "labeller(x0)")
+    assert (other.labels_by, other.readout_by, other.site) == ("labeller", "labeller_readout", "labeller_readout(x0)")
+    assert info["labels_labeller"] == str(a.path) and info["labeller"] == str(b.path)
+
+
+def test_labeller_agreement_is_one_with_itself_and_lower_with_another(generate_run):
+    from safetensors.numpy import load_file
+
+    from sceneprobe.labeller import labeller_agreement
+    run, a, b = generate_run
+    images = load_file(str(run / "captures" / "generate" / "samples.safetensors"))["images"]
+    self_ag, ag = labeller_agreement(a, a, images), labeller_agreement(a, b, images)
+    assert self_ag["saliency_dice"] == pytest.approx(1.0) and self_ag["depth_rmse"] == pytest.approx(0.0, abs=1e-9)
+    assert ag["n_images"] == len(images) and ag["saliency_dice"] < 0.9 and ag["depth_rmse"] > 0.01

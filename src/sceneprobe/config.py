@@ -272,7 +272,7 @@ class LabellerConfig:
 
 def _readout_labeller_default() -> "LabellerConfig":
     """The read-out labeller's recipe: another architecture and seed than ``labeller`` (trained on its own world)."""
-    return LabellerConfig(channels=(12, 24, 48, 48), layers_per_block=2, norm_num_groups=6, seed=1)
+    return LabellerConfig(channels=(8, 16, 32, 64), layers_per_block=2, norm_num_groups=4, seed=1)
 
 
 @dataclass(frozen=True)

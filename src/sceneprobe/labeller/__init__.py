@@ -8,7 +8,8 @@
 * :func:`labeller_provenance`: its accuracy on held-out renders and on their VAE reconstructions (``train.py``);
   :mod:`.readout`: the labeller on each denoising step's decoded x̂₀ (the image read-out curve).
 
-The shipped labeller of the ``cpu`` preset lives in ``sceneprobe/pretrained/cpu/labeller`` (:func:`shipped_labeller`).
+The shipped labeller of the ``cpu`` preset lives in ``sceneprobe/pretrained/cpu/labeller`` (:func:`shipped_labeller`);
+its independent second, the image read-out's labeller, in ``sceneprobe/pretrained/cpu/labeller_readout``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 from .apply import label_folder, label_path, label_samples
 from .dpt import DepthModelLabeller
 from .model import Labeller, LabellerOutput, label_images, load_labeller
-from .train import evaluate_labeller, labeller_provenance, train_labeller, vae_reconstructions
+from .train import evaluate_labeller, labeller_agreement, labeller_provenance, readout_labeller_provenance, \
+    train_labeller, vae_reconstructions
 
 
 def shipped_labeller_path(preset: str = "cpu") -> Path:
@@ -26,6 +28,14 @@ def shipped_labeller_path(preset: str = "cpu") -> Path:
     return shipped_root(preset) / "labeller"
 
 
+def shipped_readout_labeller_path(preset: str = "cpu") -> Path:
+    """Folder of the shipped read-out labeller (an independent second labeller: another seed, architecture and
+    training world; it reads each step's x̂₀ so that the ``generate`` read-out does not score itself)."""
+    from ..models.io import shipped_root
+    return shipped_root(preset) / "labeller_readout"
+
+
 __all__ = ["DepthModelLabeller", "Labeller", "LabellerOutput", "evaluate_labeller", "label_folder", "label_images",
-           "label_path", "label_samples", "labeller_provenance", "load_labeller", "shipped_labeller_path", "train_labeller",
+           "label_path", "label_samples", "labeller_agreement", "labeller_provenance", "load_labeller",
+           "readout_labeller_provenance", "shipped_labeller_path", "shipped_readout_labeller_path", "train_labeller",
            "vae_reconstructions"]

@@ -8,6 +8,13 @@ images; they are scored per test image against the same labels as the probes (``
 the labeller's labels of the *final* image for ``generate``, exact labels for ``noised``). Where the probe curve is
 above this read-out curve, the activations hold scene information the image does not (yet) show.
 
+Which labeller reads x̂₀ matters in ``generate``: if it is the one that made the labels, the last steps' x̂₀ is (almost)
+the final image and the read-out scores itself (Dice ≈ 1 by construction). The study therefore reads x̂₀ with a second,
+independent labeller (``run/labeller_readout/``: another seed, architecture and training world; ``readout.labeller``);
+its last-step value is then the *agreement of two labellers* on the final image, the ceiling any curve scored against
+these labels can reach. Each row records who made the labels (``labels_by``: a labeller folder's name, or ``exact``)
+and who made the read-out (``readout_by``).
+
 Metrics per (step, test image) — the probes' definitions (:mod:`sceneprobe.probe.metrics`):
 
 * saliency (the labeller's mask = logit > 0, its own decision rule): ``dice``, ``iou``; threshold-free on its logit:
@@ -20,7 +27,7 @@ Metrics per (step, test image) — the probes' definitions (:mod:`sceneprobe.pro
 
 File ``run/readout/<protocol>.csv`` (long form, sorted, fixed formatting)::
 
-    protocol, step, timestep, row, sample_id, task, metric, value
+    protocol, step, timestep, row, sample_id, task, metric, value, labels_by, readout_by
 
 ``row`` is the store row (aligned with ``labels.safetensors`` and every capture store of the protocol): the test rows,
 ``np.flatnonzero(split == 2)``, in increasing order — the same images, in the same order, as the probes' per-test-image
@@ -45,7 +52,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import fail
 
 SKY_FRACTION = 0.99          # a label pixel with depth ≥ 0.99 · far depth is sky
-COLUMNS = ("protocol", "step", "timestep", "row", "sample_id", "task", "metric", "value")
+COLUMNS = ("protocol", "step", "timestep", "row", "sample_id", "task", "metric", "value", "labels_by", "readout_by")
 SALIENCY_METRICS = ("dice", "iou", "auroc", "ap")
 DEPTH_METRICS = ("mse", "rmse", "pearson", "spearman", "mse_nonsky", "rmse_nonsky", "spearman_nonsky", "absrel",
                  "delta1", "absrel_nonsky", "delta1_nonsky")
@@ -60,6 +67,13 @@ class Readout:
     rows: np.ndarray                 # (n_test,) store rows, increasing
     sample_ids: np.ndarray           # (n_test,)
     values: dict[tuple[str, str], np.ndarray]
+    labels_by: str = ""              # who made the labels: a labeller folder's name, or "exact" (rendered labels)
+    readout_by: str = ""             # which labeller read each step's x̂₀ (a folder name)
+
+    @property
+    def site(self) -> str:
+        """The read-out's name in results.csv: ``<readout labeller>(x0)``."""
+        return f"{self.readout_by or 'labeller'}(x0)"
 
     def curve(self, task: str, metric: str) -> np.ndarray:
         """Mean over test images (NaN-aware) per step, (steps,)."""
@@ -172,8 +186,36 @@ def _fmt(v: float) -> str:
     return "nan" if not math.isfinite(v) else f"{v:.6g}"
 
 
+def _name(path) -> str:
+    return Path(str(path)).name if str(path or "") else "labeller"
+
+
+def _weights_hash(path) -> str | None:
+    """Hash of a labeller folder's weights file (None when there is none to read)."""
+    import hashlib
+    f = Path(str(path or "")) / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if str(path or "") and f.is_file() else None
+
+
+def labels_provenance(protocol_root: Path, protocol: str) -> dict:
+    """Who made a protocol's labels: ``{"by": name, "path": folder or None}`` (``labels.json`` beside the labels of
+    ``generate``; ``noised`` labels are the renderer's, ``by`` = ``exact``)."""
+    if protocol != "generate":
+        return {"by": "exact", "path": None}
+    try:
+        info = json.loads((Path(protocol_root) / "labels.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"by": "labeller", "path": None}
+    path = info.get("saliency_labeller") or info.get("depth_labeller") or None
+    return {"by": _name(path) if path else "labeller", "path": path}
+
+
 def run_readout(run: Path, protocol: str, labeller, target: str = "depth") -> Path:
-    """Label every step's x̂₀ of the ``ldm`` store's test rows and write ``run/readout/<protocol>.csv`` (+ ``.json``)."""
+    """Label every step's x̂₀ of the ``ldm`` store's test rows and write ``run/readout/<protocol>.csv`` (+ ``.json``).
+
+    ``labeller`` reads x̂₀; the labels are whatever ``captures/<protocol>/labels.safetensors`` holds (``labels.json``
+    says who made them). Where the two are one labeller (same folder or same weights) in ``generate``, the ``.json``
+    says the read-out scores itself (``readout_is_labels_labeller``)."""
     from PIL import Image
 
     from ..capture.run import x0_image_path
@@ -197,6 +239,12 @@ def run_readout(run: Path, protocol: str, labeller, target: str = "depth") -> Pa
     mean, std = float(train.mean()), float(train.std()) or 1.0
     far = float(getattr(getattr(labeller, "config", None), "far_depth", 0) or 0) or _far_depth()
     ids = [int(store.manifest["sample_ids"][r]) for r in rows]
+    made = labels_provenance(store.root.parent, protocol)
+    rpath = getattr(labeller, "path", None)
+    readout_by = _name(rpath)
+    same = protocol == "generate" and bool(made["path"]) and bool(rpath) and (
+        Path(str(made["path"])).resolve() == Path(str(rpath)).resolve()
+        or (_weights_hash(made["path"]) is not None and _weights_hash(made["path"]) == _weights_hash(rpath)))
     d_true, m_true = labels["depth"][rows].astype(np.float64), labels["saliency"][rows].astype(bool)
     out_rows = []
     for step, timestep in zip(store.steps, store.timesteps):
@@ -215,17 +263,42 @@ def run_readout(run: Path, protocol: str, labeller, target: str = "depth") -> Pa
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in out_rows:
-        w.writerow([*map(str, r[:7]), _fmt(r[7])])
+        w.writerow([*map(str, r[:7]), _fmt(r[7]), made["by"], readout_by])
+    final = _final_image_scores(store.root.parent, rows, labeller, d_true, m_true, mean, std, far, target) \
+        if protocol == "generate" else None
     path = readout_path(run, protocol)
     atomic_write_text(path, buf.getvalue())
     atomic_write_json(path.with_suffix(".json"), {
         "protocol": protocol, "what": "labeller on the decoded x0 (scheduler.step pred_original_sample) of each step",
         "labels": "labeller on the final image" if protocol == "generate" else "exact (rendered) labels",
-        "labeller": str(getattr(labeller, "path", "")), "n_test": int(len(rows)), "steps": store.steps,
+        "labeller": str(rpath or ""), "labels_by": made["by"], "labels_labeller": made["path"],
+        "readout_by": readout_by, "readout_is_labels_labeller": same,
+        "last_step": ("the read-out labeller is the labels' labeller: its last steps score ≈ 1 by construction"
+                      if same else "agreement of two different labellers on (almost) the final image"
+                      if protocol == "generate" else "the read-out labeller against exact labels"),
+        "n_test": int(len(rows)), "steps": store.steps,
         "depth_standardisation": {"mean": mean, "std": std, "target": target,
                                   "from": "label depth (or 1/depth for target inverse) over the train rows"},
-        "sky": f"label depth >= {SKY_FRACTION} * {far}", "saliency_rule": "labeller logit > 0"})
+        "sky": f"label depth >= {SKY_FRACTION} * {far}", "saliency_rule": "labeller logit > 0",
+        "final_image": final})
     return path
+
+
+def _final_image_scores(protocol_root: Path, rows: np.ndarray, labeller, d_true, m_true, mean, std, far,
+                        target) -> dict | None:
+    """The read-out labeller on the *final* generated images of the test rows (``samples.safetensors``), scored like a
+    step against the labels (means over images): with the labels' labeller this is 1 by construction, with another
+    one it is the two labellers' agreement — the ceiling of the read-out curve."""
+    from safetensors.numpy import load_file
+    path = Path(protocol_root) / "samples.safetensors"
+    if not path.is_file():
+        return None
+    images = load_file(str(path))["images"][rows]
+    d, z, m = _label(labeller, images)
+    vals = score_readout(d, z, m, d_true, m_true, mean, std, far, target)
+    from ..probe.metrics import nanmean
+    return {"what": "read-out labeller on the final generated images (test rows) vs the labels",
+            **{f"{task}_{metric}": nanmean(v) for (task, metric), v in vals.items()}}
 
 
 def _far_depth() -> float:
@@ -253,7 +326,9 @@ def load_readout(run: Path, protocol: str) -> Readout | None:
         if key not in values:
             values[key] = np.full((len(steps), len(rows)), np.nan)
         values[key][si[int(r["step"])], ri[int(r["row"])]] = float(r["value"])
-    return Readout(protocol, steps, [ts[s] for s in steps], rows, np.array([sid[r] for r in rows]), values)
+    first = recs[0]
+    return Readout(protocol, steps, [ts[s] for s in steps], rows, np.array([sid[r] for r in rows]), values,
+                   labels_by=first.get("labels_by") or "", readout_by=first.get("readout_by") or "")
 
 
 def readout_info(run: Path, protocol: str) -> dict | None:
@@ -264,4 +339,4 @@ def readout_info(run: Path, protocol: str) -> dict | None:
         return None
 
 
-__all__ = ["Readout", "depth_target", "load_readout", "readout_info", "readout_path", "run_readout", "score_readout"]
+__all__ = ["Readout", "depth_target", "labels_provenance", "load_readout", "readout_info", "readout_path", "run_readout", "score_readout"]

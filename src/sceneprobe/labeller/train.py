@@ -142,6 +142,35 @@ def labeller_provenance(labeller, data, vae, batch: int = 64) -> dict:
             "vae_reconstruction": evaluate_labeller(labeller, data, batch, images=recon)}
 
 
+def labeller_agreement(reference, other, images: np.ndarray, batch: int = 64) -> dict:
+    """How far two labellers agree on the same uint8 images (n, H, W, 3): ``other`` scored with ``reference``'s
+    labels as the truth, by :func:`evaluate_labeller`'s rules (depth standardised by the reference depth's mean and
+    std over the images; Spearman ρ, Pearson r, RMSE per image; saliency Dice and IoU of the two masks), averaged
+    over images. The ceiling of a read-out by ``other`` scored against labels made by ``reference``."""
+    from ..probe.metrics import depth_metrics, nanmean, saliency_metrics
+    a, b = label_images(reference, images, batch), label_images(other, images, batch)
+    t = a["depth"].astype(np.float64)
+    mean, std = t.mean(), t.std() or 1.0
+    res = {"n_images": int(len(images)),
+           **{f"depth_{k}": nanmean(v) for k, v in depth_metrics((b["depth"] - mean) / std, (t - mean) / std).items()}}
+    res.update({f"saliency_{k}": nanmean(v) for k, v in saliency_metrics(b["saliency"], a["saliency"]).items()})
+    return res
+
+
+def readout_labeller_provenance(labeller, reader, data, vae, batch: int = 64) -> dict:
+    """The read-out labeller (``reader``) beside the labels' labeller on the run's held-out scenes: each against the
+    exact labels, and ``reader`` against ``labeller`` (:func:`labeller_agreement`), on the clean renders and on the
+    run's VAE reconstructions of them."""
+    test = heldout(data)
+    recon = vae_reconstructions(vae, test.rgb)
+    return {"what": "read-out labeller vs exact labels, and vs the labels' labeller (agreement: the labels' labeller "
+                    "as the truth), on held-out rendered scenes and their VAE reconstructions",
+            "clean": evaluate_labeller(reader, data, batch),
+            "vae_reconstruction": evaluate_labeller(reader, data, batch, images=recon),
+            "agreement": {"clean": labeller_agreement(labeller, reader, test.rgb, batch),
+                          "vae_reconstruction": labeller_agreement(labeller, reader, recon, batch)}}
+
+
 def train_labeller(cfg: Config, data, out: Path, resume: bool = False, force: bool = False, progress: bool = True,
                    fp16: bool = False, train_dir: Path | None = None, command: str | None = None,
                    depth_model=None) -> Path:

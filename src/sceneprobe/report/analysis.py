@@ -283,7 +283,7 @@ class Analyzer:
             ci = None if v is None or m is None else self._boot(lambda p, r: 1 - p / r, [v[step_index], m])
         if ci is None:
             return None
-        return Est(protocol, "readout", "labeller(x0)", step, ts, task, HEADLINE[task], **_ci(ci))
+        return Est(protocol, "readout", getattr(ro, "site", "labeller(x0)"), step, ts, task, HEADLINE[task], **_ci(ci))
 
     def vs_readout(self, protocol: str, p: Point, ro, step_index: int, task: str) -> Est | None:
         """Probe − image read-out at the same step (saliency: Dice; depth: skill difference over the mean map,

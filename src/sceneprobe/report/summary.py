@@ -195,9 +195,16 @@ def _controls_table(res: Results, protocol: str, f: dict) -> list[str]:
 def _readout(f: dict, protocol: str) -> list[str]:
     if not any(f["readout"].values()):
         return []
-    L = ["### Probe vs image read-out (the labeller on each step's decoded x̂₀)", "",
+    site = next((r.site for rows in f["readout"].values() for _, r, _ in rows if r is not None), "labeller(x0)")
+    reader = site[:-4] if site.endswith("(x0)") else site
+    last = ("" if protocol != "generate" else " The labels are the labeller's on the final image and the read-out "
+            "is that same labeller: its last steps score ≈ 1 by construction." if reader == "labeller" else
+            " The labels are the first labeller's on the final image and the read-out is a second, independent "
+            "labeller: its last-step value is the two labellers' agreement (the read-out's ceiling), not 1 by "
+            "construction.")
+    L = [f"### Probe vs image read-out (`{reader}/` on each step's decoded x̂₀)", "",
          "Where the probe is above the read-out, the activations hold scene information the step's best image guess "
-         "does not show. Depth: skill over the mean map for both curves (so they share a reference).", "",
+         "does not show. Depth: skill over the mean map for both curves (so they share a reference)." + last, "",
          "| step | probe Dice | read-out Dice | probe − read-out | probe − read-out, depth skill |",
          "|---|---|---|---|---|"]
     sal = {st: (r, d) for st, r, d in f["readout"].get("saliency", [])}
