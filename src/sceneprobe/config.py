@@ -349,11 +349,6 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) > t:
                 yield key, f"must be <= train_ldm.num_train_timesteps ({t}), got {getattr(getattr(self, section), name)}"
-        a, b = self.labeller, self.labeller_readout
-        if self.readout.labeller == "second" and (a.channels, a.layers_per_block, a.norm_num_groups, a.seed) == \
-                (b.channels, b.layers_per_block, b.norm_num_groups, b.seed):
-            yield "labeller_readout", ("must differ from labeller in architecture or seed (an independent read-out); "
-                                       "change it, or set readout.labeller: same")
         crop, size, down = self.train_vae.crop, self.world.size, 2 ** (len(self.vae.block_out_channels) - 1)
         if crop and crop % down:
             yield "train_vae.crop", f"must be 0 or a multiple of {down} (the VAE's downsampling), got {crop}"
