@@ -306,3 +306,21 @@ def test_a_symlink_out_is_refused_and_stays_a_link(tmp_path, capsys):
     code, _, err = run_cli(capsys, ["scenes", "--preset", "tiny", "--n", "4", "--force", "--out", real,
                                     "--no-progress"])
     assert code == 0, err
+
+
+def test_a_model_is_never_saved_over_a_link(tmp_path, tiny_vae_dir):
+    """A link inside a run folder (``run/vae -> the user's VAE``) is refused when a model would replace it; the link
+    and its target stay as they were."""
+    from diffusers import AutoencoderKL
+
+    from sceneprobe.errors import SceneprobeError
+    from sceneprobe.models.io import save_model
+    theirs = tmp_path / "theirs"
+    shutil.copytree(tiny_vae_dir, theirs)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vae").symlink_to(theirs, target_is_directory=True)
+    before = sandbox_hash(tmp_path)
+    with pytest.raises(SceneprobeError, match="symbolic link"):
+        save_model(AutoencoderKL.from_pretrained(theirs), run / "vae")
+    assert sandbox_hash(tmp_path) == before

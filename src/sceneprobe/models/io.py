@@ -38,6 +38,9 @@ class LDM:
 def save_model(model: torch.nn.Module, folder: Path, fp16: bool = False) -> Path:
     """``save_pretrained`` into a temporary sibling, then rename: a folder is whole or absent."""
     folder = Path(folder)
+    if folder.is_symlink():                                            # never replace a link (nor its target)
+        raise fail(f"{folder} is a symbolic link (to {os.readlink(folder)}); sceneprobe never replaces a link: "
+                   f"remove the link or write the model to another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
