@@ -91,8 +91,9 @@ def test_summary_quotes_only_numbers_from_results_csv(run):
     table = {f"{v:.3f}" for r in rows for v in (r["value"], r["lo"], r["hi"]) if v == v}
     table |= {f"{-0.0:.3f}"}
     rc = ReportConfig()
+    from sceneprobe.report.emergence import FRACTIONS
     constants = {f"{x:g}" for x in (rc.min_dice, rc.min_skill, rc.min_edit, rc.step_fraction, *PAPER.values(),
-                                    1.25)}                                      # 1.25: in the metric name δ<1.25
+                                    1.25, *FRACTIONS)}                          # 1.25: in the metric name δ<1.25
     quoted = re.findall(r"(?<![\w.])-?\d+\.\d+", md)
     assert len(quoted) > 50
     missing = [q for q in quoted if q not in table and q not in constants]

@@ -31,12 +31,14 @@ from ..config import ReportConfig
 from ..probe import stats
 from ..probe.baselines import ALL_SALIENT, BASELINE_MODEL, MEAN_MAP
 from ..probe.metrics import HEADLINE
+from ..probe.layout import base_model, is_plain, plain_model
 from ..probe.sweep import _fmt_value, per_image_key
+from . import emergence as emg
 
 TASKS = ("depth", "saliency")
 CONTROLS = ("permuted", "fresh")
 MAIN_MODEL = "ldm"
-FAMILIES = ("unet", "vae.dec", "vae.enc")
+FAMILIES = ("unet", "vae.dec", "vae.enc", "input")
 EST_TAG = "-vs-"             # metric names of comparison rows the report adds to results.csv
 
 
@@ -57,7 +59,8 @@ def group_label(model: str, fam: str) -> str:
              ("ldm", "vae.enc"): "VAE encoder (clean image, step-independent)",
              ("permuted", "unet"): "U-Net, permuted weights", ("fresh", "unet"): "U-Net, fresh init",
              ("permuted", "vae.dec"): "VAE decoder on the permuted U-Net's latents",
-             ("fresh", "vae.dec"): "VAE decoder on the fresh U-Net's latents"}
+             ("fresh", "vae.dec"): "VAE decoder on the fresh U-Net's latents",
+             ("ldm", "input"): "input x_t (5×5 neighbourhood; the input control)"}
     return names.get((model, fam), f"{model} / {fam}")
 
 
@@ -108,8 +111,17 @@ class Est:
 class Results:
     """Index of long-form result rows: (protocol, model, site, step, task, split, metric) → value."""
 
-    def __init__(self, rows: list[dict]):
-        self.rows = [r for r in rows if EST_TAG not in r["metric"]]
+    def __init__(self, rows: list[dict], plain: bool = False):
+        """``plain``: index the probes fitted without the layout prior (``<model>.noprior``) under their base model
+        names (the baselines as they are); default: the layout-fair probes, the plain ones left out."""
+        rows = [r for r in rows if EST_TAG not in r["metric"]]
+        if plain:
+            rows = [{**r, "model": base_model(r["model"])} for r in rows
+                    if is_plain(r["model"]) or r["model"] == BASELINE_MODEL]
+        else:
+            rows = [r for r in rows if not is_plain(r["model"])]
+        self.rows = rows
+        self.plain = plain
         self.v = {(r["protocol"], r["model"], r["site"], r["step"], r["task"], r["split"], r["metric"]): r["value"]
                   for r in self.rows}
         self.timestep = {(r["protocol"], r["model"], r["step"]): r["timestep"] for r in self.rows}
@@ -194,6 +206,8 @@ class Analyzer:
 
     # ------------------------------------------------------------------ per-image arrays
     def arr(self, protocol, model, site, step, task, metric) -> np.ndarray | None:
+        if self.res.plain and model not in (BASELINE_MODEL, "readout"):
+            model = plain_model(model)
         return self.a.get(per_image_key(protocol, model, site, step, task, metric))
 
     def position(self, protocol: str, site: str) -> str:
@@ -206,6 +220,8 @@ class Analyzer:
         return stats.paired_bootstrap(a, b, self.rc.n_boot, self.rc.boot_seed, self.rc.ci_level)
 
     def ests_add(self, e: Est) -> Est:
+        if self.res.plain and e.model not in (BASELINE_MODEL, "readout") and not is_plain(e.model):
+            e.model = plain_model(e.model)             # results.csv rows of the plain probes keep their own name
         self.ests.append(e)
         return e
 
@@ -222,9 +238,10 @@ class Analyzer:
                                                                        self.position(protocol, p.site), -1)])
         return Est(protocol, p.model, p.site, p.step, p.timestep, task, HEADLINE[task], **_ci(ci))
 
-    def _skill(self, num: list[tuple], den: list[tuple]) -> dict:
-        """Skill 1 − ΣMSE(num[0]) / ΣMSE(den[0]); with two of each, skill(num[0]/den[0]) − skill(num[1]/den[1])."""
-        arrs = [self.arr(*k, "depth", "mse") for k in num + den]
+    def _skill(self, num: list[tuple], den: list[tuple], metric: str = "mse") -> dict:
+        """Skill 1 − ΣMSE(num[0]) / ΣMSE(den[0]); with two of each, skill(num[0]/den[0]) − skill(num[1]/den[1]).
+        ``metric``: "mse", or "mse_centred" / "mse_ssi" for the offset- / scale-and-shift-invariant skills."""
+        arrs = [self.arr(*k, "depth", metric) for k in num + den]
         if any(a is None for a in arrs):
             return _nan()
         if len(num) == 1:
@@ -252,6 +269,30 @@ class Analyzer:
                               (protocol, BASELINE_MODEL, self.position(protocol, q.site), -1)])
         metric = f"{HEADLINE[task]}{EST_TAG}{tag}"
         return self._verdict(Est(protocol, p.model, p.site, p.step, p.timestep, task, metric, **_ci(ci)), task)
+
+    def relative_skill(self, protocol: str, p: Point, kind: str) -> Est:
+        """Depth skill over the position-only baseline on the centred (``kind`` "centred") or scale-and-shift-
+        invariant ("ssi") error, with its CI (row ``skill_<kind>``)."""
+        ci = self._skill([(protocol, p.model, p.site, p.step)],
+                         [(protocol, BASELINE_MODEL, self.position(protocol, p.site), -1)], f"mse_{kind}")
+        return Est(protocol, p.model, p.site, p.step, p.timestep, "depth", f"skill_{kind}", **_ci(ci))
+
+    def k_dist(self, protocol: str, curve: list[Point], task: str, fraction: float) -> emg.KDist | None:
+        """Bootstrap distribution of the emergence step over the val-chosen sites of ``curve`` (test images)."""
+        steps = [p.step for p in curve]
+        if task == "saliency":
+            d = [self.arr(protocol, p.model, p.site, p.step, task, "dice") for p in curve]
+            b = [self.arr(protocol, BASELINE_MODEL, self.position(protocol, p.site), -1, task, "dice") for p in curve]
+            if any(x is None for x in d + b):
+                return None
+            kind, parts = "mean", [np.stack([x - y for x, y in zip(d, b)])]
+        else:
+            m = [self.arr(protocol, p.model, p.site, p.step, task, "mse") for p in curve]
+            r = [self.arr(protocol, BASELINE_MODEL, self.position(protocol, p.site), -1, task, "mse") for p in curve]
+            if any(x is None for x in m + r):
+                return None
+            kind, parts = "skill", [np.stack(m), np.stack(r)]
+        return emg.k_distribution(kind, parts, steps, fraction, self.rc.n_boot, self.rc.boot_seed, self.rc.ci_level)
 
     def gain(self, protocol: str, p: Point, task: str) -> Est:
         """Gain over the position-only baseline at the probe's resolution (saliency: Dice difference; depth: skill)."""
@@ -347,8 +388,10 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
     """Estimates (added to ``an.ests``) and the structured findings the summary renders for one protocol."""
     res = an.res
     f: dict = {"groups": {}, "strongest": {}, "encodes": {}, "controls": {}, "vae_enc": {}, "vae_dec_steps": {},
-               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}}
+               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}, "vs_input": {},
+               "plain": res.plain}
     groups = res.groups(protocol)
+    f["positions"] = {s: an.position(protocol, s) for m in res.models(protocol) for s in res.sites(protocol, m)}
     steps = res.steps(protocol, MAIN_MODEL, "unet") or res.steps(protocol)
     early, late = thirds(steps)
     f["steps"], f["early"], f["late"] = steps, early, late
@@ -366,6 +409,9 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
             g[task] = {"best": best, "headline": an.ests_add(an.headline(protocol, best, task))}
             if strongest is not None:
                 g[task]["vs_strongest"] = an.ests_add(an.vs_baseline(protocol, best, task, strongest))
+            if task == "depth":
+                for kind in ("centred", "ssi"):
+                    g[task][kind] = an.ests_add(an.relative_skill(protocol, best, kind))
         u = f["groups"].get((MAIN_MODEL, "unet"), {}).get(task)
         if u and strongest is not None:
             f["encodes"][task] = u["vs_strongest"]
@@ -389,16 +435,37 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
                 if pu and pv:
                     f["unet_vs_vae"].setdefault(task, {})[name] = an.ests_add(
                         an.vs_probe(protocol, pu, pv, task, f"vae.dec:{pv.site}@{pv.step}"))
+        # the input control: what a linear read of x_t (5×5 neighbourhood, with the layout) already gives
+        inp = f["groups"].get((MAIN_MODEL, "input"), {}).get(task)
+        if inp:
+            for fam in ("unet", "vae.dec"):
+                other = f["groups"].get((MAIN_MODEL, fam), {}).get(task)
+                if other:
+                    f["vs_input"].setdefault(task, {})[fam] = an.ests_add(an.vs_probe(
+                        protocol, other["best"], inp["best"], task, f"input:{inp['best'].site}@{inp['best'].step}"))
+            by_step = {p.step: p for p in res.curve(protocol, MAIN_MODEL, "input", task)}
+            f["vs_input"].setdefault(task, {})["steps"] = [
+                (p.step, an.ests_add(an.vs_probe(protocol, p, by_step[p.step], task, f"input@{p.step}")))
+                for p in res.curve(protocol, MAIN_MODEL, "unet", task) if p.step in by_step]
         curve = res.curve(protocol, MAIN_MODEL, "unet", task)
         gains = [(p, val_gain(res, protocol, p, task, an.position(protocol, p.site))) for p in curve]
         em = emergence_step(gains, an.rc.step_fraction)
         if em is not None:
             k, best = em
+            fractions = sorted({*emg.FRACTIONS, an.rc.step_fraction})
+            points = {fr: e[0] for fr in fractions if (e := emergence_step(gains, fr))}
+            dists = {fr: an.k_dist(protocol, curve, task, fr) for fr in fractions}
+            for fr, d in dists.items():       # into results.csv: k on val with the bootstrap interval of k
+                if d is not None:
+                    pt = points.get(fr)
+                    an.ests_add(Est(protocol, MAIN_MODEL, "unet", -1, -1, task, f"k{EST_TAG}fraction{fr:g}",
+                                    float(pt.step) if pt else math.nan, d.lo, d.hi))
             f["emergence"][task] = {"k": k, "best": best, "gain_k": an.ests_add(an.gain(protocol, k, task)),
                                     "gain_best": an.ests_add(an.gain(protocol, best, task)),
                                     "k_vs_best": an.ests_add(an.step_vs_best(protocol, k, best, task))
                                     if k.step != best.step else None,
-                                    "curve": [(p, an.ests_add(an.headline(protocol, p, task))) for p in curve]}
+                                    "curve": [(p, an.ests_add(an.headline(protocol, p, task))) for p in curve],
+                                    "points": points, "dists": dists, "fraction": an.rc.step_fraction}
         if readout is not None and curve and len(readout.rows) == len(
                 an.a.get(per_image_key(protocol, "test-rows"), [])):
             by_step = {p.step: p for p in curve}
@@ -419,6 +486,13 @@ def analyse(rows: list[dict], arrays: dict[str, np.ndarray], positions: dict[str
     res = Results(rows)
     an = Analyzer(res, arrays, rc, positions)
     findings = {p: analyse_protocol(an, p, (readouts or {}).get(p)) for p in res.protocols}
+    plain = Results(rows, plain=True)       # the probes without the layout prior, by the same rules (for comparison)
+    if any(r["model"] != BASELINE_MODEL for r in plain.rows):
+        an_p = Analyzer(plain, arrays, rc, positions)
+        for p in plain.protocols:
+            if p in findings:
+                findings[p]["noprior"] = analyse_protocol(an_p, p, None)
+        an.ests += an_p.ests
     return res, an, findings
 
 

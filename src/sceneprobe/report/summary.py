@@ -11,6 +11,7 @@ import math
 
 from ..config import ReportConfig
 from ..probe.stats import VERDICT_RULE
+from . import emergence as emg
 from .analysis import MAIN_MODEL, TASKS, Est, Point, Results, analyse, baseline_label, group_label
 
 PAPER = {"depth": 0.7, "saliency": 0.85}
@@ -54,10 +55,26 @@ def rules_text(rc: ReportConfig, probe_cfg: dict | None) -> list[str]:
     pc = probe_cfg or {}
     bias = "with an unpenalised intercept" if pc.get("bias", True) else "without bias (the paper's probe)"
     target = "inverse depth (1/depth)" if pc.get("depth_target") == "inverse" else "depth"
+    layout = pc.get("layout", "input") == "input"
+    fair = ("- **Layout-fair probes**: every probe — U-Net, VAE encoder and decoder, the controls, the input x_t — "
+            "reads the position-only prior (the train images' mean depth and salient log-odds at its native "
+            "position, i.e. the position-only baseline) as two extra input channels with unpenalised weights. So "
+            "every probe can reproduce the layout, and its score is what its features add *beyond layout*: features "
+            "that carry position but no scene do not beat the position-only baseline, features that carry the scene "
+            "but no position do. (Without the prior, a probe of features that carry no position — a permuted "
+            "U-Net, the decoder's mid attention — could not even represent sky-on-top, and its failure measured "
+            "that.) The probe without the prior (`<model>.noprior` in results.csv) is fitted beside it from the "
+            "same data; the paper table shows its verdicts too." if layout else
+            "- **Probes without the layout prior** (`probe.layout: none`): features and intercept only; features "
+            "that carry no position cannot represent the layout, so a low score can mean \"no position\" rather "
+            "than \"no scene\".")
     return ["## How to read this report", "",
             f"- **Probes**: linear per position at each site's native resolution, {bias}; λ chosen on val from "
             f"{len(pc.get('lambdas', [])) or 'the'} values of `probe.lambdas`. Depth target: {target}, standardised "
-            f"with the train split's mean and std.",
+            f"with the train split's mean and std.", fair,
+            "- **Input control**: a probe on the U-Net's input x_t itself (each position with its 5×5 "
+            "neighbourhood, plus the prior), per step. \"U-Net − input\" is what the network adds to what a local "
+            "linear read of its input already gives.",
             "- **Selection on val, scores on test**: the best site (and step) of a group is chosen on the validation "
             "headline; its *test* value is reported. Headline metrics, fixed in advance: saliency **Dice**; depth "
             "**skill over the layout prior** = 1 − MSE(probe)/MSE(position-only probe at the same native "
@@ -74,7 +91,14 @@ def rules_text(rc: ReportConfig, probe_cfg: dict | None) -> list[str]:
             "baseline; between two probes it is the difference of their skills.",
             f"- **From step k**: the first step whose validation gain over the position-only baseline reaches "
             f"{rc.step_fraction:g} × the best step's gain, with the test gain at that step and its difference to the "
-            "best step.", ""]
+            "best step. Its uncertainty: k recomputed on every bootstrap resample of the test images (same "
+            "resamples as the CIs) gives a distribution and a 95 % interval of k, shown for fractions "
+            f"{', '.join(f'{x:g}' for x in emg.FRACTIONS)} too. \"Present by step s\" reads yes when that interval "
+            "ends at or before s, no when it starts after s, else inconclusive.",
+            "- **Per-step CIs are pointwise 95 %** (each step's own interval, not simultaneous over steps).",
+            "- **Depth beside the headline** (not verdicts): *centred* skill (each image's mean depth removed from "
+            "prediction and truth) and *scale-and-shift-invariant* skill (each image's prediction aligned by least "
+            "squares, as relative depth is scored in the field), both over the position-only baseline.", ""]
 
 
 def _baselines_table(res: Results, protocol: str, f: dict) -> list[str]:
@@ -107,11 +131,15 @@ def _encodes(res: Results, protocol: str, f: dict, rc: ReportConfig) -> list[str
                      f"**{_ci(e)}** Dice (minimum {rc.min_dice:g}).")
         else:
             pos = res.baseline(protocol, s, task, "test", "spearman")
+            own = f.get("positions", {}).get(b.site)
+            pos_own = res.baseline(protocol, own, task, "test", "spearman") if own else None
             L.append(f"- **depth: {_v(e)}.** Best U-Net probe {_where(b)}: test skill over the layout prior "
                      f"**{_ci(h)}**; skill over the strongest baseline ({baseline_label(s)}) **{_ci(e)}** (minimum "
-                     f"{rc.min_skill:g}). Beside it (not verdicts): Spearman ρ {_f(gt('spearman'))} (non-sky "
-                     f"{_f(gt('spearman_nonsky'))}) — the strongest baseline alone scores ρ {_f(pos)}, so ρ mostly "
-                     f"measures layout; RMSE {_f(gt('rmse'))} (non-sky {_f(gt('rmse_nonsky'))}); AbsRel "
+                     f"{rc.min_skill:g}). Beside it (not verdicts): centred skill (per-image mean removed) "
+                     f"{_ci(g.get('centred'))}; scale-and-shift-invariant skill {_ci(g.get('ssi'))}; Spearman ρ "
+                     f"{_f(gt('spearman'))} (non-sky {_f(gt('spearman_nonsky'))}) — the position-only baseline at "
+                     f"the probe's own resolution scores ρ {_f(pos_own)} and the strongest baseline ρ {_f(pos)}, so ρ "
+                     f"mostly measures layout; RMSE {_f(gt('rmse'))} (non-sky {_f(gt('rmse_nonsky'))}); AbsRel "
                      f"{_f(gt('absrel'))}; δ<1.25 {_f(gt('delta1'))}; skill on non-sky pixels "
                      f"{_f(gt('skill_nonsky'))}.")
     edges = f["edges"]
@@ -140,8 +168,62 @@ def _emergence(f: dict) -> list[str]:
         diff = "" if em["k_vs_best"] is None else f"; step {k.step} − best step: {_ci(em['k_vs_best'])}"
         L.append(f"- **{task}: from step {k.step}** of {n} (t={k.timestep}): test gain over the position-only "
                  f"baseline {_ci(em['gain_k'])}; best step {best.step}: {_ci(em['gain_best'])}{diff}.{caveat}")
-        L.append(f"  - per step, best site on val, test {HEAD[task]} [CI]: "
+        for fr, d in sorted(em.get("dists", {}).items()):
+            if d is None:
+                continue
+            pt = em.get("points", {}).get(fr)
+            L.append(f"  - fraction {fr:g}: k = {pt.step if pt else 'none'} on val; bootstrap over test images: "
+                     f"{_kdist(d)}.")
+        L.append(f"  - per step, best site on val, test {HEAD[task]} [pointwise 95 % CI]: "
                  + "; ".join(f"{p.step}: {_ci(e)}" for p, e in em["curve"]) + ".")
+    return L + [""]
+
+
+def _kdist(d: emg.KDist) -> str:
+    if d.mode is None:
+        return "no step gains on any resample"
+    top = ", ".join(f"{s}: {p:.0%}" for s, p in sorted(d.probs.items(), key=lambda x: -x[1])[:3])
+    none = f"; no k on {d.p_none:.0%}" if d.p_none > 0 else ""
+    return f"95 % interval of k [{d.lo:.0f}, {d.hi:.0f}], mode {d.mode} ({top}{none})"
+
+
+def _where_scene(res: Results, protocol: str, f: dict, rc: ReportConfig) -> list[str]:
+    """Where the scene appears: the input x_t, the U-Net, the VAE decoder, the image read-out — layout-fair."""
+    rows = [("input x_t (5×5 neighbourhood)", (MAIN_MODEL, "input")), ("U-Net", (MAIN_MODEL, "unet")),
+            ("VAE decoder", (MAIN_MODEL, "vae.dec"))]
+    if not any(f["groups"].get(k) for _, k in rows):
+        return []
+    L = ["### Where does the scene appear: input, U-Net, VAE decoder, image?", "",
+         "Best probe of each group (site and step chosen on val), layout-fair; the difference to the input control "
+         "is on the same test images.", "",
+         "| where | saliency Dice [CI] | − input (Dice) | depth skill [CI] | − input (skill) |", "|---|---|---|---|---|"]
+    for label, key in rows:
+        g = f["groups"].get(key)
+        if not g:
+            continue
+        cells = []
+        for task in ("saliency", "depth"):
+            t = g.get(task)
+            d = f["vs_input"].get(task, {}).get(key[1]) if key[1] != "input" else None
+            cells += [f"{_ci(t['headline'])} at {t['best'].site}@{t['best'].step}" if t else "n/a",
+                      f"{_ci(d)} ({_v(d)})" if d else "—"]
+        L.append(f"| {label} | " + " | ".join(cells) + " |")
+    ro = {task: rows_[-1] for task, rows_ in f["readout"].items() if rows_}
+    if ro:
+        cells = []
+        for task in ("saliency", "depth"):
+            st, r, _ = ro.get(task, (None, None, None))
+            cells += [f"{_ci(r)} at step {st} (depth: skill over the mean map)" if r else "n/a", "—"]
+        L.append("| image read-out, last step (a labeller on the decoded x̂₀; not a probe) | " + " | ".join(cells)
+                 + " |")
+    L.append("")
+    for task in ("saliency", "depth"):
+        steps = f["vs_input"].get(task, {}).get("steps") or []
+        if steps:
+            above = [st for st, e in steps if e.verdict == "yes"]
+            L.append(f"- **{task}, U-Net − input per step** [pointwise 95 % CI]: "
+                     + "; ".join(f"{st}: {_ci(e)}" for st, e in steps)
+                     + f". The U-Net adds to its input (verdict yes) at steps {_steps(above)}.")
     return L + [""]
 
 
@@ -180,15 +262,23 @@ def _controls_table(res: Results, protocol: str, f: dict) -> list[str]:
     L = ["### How far above the controls and the strongest baseline?", "",
          "| group | saliency Dice [CI] | vs strongest baseline | depth skill [CI] | vs strongest baseline | "
          "main model − this group (Dice; skill) |", "|---|---|---|---|---|---|"]
+    passing = []
     for (m, fam), g in f["groups"].items():
         cells = []
         for task in ("saliency", "depth"):
             t = g.get(task)
             cells += [_ci(t["headline"]) if t else "n/a",
                       (f"{_ci(t.get('vs_strongest'))} ({_v(t.get('vs_strongest'))})") if t else "n/a"]
+            if t and m != MAIN_MODEL and _v(t.get("vs_strongest")) == "yes":
+                passing.append(f"{group_label(m, fam)} ({task})")
         diffs = [f["controls"].get(task, {}).get((m, fam)) for task in ("saliency", "depth")]
         d = "; ".join(f"{_ci(e)} ({_v(e)})" for e in diffs if e) or "—"
         L.append(f"| {group_label(m, fam)} | " + " | ".join(cells) + f" | {d} |")
+    if passing:
+        L += ["", "- **A control beats the strongest baseline**: " + "; ".join(passing) + ". Random-weight features "
+              "are random functions of the input latent x_t, which itself carries part of the scene (see the input "
+              "control): passing this test says the *input* holds the information, not that the control network "
+              "knows it. The question for the trained U-Net is how far it is above the controls and the input."]
     return L + [""]
 
 
@@ -230,31 +320,29 @@ def _first_after(rows, ahead: list[int]) -> str:
     return str(later[0]) if later else "— (ahead up to the last step)"
 
 
-def paper_comparison(f: dict, protocol: str, interventions: list[dict] | None, rc: ReportConfig) -> list[str]:
-    n = len(f["steps"])
-    L = ["### Compared with the paper (Chen et al. 2023, SD v1.4)", "",
-         "Same verdict rule as above. The paper's numbers were measured on another model, other images and against "
-         "other labels (TRACER / MiDaS outputs): they are quoted for orientation, **not compared** with ours; what is "
-         "tested is each claim.", "",
-         "| claim in the paper | ours (test, 95 % CI) | holds here? |", "|---|---|---|"]
+def paper_rows(f: dict, interventions: list[dict] | None, protocol: str) -> list[tuple[str, str, str]]:
+    """(claim, ours with CIs, holds here?) for each claim of the paper, from one analysis' findings."""
+    out = []
     e = f["encodes"].get("saliency")
     h = f["groups"].get((MAIN_MODEL, "unet"), {}).get("saliency", {}).get("headline")
-    L.append(f"| U-Net encodes saliency (paper: Dice ≈ {PAPER['saliency']}, vs TRACER labels) | Dice {_ci(h)}; − "
-             f"strongest baseline {_ci(e)} | {_v(e)} |")
+    out.append((f"U-Net encodes saliency (paper: Dice ≈ {PAPER['saliency']}, vs TRACER labels)",
+                f"Dice {_ci(h)}; − strongest baseline {_ci(e)}", _v(e)))
     e = f["encodes"].get("depth")
     h = f["groups"].get((MAIN_MODEL, "unet"), {}).get("depth", {}).get("headline")
-    L.append(f"| U-Net encodes depth (paper: Spearman ≈ {PAPER['depth']} vs MiDaS; ours is skill over the layout "
-             f"prior, a different quantity) | skill {_ci(h)}; over the strongest baseline {_ci(e)} | {_v(e)} |")
+    out.append((f"U-Net encodes depth (paper: Spearman ≈ {PAPER['depth']} vs MiDaS; ours is skill over the layout "
+                "prior, a different quantity)", f"skill {_ci(h)}; over the strongest baseline {_ci(e)}", _v(e)))
     for task in ("saliency", "depth"):
         em, enc = f["emergence"].get(task), f["encodes"].get(task)
+        claim = f"{task} present by ~step 5 of 15 (the first third: steps {_steps(f['early'])})"
         if em is None or enc is None or enc.verdict != "yes":
-            L.append(f"| {task} present by ~step 5 of 15 (first third) | no established encoding (verdict "
-                     f"{_v(enc)}) | not testable |")
+            out.append((claim, f"no established encoding (verdict {_v(enc)})", "not testable"))
             continue
-        k = em["k"]
-        early = k.step in f["early"]
-        L.append(f"| {task} present by ~step 5 of 15 (first third) | from step {k.step} of {n}, gain "
-                 f"{_ci(em['gain_k'])} | {'yes' if early else 'no: later than the first third'} |")
+        d = em.get("dists", {}).get(em.get("fraction"))
+        if d is None:
+            out.append((claim, f"from step {em['k'].step} (val), gain {_ci(em['gain_k'])}", "n/a"))
+            continue
+        out.append((claim, f"from step {em['k'].step} on val (fraction {d.fraction:g}); bootstrap {_kdist(d)}",
+                    emg.by_step_verdict(d, max(f["early"]))))
     for task, window, words in (("depth", f["steps"], "at all steps"), ("saliency", f["early"], "at early steps")):
         steps = [e for e in f["vae_dec_steps"].get(task, []) if e.step in window]
         if not steps:
@@ -265,22 +353,42 @@ def paper_comparison(f: dict, protocol: str, interventions: list[dict] | None, r
         # the claim is "fails at every step": quote the step most favourable to the decoder (highest test
         # difference), which may differ from the val-chosen best decoder probe of the VAE section; verdicts are per step
         top = max(steps, key=lambda e: e.mean)
-        L.append(f"| VAE (decoder) fails on {task} {words} | decoder − strongest baseline at its most favourable "
-                 f"step {top.step} (highest test difference): "
-                 f"{_ci(top)}; verdicts {', '.join(f'{e.step}: {e.verdict}' for e in steps)} | {holds} |")
+        out.append((f"VAE (decoder) fails on {task} {words}", f"decoder − strongest baseline at its most favourable "
+                    f"step {top.step} (highest test difference): {_ci(top)}; verdicts "
+                    f"{', '.join(f'{e.step}: {e.verdict}' for e in steps)}", holds))
     for task in ("saliency", "depth"):
         e = f["controls"].get(task, {}).get(("permuted", "unet"))
         if e:
-            L.append(f"| permuted-weight U-Net scores far lower ({task}) | U-Net − permuted {_ci(e)} | {_v(e)} |")
+            out.append((f"permuted-weight U-Net scores far lower ({task})", f"U-Net − permuted {_ci(e)}", _v(e)))
     for it in interventions or []:
-        L.append(f"| editing activations through the probe {it['claim']} ({it['where']}) | {it['text']} | "
-                 f"{it['answer']} |")
+        out.append((f"editing activations through the probe {it['claim']} ({it['where']})", it["text"],
+                    it["answer"]))
     if not interventions and protocol == "noised":  # edits act on generation: their claim is tested there
-        L.append("| editing activations through the probe moves the object / changes depth | edits act on "
-                 "generation: see the `generate` protocol's table | not tested in this protocol |")
+        out.append(("editing activations through the probe moves the object / changes depth",
+                    "edits act on generation: see the `generate` protocol's table", "not tested in this protocol"))
     elif not interventions:
-        L.append("| editing activations through the probe moves the object / changes depth | not run here "
-                 "(`sceneprobe run --with-interventions`) | not tested |")
+        out.append(("editing activations through the probe moves the object / changes depth",
+                    "not run here (`sceneprobe run --with-interventions`)", "not tested"))
+    return out
+
+
+def paper_comparison(f: dict, protocol: str, interventions: list[dict] | None, rc: ReportConfig) -> list[str]:
+    plain = f.get("noprior")
+    L = ["### Compared with the paper (Chen et al. 2023, SD v1.4)", "",
+         "Same verdict rule as above. The paper's numbers were measured on another model, other images and against "
+         "other labels (TRACER / MiDaS outputs): they are quoted for orientation, **not compared** with ours; what is "
+         "tested is each claim. The answer is the layout-fair probes'" + ("; the last column gives the verdict the "
+         "same rule gives for the probes *without* the layout prior (the paper's kind of probe), so a change "
+         "between the two columns is what layout alone did." if plain else "."), ""]
+    if plain:
+        L += ["| claim in the paper | ours (test, 95 % CI) | holds here? | without the layout prior |",
+              "|---|---|---|---|"]
+        other = {c: v for c, _, v in paper_rows(plain, None, protocol)}
+        for claim, text, v in paper_rows(f, interventions, protocol):
+            L.append(f"| {claim} | {text} | {v} | {other.get(claim, '—')} |")
+    else:
+        L += ["| claim in the paper | ours (test, 95 % CI) | holds here? |", "|---|---|---|"]
+        L += [f"| {c} | {t} | {v} |" for c, t, v in paper_rows(f, interventions, protocol)]
     L += ["", "Other differences from the paper: λ and checkpoints are chosen on a validation split (the paper "
           "selected on test); the model and images are small; " + ("labels are exact." if protocol == "noised"
                                                                    else "labels come from a labelling network."), ""]
@@ -295,6 +403,7 @@ def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,
         return L + ["No probe results for this protocol.", ""]
     L += ["### Baselines", ""] + _baselines_table(res, protocol, f)
     L += _encodes(res, protocol, f, rc)
+    L += _where_scene(res, protocol, f, rc)
     L += _emergence(f)
     L += _vae(f, rc)
     L += _controls_table(res, protocol, f)
