@@ -517,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors of the machine, not of the code: one line too (the file and what to do), not a traceback.
 _OS_ADVICE = {errno.ENOSPC: "free some space or pass another --out", errno.EDQUOT: "free some space or pass another --out",
               errno.EROFS: "pass a writable --out", errno.EACCES: "pass a folder you can write to",
-              errno.EPERM: "pass a folder you can write to"}
+              errno.EPERM: "pass a folder you can write to",
+              errno.EINVAL: "the name or a setting is not valid here (e.g. a character such as : ? * \\ in a file "
+                            "name on a FAT, exFAT or SMB drive); pass another name or folder",
+              errno.ENAMETOOLONG: "pass a shorter name or folder"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,13 +533,21 @@ def main(argv: list[str] | None = None) -> int:
             _config(args, _seeded(args, "world"))  # preset, --config and --seed checked before any folder is touched
         with _owned(args):
             result = args.fn(args)
+        if result is not None:
+            print(result)
+        sys.stdout.flush()                        # a closed pipe is found here, not in the exit's flush
     except SceneprobeError as e:
+        _end_bars()
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:                       # `sceneprobe check-data … | head -c 1`: the reader left
+        return _reader_gone()
     except OSError as e:
         if e.errno not in _OS_ADVICE:
             raise
-        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}; {_OS_ADVICE[e.errno]}", file=sys.stderr)
+        _end_bars()
+        verb = "cannot use" if e.errno in (errno.EINVAL, errno.ENAMETOOLONG) else "cannot write"
+        print(f"error: {verb} {e.filename or 'a file'}: {e.strerror}; {_OS_ADVICE[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -544,9 +555,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         from . import owned
         owned.set_adopted([])                                          # --adopt holds for this command only
-    if result is not None:
-        print(result)
     return 0
+
+
+def _end_bars() -> None:
+    """Close the progress bars an error cut short, so the ``error:`` line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:      # a bar on a closed stream: nothing to tidy
+            pass
+
+
+def _reader_gone() -> int:
+    """What Unix tools do when the reader of their output exits (``| head``): stop, say nothing, and end with the
+    status of a SIGPIPE death (128 + 13); stdout goes to /dev/null so the exit's flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):      # no real stdout (tests, embedding): nothing to redirect
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -67,11 +67,13 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Capture, label, probe and report one Stable Diffusion folder; returns ``RUN/report/report.html``."""
     from .capture.run import _state
-    from .capture.sd import load_sd, run_capture_sd, sd_options
+    from .capture.sd import check_sd_folder, load_sd, read_prompts, run_capture_sd, sd_options
     from .study import Stages
     bad = [c for c in controls if c not in SD_CONTROLS]
     if bad:
         raise fail(f"unknown control {bad[0]!r}; choose from {', '.join(SD_CONTROLS)} (or none)")
+    read_prompts(prompts)                                             # the cheap inputs first: before any model loads
+    check_sd_folder(model, "--sd")                                    # (and before the run folder is written)
     out = Path(out)
     cc = cfg.capture
     state = _state()

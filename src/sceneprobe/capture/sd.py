@@ -24,10 +24,12 @@ labels, probes, report — is ``sceneprobe run --sd PATH --prompts CSV --out RUN
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import csv
 import hashlib
 import inspect
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,36 +54,83 @@ OnSite = Callable[[str, int, torch.Tensor], None]   # (site, step, rows (b, C, h
 INT64_MAX = 2**63 - 1
 
 
+MAX_PROMPTS_BYTES = 256 << 20   # reads stop here: a prompts file is text, a few MB at the paper's scale
+
+
+def _prompts_text(path: Path) -> str:
+    """The text of a prompts CSV: UTF-8 (a BOM is dropped), UTF-16/32 with a BOM (as Excel and Notepad save
+    them), else ISO-8859-1 (the paper's CSVs); NUL bytes without a BOM (UTF-16 without its mark, binary) are refused."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPTS_BYTES + 1)
+    except OSError as e:
+        raise fail(f"prompts file {path} cannot be read ({e.strerror or e}); pass a readable CSV") from None
+    if len(raw) > MAX_PROMPTS_BYTES:
+        raise fail(f"prompts file {path} is larger than {MAX_PROMPTS_BYTES >> 20} MB; pass a CSV with columns "
+                   f"prompt,seed")
+    for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            try:
+                return raw.decode(enc)
+            except UnicodeDecodeError:
+                raise fail(f"prompts file {path} starts with a {enc.upper()} byte-order mark but is not {enc.upper()} "
+                           f"text; save it as UTF-8 CSV") from None
+    if b"\0" in raw:
+        raise fail(f"prompts file {path} holds NUL bytes: UTF-16 without a byte-order mark, or not text; save it as "
+                   f"UTF-8 CSV (e.g. \"CSV UTF-8\" in a spreadsheet's Save As)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("iso-8859-1")
+
+
 def read_prompts(path: Path) -> tuple[list[str], list[int]]:
     """(prompts, seeds) from a CSV with a header naming ``prompt`` and ``seed`` (or the paper's ``prompts``,
-    ``seeds``); UTF-8, else ISO-8859-1 (the paper's CSVs)."""
+    ``seeds``); encodings as :func:`_prompts_text`. Cheap: every command checks it before loading a model."""
     path = Path(path)
     if not path.is_file():
         raise fail(f"prompts file {path} does not exist; pass a CSV with columns prompt,seed")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        text = path.read_text(encoding="iso-8859-1")
-    reader = csv.DictReader(text.splitlines())
-    cols = [c.strip() for c in (reader.fieldnames or [])]
-    names = {}
-    for need in ("prompt", "seed"):
-        have = [c for c in (need, need + "s") if c in cols]
-        if not have:
-            raise fail(f"prompts file {path} has no {need!r} column (columns: {', '.join(cols) or 'none'}); "
-                       f"the header must name prompt and seed")
-        names[need] = have[0]
+    reader = csv.DictReader(io.StringIO(_prompts_text(path), newline=""))
     prompts, seeds = [], []
-    for line, row in enumerate(reader, start=2):
-        row = {(k or "").strip(): v for k, v in row.items()}
-        try:
-            seeds.append(int(str(row[names["seed"]]).strip()))
-        except ValueError:
-            raise fail(f"prompts file {path}, line {line}: seed {row[names['seed']]!r} is not an integer") from None
-        if not 0 <= seeds[-1] <= INT64_MAX:  # torch generators take int64 seeds: fail here, not mid-capture
-            raise fail(f"prompts file {path}, line {line}: seed {seeds[-1]} is outside 0 … {INT64_MAX}; use a smaller "
-                       f"seed")
-        prompts.append(row[names["prompt"]] or "")
+    try:
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        names = {}
+        for need in ("prompt", "seed"):
+            have = [c for c in (need, need + "s") if c in cols]
+            if not have:
+                raise fail(f"prompts file {path} has no {need!r} column (columns: {', '.join(cols) or 'none'}); "
+                           f"the header must name prompt and seed")
+            names[need] = have[0]
+        for row in reader:
+            line = reader.line_num
+            row = {(k or "").strip(): v for k, v in row.items()}
+            raw_seed = row.get(names["seed"])
+            if raw_seed is None:
+                raise fail(f"prompts file {path}, line {line}: no seed (the row has fewer fields than the header); "
+                           f"write prompt,seed on every line and quote prompts that hold commas")
+            text = str(raw_seed).strip()
+            try:
+                if len(text) > 40:
+                    raise ValueError
+                seed = int(text)
+            except ValueError:
+                raise fail(f"prompts file {path}, line {line}: seed {text[:40]!r}{'…' if len(text) > 40 else ''} is "
+                           f"not an integer; seeds are whole numbers from 0 to {INT64_MAX}") from None
+            if seed < 0:                      # torch generators take int64 seeds: fail here, not mid-capture
+                raise fail(f"prompts file {path}, line {line}: seed {seed} is negative; use a seed from 0 to "
+                           f"{INT64_MAX}")
+            if seed > INT64_MAX:
+                raise fail(f"prompts file {path}, line {line}: seed {seed} is above the largest seed {INT64_MAX} "
+                           f"(2**63 - 1); use a smaller seed")
+            seeds.append(seed)
+            prompts.append(row[names["prompt"]] or "")
+    except csv.Error as e:
+        line = reader.line_num + 1                                   # the record being read started here
+        why = (f"a field is longer than {csv.field_size_limit()} characters; close an unclosed quote (\") on or "
+               f"before that line, or shorten the prompt (the text encoder reads only its first 77 tokens)"
+               if "field limit" in str(e) else f"not valid CSV ({e}); fix that line")
+        raise fail(f"prompts file {path}, line {line}: {why}") from None
     if not prompts:
         raise fail(f"prompts file {path} has no rows below its header")
     return prompts, seeds
@@ -111,16 +160,60 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """Load a local ``StableDiffusionPipeline`` folder; safety checker and feature extractor are not loaded."""
-    from diffusers import StableDiffusionPipeline
+# Pipelines of other families, told by model_index.json: its class name first, else the parts only they have.
+_FAMILIES = (("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD3"), ("Flux", "FLUX"), ("PixArt", "PixArt"),
+             ("Sana", "Sana"), ("Kandinsky", "Kandinsky"), ("IF", "DeepFloyd IF"), ("Wuerstchen", "Würstchen"),
+             ("StableCascade", "Stable Cascade"), ("Lumina", "Lumina"), ("HunyuanDiT", "Hunyuan-DiT"),
+             ("AuraFlow", "AuraFlow"), ("CogView", "CogView"), ("Latte", "Latte"), ("DiT", "DiT"))
+_PARTS = (("text_encoder_3", "SD3"), ("text_encoder_2", "SDXL"), ("transformer", "transformer (DiT)"),
+          ("prior", "prior-based"), ("decoder", "two-stage"))
+SUPPORTED = "Stable Diffusion v1/v2 (StableDiffusionPipeline)"
+
+
+def sd_family(index: dict) -> str | None:
+    """The family of a pipeline other than Stable Diffusion v1/v2 from its ``model_index.json`` (None: SD v1/v2)."""
+    name = str(index.get("_class_name", ""))
+    for prefix, family in _FAMILIES:
+        if name.startswith(prefix):
+            return family
+    if "transformer" in index and "text_encoder_2" in index and "text_encoder_3" not in index:
+        return "FLUX"                                                  # CLIP + T5 around a transformer
+    for part, family in _PARTS:
+        if part in index:
+            return family
+    return None
+
+
+def check_sd_folder(model_path: Path, option: str = "model folder") -> None:
+    """Refuse, before any weights are read, a folder that is not a loadable Stable Diffusion v1/v2 pipeline: no or
+    unreadable ``model_index.json``, another family (SDXL, SD3, FLUX, PixArt, …), or a missing part."""
+    import json
     model_path = Path(model_path)
-    if not (model_path / "model_index.json").is_file():
-        raise fail(f"model folder {model_path} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    index_file = model_path / "model_index.json"
+    if not index_file.is_file():
+        raise fail(f"{option} {model_path} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_bytes()[:1 << 20].decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        index = None
+    if not isinstance(index, dict):
+        raise fail(f"{option} {model_path}: model_index.json is not a JSON object; pass a diffusers Stable Diffusion "
+                   f"folder as saved by save_pretrained")
+    family = sd_family(index)
+    if family is not None:
+        raise fail(f"{option} {model_path} holds a pipeline of the {family} family ({index.get('_class_name', '?')} "
+                   f"in model_index.json); sceneprobe supports {SUPPORTED} folders only; pass one of those")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (model_path / sub).is_dir():
             raise fail(f"Stable Diffusion folder {model_path} has no {sub}/; it needs unet/, vae/, text_encoder/, "
                        f"tokenizer/ and scheduler/")
+
+
+def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant: str | None = None):
+    """Load a local ``StableDiffusionPipeline`` folder; safety checker and feature extractor are not loaded."""
+    model_path = Path(model_path)
+    check_sd_folder(model_path)
+    from diffusers import StableDiffusionPipeline
     variant = variant or find_variant(model_path)
     try:
         return StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype,

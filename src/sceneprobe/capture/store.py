@@ -50,11 +50,22 @@ def create_shard(path: Path, shape: Sequence[int], dtype: str = "float16") -> No
     os.replace(tmp, path)
 
 
+MAX_HEADER = 1 << 20   # a shard's JSON header is ~100 bytes; a length beyond this (or the file) is damage, not a header
+
+
 def _layout(path: Path) -> tuple[int, list[int], str]:
-    """(data start offset, shape, dtype code) read from a shard's header."""
+    """(data start offset, shape, dtype code) read from a shard's header; ValueError if it is damaged.
+
+    The header length is checked against the file's size and :data:`MAX_HEADER` before it is read: a garbage length
+    must not become a multi-GB read."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+            raise ValueError(f"header length {n} does not fit the file")
         meta = json.loads(f.read(n))["activations"]
+    if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and isinstance(meta.get("dtype"), str)
+            and all(isinstance(s, int) and s >= 0 for s in meta["shape"])):
+        raise ValueError("header has no valid activations entry")
     return 8 + n, meta["shape"], meta["dtype"]
 
 
@@ -145,7 +156,7 @@ class CaptureStore:
             raise fail(f"capture shard {path} is missing; {redo_advice(self.root)}")
         try:
             offset, shape, code = _layout(path)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             raise fail(f"capture shard {path} has a damaged header; {redo_advice(self.root)}") from None
         want = [self.n, *self.shape(site)]
         if shape != want or code != _DT[self.manifest["dtype"]][0]:
@@ -201,7 +212,16 @@ def load_labels(protocol_root: Path) -> dict[str, np.ndarray]:
     path = Path(protocol_root) / "labels.safetensors"
     if not path.is_file():
         raise fail(f"labels file {path} is missing; run `sceneprobe capture` (noised) or label the generated images first")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:          # safetensors' SafetensorError (truncated, garbage header) has no common base
+        if not (type(e).__name__ == "SafetensorError" or isinstance(e, (OSError, ValueError))):
+            raise
+        redo = (redo_advice(Path(protocol_root) / "ldm") if Path(protocol_root).name == "noised" else
+                f"label the images again with `sceneprobe label --images {Path(protocol_root) / 'samples.safetensors'} "
+                f"--force`")
+        raise fail(f"labels file {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                   f"{redo}") from None
 
 
 def save_labels(protocol_root: Path, depth: np.ndarray, saliency: np.ndarray, split: np.ndarray, **extra: np.ndarray) -> Path:

@@ -669,6 +669,7 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
         stores = [CaptureStore(s) for s in store_dirs]
         labels = load_protocol_labels(proto, stores[0].n, cfg.depth_target)
         for s in stores:
+            s.verify()                                   # every shard's header, before any probe file is written
             if s.n != stores[0].n:
                 raise fail(f"capture store {s.root} has {s.n} rows but {stores[0].root} has {stores[0].n}; rows must "
                            f"align with {proto / 'labels.safetensors'}")
