@@ -131,9 +131,9 @@ def check_out_folder(out: Path, force: bool = False, option: str = "--out") -> N
     own files (one without sceneprobe's marker), even with ``force``."""
     out = Path(out)
     check_target(out, option)
+    check_not_foreign(out, option)                     # first: --force would not help, so it is not advised
     if out.exists() and not force:
         raise fail(f"output folder {out} already exists; choose another {option} or pass --force to replace it")
-    check_not_foreign(out, option)
 
 
 def _rank() -> int:
