@@ -50,7 +50,7 @@ def prepare_kind(cfg: Config, run: Path, ctx, kind: str, sites: Sequence[str], s
         tmp = dst.with_name(".labels.copy")
         shutil.copyfile(src, tmp)
         tmp.replace(dst)
-    run_probes(root, cfg.probe, progress=progress)
+    run_probes(root, dataclasses.replace(cfg.probe, plain=False), progress=progress)   # edits use the layout-fair probes
     return root
 
 
