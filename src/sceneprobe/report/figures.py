@@ -18,7 +18,8 @@ DPI = 100
 LIMITS = {"dice": (0.0, 1.0), "spearman": (-0.2, 1.0), "skill": (-0.5, 1.0)}
 STYLE = {("ldm", "unet"): ("C0", "-", "o"), ("ldm", "vae.dec"): ("C1", "-", "s"), ("ldm", "vae.enc"): ("C1", ":", "x"),
          ("permuted", "unet"): ("C3", "--", "v"), ("fresh", "unet"): ("C2", "--", "^"),
-         ("permuted", "vae.dec"): ("C5", "--", "<"), ("fresh", "vae.dec"): ("C4", "--", ">")}
+         ("permuted", "vae.dec"): ("C5", "--", "<"), ("fresh", "vae.dec"): ("C4", "--", ">"),
+         ("ldm", "input"): ("k", "-.", "d")}
 
 
 def _save(fig, path: Path) -> Path:
@@ -77,7 +78,7 @@ def curves(res: Results, protocol: str, task: str, out: Path, findings: dict | N
     band = f.get("emergence", {}).get(task, {}).get("curve", [])
     if band:
         ax.fill_between([p.step for p, _ in band], [e.lo for _, e in band], [e.hi for _, e in band], color="C0",
-                        alpha=0.15, lw=0, label="U-Net 95 % CI")
+                        alpha=0.15, lw=0, label="U-Net, pointwise 95 % CI")
     ro = f.get("readout", {}).get(task, [])
     if ro:
         ax.plot([st for st, _, _ in ro], [r.mean for _, r, _ in ro], "--", color="k", marker=".",
