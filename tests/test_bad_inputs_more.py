@@ -74,6 +74,16 @@ def truncate_labels(run: Path) -> None:
     p.write_bytes(p.read_bytes()[:200])
 
 
+def results_with_a_site_edited_in(run: Path) -> None:
+    """results.csv with a row for a site the probe run never had (its per-image arrays name only the real one)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    write(run, "report/results.csv", HEADER + "noised,ldm,unet.mid.attn0,0,999,depth,test,rmse,0.5\n"
+                                              "noised,ldm,unet.bogus7.attn0,0,999,depth,test,rmse,0.4\n")
+    save_file({"noised/test-rows": np.arange(4), "noised/ldm/unet.mid.attn0/0/depth/rmse": np.ones(4)},
+              str(run / "report" / "per_image.safetensors"))
+
+
 def deep_yaml(n: int) -> str:
     return "train_vae: " + "[" * n + "]" * n + "\n"
 
@@ -97,8 +107,8 @@ ROWS = [
      lambda b, r: damage_first_shard(r, "header-length-huge-but-fits")),
     ("labels-truncated", ["probe", "--preset", "tiny", "--run", "{run}", "--no-progress"], "labels.safetensors is damaged",
      lambda b, r: truncate_labels(r)),
-    ("results-csv-unknown-site", ["report", "--run", "{run}"], "results.csv, line 2: site 'unet.bogus7.attn0'",
-     lambda b, r: write(r, "report/results.csv", HEADER + "noised,ldm,unet.bogus7.attn0,0,999,depth,test,rmse,0.5\n")),
+    ("results-csv-unknown-site", ["report", "--run", "{run}"], "results.csv, line 3: site 'unet.bogus7.attn0'",
+     lambda b, r: results_with_a_site_edited_in(r)),
     # config files
     ("config-5000-digit-int", ["scenes", "--preset", "tiny", "--config", "{box}/c.yaml", "--out", "{box}/d"],
      "c.yaml", lambda b, r: write(b, "c.yaml", "world: {n_scenes: " + "9" * 5000 + "}\n")),

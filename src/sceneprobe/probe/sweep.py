@@ -43,7 +43,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -783,6 +783,19 @@ def read_positions(path: Path) -> dict[str, str]:
     from safetensors import safe_open
     with safe_open(str(path), framework="np") as f:
         return json.loads((f.metadata() or {}).get("positions", "{}"))
+
+
+def check_rows_have_arrays(rows: list[dict], arrays: dict[str, np.ndarray], path: Path,
+                           skip: Callable[[dict], bool] = lambda r: False) -> None:
+    """Every (protocol, model, site, step) of ``results.csv`` has its per-test-image arrays (``per_image.safetensors``,
+    written by the same probe run): a site, model or step edited in, or files from two runs, are one error.
+    ``skip``: rows that are not the sweep's (the report's own comparison rows)."""
+    have = {tuple(k.split("/")[:4]) for k in arrays}
+    for line, r in enumerate(rows, start=2):
+        if not skip(r) and (r["protocol"], r["model"], r["site"], str(r["step"])) not in have:
+            raise fail(f"results file {path}, line {line}: site {r['site']!r} (model {r['model']}, step {r['step']}) "
+                       f"has no per-image results in {path.parent / 'per_image.safetensors'}: the two files are not "
+                       f"from the same probe run; rerun `sceneprobe probe --run {path.parent.parent}` to rewrite them")
 
 
 def _sort_key(r: dict):

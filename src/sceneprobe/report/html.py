@@ -15,9 +15,10 @@ from typing import Sequence
 
 from ..atomic import atomic_write_text
 from ..errors import fail
-from ..probe.sweep import COLUMNS, read_per_image, read_positions, read_results, write_results_csv
+from ..probe.sweep import (COLUMNS, check_rows_have_arrays, read_per_image, read_positions, read_results,
+                           write_results_csv)
 from . import figures
-from .analysis import TASKS, analyse, intervention_claims, merge_rows
+from .analysis import EST_TAG, TASKS, analyse, intervention_claims, merge_rows
 from .summary import summary_markdown
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
@@ -112,6 +113,9 @@ def write_report(run: Path, extra_sections: Sequence[tuple[str, str]] = ()) -> P
     rc = _report_config(run)
     pi = out / "per_image.safetensors"
     arrays, positions = (read_per_image(pi), read_positions(pi)) if pi.is_file() else ({}, {})
+    if arrays:                                                 # the sweep's rows (not the report's own) are its
+        check_rows_have_arrays(rows, arrays, out / "results.csv",
+                               skip=lambda r: EST_TAG in r["metric"] or r["model"] in ("readout", "intervention"))
     readouts = _readouts(run, {r["protocol"] for r in rows})
     claims, iv_ests = intervention_claims(_read_json(run / "interventions" / "results.json")
                                           or _read_json(run / "interventions" / "summary.json"))

@@ -27,6 +27,7 @@ Grayscale, palette and RGBA images are not errors: they are converted to RGB (al
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -348,10 +350,19 @@ def _rgb(im: Image.Image) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else np.ascontiguousarray(a[..., :3])
 
 
+@contextlib.contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """PIL warns (two lines on stderr) about images over ~89 M pixels; a large image is no attack here, and what
+    matters about it (its size against the others) is said in the one error line, if any."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def _read_image(path: Path) -> tuple[np.ndarray, str | None]:
     """(H, W, 3) uint8 and the original mode if it was converted to RGB."""
     try:
-        with Image.open(path) as im:
+        with _quiet_pil(), Image.open(path) as im:
             im.load()
             if im.mode == "RGB":
                 return np.asarray(im), None
@@ -385,7 +396,7 @@ def _read_depth(path: Path, image: Path, hw: tuple[int, int]) -> np.ndarray:
 
 def _read_mask(path: Path, image: Path, hw: tuple[int, int]) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with _quiet_pil(), Image.open(path) as im:
             im.load()
             m = np.asarray(im) if im.mode == "1" else np.asarray(im.convert("L")) if im.mode in ("L", "LA", "RGB", \
                 "RGBA") else to_uint8_planes(im)
