@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     if "streamed" in modes:
         run = work / "streamed"
         _hwm_reset()
+        fig["streamed_base_rss_gb"] = _hwm()[0]          # the pipeline, the labeller, Python: before streamed mode
         t = time.time()
         secs: dict = {}
         run_streamed_sd(cfg, Path("bench-sd14"), csv, run, lab, controls=controls, progress=args.progress,
@@ -250,8 +251,28 @@ def main(argv=None) -> int:
     proj["streamed_val_pred_ram_gb"] = n_va * 2 * LAMBDAS * sum(hw.values()) * 8 * n_steps / 1e9    # float64
     proj["streamed_test_pred_ram_gb"] = n_te * 2 * sum(hw.values()) * 8 * n_steps / 1e9
     proj["streamed_batch_acts_device_gb"] = args.batch * full_per_image / 1e9
+    from sceneprobe.probe.parallel import resolve_workers
+    workers = resolve_workers(args.workers)
+    # the solver's float32 copy of one probe's subsample lives only while that probe is fitted (probe/streamed.py
+    # frees it with the subsample after the fit): at most one per worker, the largest site's
+    proj["streamed_fit_copy_ram_gb"] = workers * n_tr * max(min(args.subsample, hw[s]) * d[s] * 4 for s in shapes) / 1e9
     proj["streamed_ram_gb"] = (proj["streamed_subsample_ram_gb"] + proj["streamed_val_pred_ram_gb"]
-                               + proj["streamed_test_pred_ram_gb"] + labels_gb)
+                               + proj["streamed_test_pred_ram_gb"] + labels_gb + proj["streamed_fit_copy_ram_gb"])
+    if "streamed_peak_rss_gb" in fig:
+        # the same arithmetic at this run's scale, beside the peak it measured (statistics in RAM when on the CPU)
+        from sceneprobe.capture.run import probe_split
+        sp_ = probe_split(list(range(N)))
+        r_tr, r_va, r_te = (int((sp_ == c).sum()) for c in (0, 1, 2))
+        hw_r = {s: c_h_w[1] * c_h_w[2] for s, c_h_w in shapes.items()}
+        ar = {"subsample": r_tr * sum(min(args.subsample, hw_r[s]) * d[s] * 2 for s in shapes) * n_steps,
+              "fit_copy": workers * r_tr * max(min(args.subsample, hw_r[s]) * d[s] * 4 for s in shapes),
+              "val_predictions": r_va * 2 * LAMBDAS * sum(hw_r.values()) * 8 * n_steps,
+              "test_predictions": r_te * 2 * sum(hw_r.values()) * 8 * n_steps,
+              "labels": N * res * res * (4 + 1 + 3),
+              "statistics": 0 if cuda else sum(d[s] ** 2 * 8 for s in shapes) * n_steps,
+              "batch_activations": args.batch * sum(shapes[s][0] * hw_r[s] * 4 for s in shapes) * n_steps}
+        fig["streamed_arithmetic_gb"] = {k: v / 1e9 for k, v in ar.items()}
+        fig["streamed_arithmetic_total_gb"] = sum(ar.values()) / 1e9
     # checkpoints while a model runs (probe/streamed_sd.py), one process: its statistics, the subsample, the test
     # predictions (val predictions stay in memory); removed when the model's probes are written
     proj["streamed_checkpoints_gb"] = (proj["streamed_G_device_gb"] + proj["streamed_subsample_ram_gb"]
@@ -277,10 +298,18 @@ def main(argv=None) -> int:
     print(f"projection (617 prompts x 512 px, {n_steps} U-Net calls, 16 U-Net sites + VAE, {models} model(s)): "
           f"full store {proj['full_store_gb']:.0f} GB on disk; streamed {proj['streamed_disk_gb']:.1f} GB on disk "
           f"(at most {proj['streamed_peak_disk_gb']:.1f} GB with the checkpoints of a running model), "
-          f"{proj['streamed_ram_gb']:.1f} GB RAM (subsample {proj['streamed_subsample_ram_gb']:.1f}, val predictions "
+          f"{proj['streamed_ram_gb']:.1f} GB RAM (subsample {proj['streamed_subsample_ram_gb']:.1f}, solver's float32 "
+          f"copy while a probe is fitted {proj['streamed_fit_copy_ram_gb']:.2f}, val predictions "
           f"{proj['streamed_val_pred_ram_gb']:.1f}, test predictions {proj['streamed_test_pred_ram_gb']:.1f}), "
           f"{proj['streamed_G_device_gb']:.1f} GB statistics + {proj['streamed_batch_acts_device_gb']:.1f} GB batch "
           f"activations on the device")
+    if "streamed_arithmetic_total_gb" in fig:
+        print(f"streamed memory at this run's scale ({N} prompts x {res} px): measured peak RSS "
+              f"{fig['streamed_peak_rss_gb']:.3f} GB = {fig['streamed_base_rss_gb']:.3f} GB before streamed mode "
+              f"(pipeline, labeller, Python) + {fig['streamed_peak_rss_gb'] - fig['streamed_base_rss_gb']:.3f} GB; "
+              f"arithmetic of what streamed mode holds: {fig['streamed_arithmetic_total_gb']:.3f} GB ("
+              + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in fig["streamed_arithmetic_gb"].items()) + ")"
+              + (f"; peak GPU {fig['streamed_peak_gpu_gb']:.3f} GB" if cuda else ""))
     for key in ("sample_hours", "full_capture_hours", "full_probe_hours", "streamed_hours"):
         if key in proj:
             print(f"projected {key.replace('_hours', '')}: {proj[key] * 60:.1f} min for the paper's study")

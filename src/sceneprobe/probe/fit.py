@@ -333,7 +333,10 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
 
     The fixed point is the float64 minimiser; the iteration contracts at a rate ρ of about the Hessian's relative
     error (~1e-4 near θ*). Stops when the remaining error, bounded by ``|step|·ρ/(1 − ρ)``, is below ``tol``
-    relative."""
+    relative. Not converged (False) when it has not within ``max_passes``, or when θ stops being finite: on an
+    ill-conditioned problem (λ far below the data's curvature in some direction, separable rows) the float32
+    Hessian's error exceeds the penalty there, the iteration stops contracting, and the result depends on the last
+    bits of its inputs — such a θ is no minimiser to report."""
     pen = lam * penalty.double()
     theta = theta.to(pen.device, torch.float64).clone()
     H = _pass32(chunks, theta, True)[2] / P + torch.diag(pen)
@@ -341,6 +344,8 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
     for k in range(1, max_passes + 1):
         step = _solve_scaled(H, _grad64(chunks, theta) / P + pen * theta)
         theta = theta - step
+        if not bool(torch.isfinite(theta).all()):
+            return theta, k, False
         r = _rel(step, theta)
         rate = min(r / prev, 0.5) if prev else 0.5
         if r < tol or (prev is not None and r * rate / (1 - rate) < tol):
@@ -417,6 +422,29 @@ class LogisticSolver:
     def refine(self, lam: float, theta: torch.Tensor) -> torch.Tensor:
         """The float64 minimiser for λ, from θ (d,) (:func:`logistic_refine`)."""
         return self.from_solver(logistic_refine(self.chunks, self.P, lam, self.penalty, self.to_solver(theta))[0])
+
+    def converged_path(self, lambdas: Iterable[float], init: torch.Tensor | None = None,
+                       tol: float = 1e-10) -> tuple[torch.Tensor, list[bool]]:
+        """Every λ's float64 minimiser (refined to ``tol``) and whether it converged: (θ (L, d), [bool] * L).
+
+        The path only starts where the fit is well posed. λ runs from large to small; the first λ whose refinement
+        does not converge (:func:`logistic_refine`) and every smaller one are marked not converged (their θ are
+        the path's, unrefined) — the data fix a *floor* on λ below which the penalised fit is too ill-conditioned
+        (nearly flat directions, separable rows: no minimiser at λ → 0) for its minimiser to be computed, and a
+        probe from there depends on the last bits of the inputs. Callers choose among converged λ only. The
+        converged ones are float64 minimisers to ``tol`` relative, so they depend on the start point only to ``tol``
+        (the path's, to 1e-3): statistics that differ in their last bits (another grouping of the additions) give
+        probes, val logits and choices of λ that agree to about ``tol``, not to 1e-3."""
+        lambdas = list(lambdas)
+        theta = self.path(lambdas, init)
+        ok = [False] * len(lambdas)
+        for i in sorted(range(len(lambdas)), key=lambda i: -lambdas[i]):
+            th, _, conv = logistic_refine(self.chunks, self.P, lambdas[i], self.penalty, self.to_solver(theta[i]),
+                                          tol)
+            if not conv:
+                break
+            theta[i], ok[i] = self.from_solver(th), True
+        return theta, ok
 
 
 def fit_logistic(X: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, lam: float, bias: bool = False,

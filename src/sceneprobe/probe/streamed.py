@@ -49,7 +49,8 @@ from . import sweep as sw
 from .metrics import NearestScorer, nanmean, ranks
 from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 
-STREAMED_VERSION = 2                   # 2: val/test predictions kept in float64 (see 3. above)
+STREAMED_VERSION = 3                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
+                                       # refined, λ below the convergence floor never chosen
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Acc:
     theta_d: torch.Tensor | None = None          # (L, d) raw coordinates
     theta_s: torch.Tensor | None = None
     scale: torch.Tensor | None = None
-    solver: fit.LogisticSolver | None = None
+    converged: list = field(default_factory=list)  # per λ: the saliency fit converged (False below the floor)
     pick: tuple[int, int] = (0, 0)
     tau: float = 0.0                            # val-chosen saliency threshold, folded into the intercept
 
@@ -131,7 +132,9 @@ class StreamedProbes:
 
     def train_batch(self, acts: dict, ids: Sequence[int], target: np.ndarray, saliency: np.ndarray) -> None:
         """Accumulate the statistics of one batch: ``target`` (b, H, W) raw target, ``saliency`` (b, H, W) {0, 1}."""
-        with self.timed("statistics"):
+        # BLAS pinned to one thread: a multi-threaded GEMM may split a sum over rows between threads (OpenBLAS does
+        # for XᵀS), so the thread count — 1 under torchrun, every core otherwise — would reach the saved statistics
+        with self.timed("statistics"), single_threaded(1):
             self._train_batch(acts, ids, target, saliency)
 
     def _train_batch(self, acts: dict, ids: Sequence[int], target: np.ndarray, saliency: np.ndarray) -> None:
@@ -220,11 +223,15 @@ class StreamedProbes:
         penalty = fit.penalty_mask(d, bias, dev) * scale ** 2
         a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
         init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-        chunks = self._chunks(a, d, dev)
-        a.solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks))
-        a.theta_s = a.solver.path(lams, init)                                     # the path to 1e-3, as the sweep
+        chunks = self._chunks(a, d, dev)                                          # the subsample in float32
+        solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks))
+        # every λ to its float64 minimiser, and where the fit stops converging (the floor; see converged_path)
+        a.theta_s, a.converged = solver.converged_path(lams, init)
         a.scale = scale
-        a.stats = None                                                            # free the device memory
+        # nothing after the fit needs the subsample or the solver's float32 copy of it (the chosen probe is already
+        # refined): both are freed here, with the statistics' device memory, not kept until λ is chosen
+        a.stats = a.sub = None
+        del solver, chunks
 
     @staticmethod
     def _chunks(a: Acc, d: int, device=torch.device("cpu"), per: int = 64) -> list:
@@ -253,17 +260,17 @@ class StreamedProbes:
         L, lams, a = len(self.lams), self.lams, self.acc[key]
         z = np.concatenate(a.val)                                                  # (n, 2L, h, w) float64
         rm = sc.depth(z[:, :L], spearman=False)["rmse"]
+        ok = a.converged
         if self.pc.bias:                                                          # each λ at its best threshold
-            dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] for i in range(L)]
+            dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] if ok[i] else float("nan") for i in range(L)]
         else:                                                                     # the paper's argmax rule
-            dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]
+            dice_s = [nanmean(d) if ok[i] else float("nan")
+                      for i, d in enumerate(sc.saliency(z[:, L:])["dice"].T)]
         a.pick = (sw._pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams), sw._pick(dice_s, lams))
-        i_s = a.pick[1]                                                           # the chosen one to float64
-        a.theta_s[i_s] = a.solver.refine(lams[i_s], a.theta_s[i_s])
-        if self.pc.bias:       # τ on val from the path probe's logits (the refined probe's val rows are gone)
+        i_s = a.pick[1]                                   # already the float64 minimiser (converged_path)
+        if self.pc.bias:                                  # τ on val from the chosen probe's own logits
             a.tau = sw.tune_threshold(sc, z[:, L + i_s])[1]
             a.theta_s[i_s, -1] -= a.tau
-        a.solver = a.sub = None
 
     # -------------------------------------------------------------------------------------------- results
     def results(self, labels, protocol: str, model: str, timesteps: Sequence[int]) -> dict:
@@ -304,7 +311,12 @@ class StreamedProbes:
         scores[("depth", "val", "lambda")] = lams[i_d]
         scores[("saliency", "val", "lambda")] = lams[i_s]
         scores[("saliency", "val", "threshold")] = a.tau
-        edge = {"depth": sw.lambda_edge(lams[i_d], lams), "saliency": sw.lambda_edge(lams[i_s], lams)}
+        conv = [lam for lam, ok in zip(lams, a.converged) if ok]
+        if not a.converged[i_s]:        # no λ of the grid converged: the saliency probe is not reported
+            scores = {k: (float("nan") if k[0] == "saliency" and k[2] != "lambda" else v) for k, v in scores.items()}
+        # the smallest λ whose fit converged (NaN: none) — the floor the data set; "low" edge = at that floor
+        scores[("saliency", "val", "lambda_floor")] = min(conv) if conv else float("nan")
+        edge = {"depth": sw.lambda_edge(lams[i_d], lams), "saliency": sw.lambda_edge(lams[i_s], conv or lams)}
         rows = [sw._row(protocol, model, site, step, timesteps[step], task, split, metric, v,
                         lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
         probe = sw.Probe(a.theta_d[i_d].cpu(), a.theta_s[i_s].cpu(), a.scale.cpu(), (lams[i_d], lams[i_s]),

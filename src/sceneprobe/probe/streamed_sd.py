@@ -27,6 +27,7 @@ predictions (≈ 8 GB); removed when the model's probes are written (images, lab
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,15 +47,36 @@ from . import sweep as sw
 from .streamed import STREAMED_VERSION, StreamedProbes, target_of
 
 
-def _save(path: Path, obj) -> None:
-    """torch.save through a temporary name and a rename (a killed process leaves no half-written checkpoint)."""
+def _save(path: Path, obj) -> str:
+    """torch.save through a temporary name and a rename (a killed process leaves no half-written checkpoint);
+    returns the file's digest (what a rank's statistics record of the chunks they include)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
+    digest = _digest(tmp)
     os.replace(tmp, path)
+    return digest
 
 
-def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damaged(path: Path, why: str, then: str) -> Exception:
+    return fail(f"streamed checkpoint {path} is damaged ({why}); delete that file and rerun the same command: {then}")
+
+
+def _load(path: Path, digest: str | None = None, then: str = "its chunk is sampled again"):
+    """A checkpoint, checked: against ``digest`` when one was recorded, and readable; else one line naming it."""
+    if digest is not None and _digest(path) != digest:
+        raise _damaged(path, "its digest differs from the one the statistics recorded", then)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:     # truncated, garbage, not a torch file: torch raises several types
+        raise _damaged(path, f"{type(e).__name__}: {' '.join(str(e).split())[:120]}", then) from None
 
 
 def chunks_of(ids: Sequence[int], batch: int, every: int) -> list[list[list[int]]]:
@@ -92,8 +114,9 @@ class Checkpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _stats_state(sp: StreamedProbes, chunks: list[int]) -> dict:
-    return {"chunks": list(chunks), "stats": {key: {"G": a.stats.G.cpu(), "B": a.stats.B.cpu(),
+def _stats_state(sp: StreamedProbes, digests: dict[int, str]) -> dict:
+    """A rank's running statistics and exactly which train chunks they include: ids and the chunk files' digests."""
+    return {"chunks": sorted(digests), "digests": [digests[c] for c in sorted(digests)], "stats": {key: {"G": a.stats.G.cpu(), "B": a.stats.B.cpu(),
                                                     "P": torch.tensor(a.stats.P, dtype=torch.float64),
                                                     "nonfinite": torch.tensor(a.nonfinite)}
                                               for key, a in sp.acc.items()}}
@@ -146,7 +169,28 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
     def mine(code: int, phase: str) -> list[int]:
         return [c for c in range(len(chunks[code])) if c % world == rank and not ck.chunk(phase, c).is_file()]
 
-    todo = {"train": mine(0, "train"), "val": mine(1, "val"), "test": mine(2, "test")}
+    # the train chunks this rank's statistics include, checked against the chunk files (a consistent point)
+    sp = StreamedProbes(m.shapes, m.n_steps, size, cfg, m.device)
+    done: dict[int, str] = {}
+    if ck.rank(rank).is_file():
+        with sp.timed("checkpoints"):
+            st = _load(ck.rank(rank), then="the chunks it counted are sampled again")
+            listed = dict(zip((int(c) for c in st.get("chunks", [])), st.get("digests", [])))
+            missing = [c for c in listed if not ck.chunk("train", c).is_file()]
+            if missing or len(listed) != len(st.get("chunks", [])):
+                # the statistics count a chunk whose subsample is gone: no sum can be taken apart, so this rank's
+                # statistics start again from zero (the consistent point) and all of its chunks are sampled again
+                log(f"[streamed] {ck.chunk('train', missing[0]) if missing else ck.rank(rank)} is missing, but "
+                    f"{ck.rank(rank)} counts it: rank {rank}'s train chunks are sampled again")
+            else:
+                for c, dg in listed.items():
+                    if _digest(ck.chunk("train", c)) != dg:
+                        raise _damaged(ck.chunk("train", c), "its digest differs from the one "
+                                       f"{ck.rank(rank).name} recorded", "its rank's chunks are sampled again")
+                _add_stats(sp, st)
+                done = listed
+    todo = {"train": [c for c in range(len(chunks[0])) if c % world == rank and c not in done],
+            "val": mine(1, "val"), "test": mine(2, "test")}
     bar = tqdm(total=sum(len(b) for code, ph in ((0, "train"), (1, "val"), (2, "test")) for c in todo[ph]
                          for b in chunks[code][c]), desc=f"streamed sd/{model}", unit="img",
                disable=not (progress and main))
@@ -169,33 +213,32 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
         return acts
 
     # 1. train: this process's chunks, its statistics checkpointed after each
-    sp = StreamedProbes(m.shapes, m.n_steps, size, cfg, m.device)
-    done: list[int] = []
-    if ck.rank(rank).is_file():
-        with sp.timed("checkpoints"):
-            st = _load(ck.rank(rank))
-            _add_stats(sp, st)
-            done = list(st["chunks"])
     for c in todo["train"]:
         b_all = [i for b in chunks[0][c] for i in b]
         for b_ids in chunks[0][c]:
             sp.train_batch(run(b_ids), b_ids, target_of(depth_all[b_ids], pc.depth_target), sal_all[b_ids])
         with sp.timed("checkpoints"):
-            _save(ck.chunk("train", c), {**_labels_part(b_all, depth_all, sal_all),
-                                         "sub": {key: a.sub for key, a in sp.acc.items()}})
+            done[c] = _save(ck.chunk("train", c), {**_labels_part(b_all, depth_all, sal_all),
+                                                   "sub": {key: a.sub for key, a in sp.acc.items()}})
             for a in sp.acc.values():
                 a.sub = []
-            done.append(c)
             _save(ck.rank(rank), _stats_state(sp, done))
     state.wait_for_everyone()
 
     # 2. fit (main): its own statistics plus the other processes', every chunk's subsample
     if main:
         with sp.timed("checkpoints"):
+            digests = dict(done)
             for r in range(1, world):
-                _add_stats(sp, _load(ck.rank(r)))
-            for c in range(len(chunks[0])):
-                part = _load(ck.chunk("train", c))
+                st = _load(ck.rank(r), then="the chunks it counted are sampled again")
+                got = dict(zip((int(c) for c in st["chunks"]), st["digests"]))
+                if sorted(got) != [c for c in range(len(chunks[0])) if c % world == r]:
+                    raise _damaged(ck.rank(r), f"it counts chunks {sorted(got)}, not rank {r}'s",
+                                   "the chunks it counted are sampled again")
+                _add_stats(sp, st)
+                digests.update(got)
+            for c in range(len(chunks[0])):              # every subsample row is one the statistics counted
+                part = _load(ck.chunk("train", c), digests.get(c), then="its rank's chunks are sampled again")
                 _read_labels(part, depth_all, sal_all)
                 for key, rows in part["sub"].items():
                     sp.acc[key].sub.extend(rows)
@@ -231,7 +274,7 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
         if main and files:                                # every chunk's predictions, in image order
             with sp.timed("checkpoints"):
                 for c in range(len(chunks[code])):
-                    part = _load(ck.chunk(phase, c))
+                    part = _load(ck.chunk(phase, c))         # damaged: one line; deleted ones were sampled again
                     _read_labels(part, depth_all, sal_all)
                     for key, z in part["pred"].items():
                         getattr(sp.acc[key], phase).append(z.numpy())
