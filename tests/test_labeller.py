@@ -211,3 +211,24 @@ def test_shipped_labeller_loads_and_records_its_training():
     assert record["eval"]["saliency_dice"] > 0.9 and record["eval"]["depth_spearman"] > 0.9
     lab = label_images(load_labeller(path), np.zeros((1, 64, 64, 3), np.uint8))
     assert lab["depth"].shape == (1, 64, 64)
+
+
+def test_shipped_readout_labeller_is_independent_of_the_labels_labeller():
+    """Issue 20: the read-out labeller differs from the labels' labeller in weights, init seed, architecture and
+    training world (neither is the study's world, seed 0), and its record holds its held-out eval and agreement."""
+    from sceneprobe.config import load_config
+    from sceneprobe.labeller import shipped_labeller_path, shipped_readout_labeller_path
+    a_path, b_path = shipped_labeller_path("cpu"), shipped_readout_labeller_path("cpu")
+    if not (a_path.is_dir() and b_path.is_dir()):
+        pytest.skip("no shipped labellers in this checkout")
+    ra, rb = (json.loads((p / "training.json").read_text()) for p in (a_path, b_path))
+    a, b = load_labeller(a_path), load_labeller(b_path)
+    arch = ("channels", "layers_per_block", "norm_num_groups")
+    assert [tuple(np.atleast_1d(a.config[k])) for k in arch] != [tuple(np.atleast_1d(b.config[k])) for k in arch]
+    assert rb["seed"] != ra["seed"] and len({0, ra["data"]["seed"], rb["data"]["seed"]}) == 3
+    assert rb["dtype"] == "float16" and (b_path / "diffusion_pytorch_model.safetensors").stat().st_size < 1.5e6
+    assert rb["eval"]["saliency_dice"] > 0.85 and rb["eval"]["depth_spearman"] > 0.85
+    assert rb["vs_first_labeller"]["study_world_heldout"]["agreement"]["clean"]["saliency_dice"] < 0.999
+    c = load_config("cpu").labeller_readout                                  # the preset trains the same recipe
+    assert [tuple(np.atleast_1d(getattr(c, k))) for k in arch] == [tuple(np.atleast_1d(b.config[k])) for k in arch]
+    assert c.seed == rb["seed"]

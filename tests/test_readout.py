@@ -194,3 +194,32 @@ def test_labeller_agreement_is_one_with_itself_and_lower_with_another(generate_r
     self_ag, ag = labeller_agreement(a, a, images), labeller_agreement(a, b, images)
     assert self_ag["saliency_dice"] == pytest.approx(1.0) and self_ag["depth_rmse"] == pytest.approx(0.0, abs=1e-9)
     assert ag["n_images"] == len(images) and ag["saliency_dice"] < 0.9 and ag["depth_rmse"] > 0.01
+
+
+def test_the_report_says_who_made_the_labels_and_who_read_x0(tmp_path):
+    import json
+
+    from sceneprobe.study import extra_sections
+    title = "Labels and image read-out: which labeller made which"
+    (tmp_path / "readout").mkdir()
+    for name, ch, seed, world in (("labeller", [16, 32], 0, 1), ("labeller_readout", [8, 16], 1, 2)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"channels": ch, "layers_per_block": 1 + seed,
+                                                                 "norm_num_groups": 4}))
+        (tmp_path / name / "training.json").write_text(json.dumps({
+            "seed": seed, "data": {"seed": world, "n_train": 10},
+            "eval": {"split": "test", "n_images": 5, "saliency_dice": 0.9 + seed / 100, "depth_spearman": 0.8}}))
+    info = {"labels_by": "labeller", "readout_by": "labeller_readout", "readout_is_labels_labeller": False,
+            "final_image": {"saliency_dice": 0.913, "depth_spearman": 0.871}}
+    (tmp_path / "readout" / "generate.json").write_text(json.dumps(info))
+    ag = {"n_images": 5, "saliency_dice": 0.93, "saliency_iou": 0.88, "depth_spearman": 0.95, "depth_pearson": 0.96,
+          "depth_rmse": 0.2}
+    (tmp_path / "labeller_readout_eval.json").write_text(json.dumps({"agreement": {"clean": ag,
+                                                                                   "vae_reconstruction": ag}}))
+    body = dict(extra_sections(tmp_path))[title]
+    assert "`labeller/` — channels [16, 32], 1 ResBlock(s) per level" in body and "world seed 1" in body
+    assert "`labeller_readout/` — channels [8, 16], 2 ResBlock(s)" in body and "world seed 2" in body
+    assert "different labellers" in body and "Dice 0.913" in body and "| saliency_dice | 0.93 | 0.93 |" in body
+    (tmp_path / "readout" / "generate.json").write_text(json.dumps({**info, "readout_by": "labeller",
+                                                                    "readout_is_labels_labeller": True}))
+    assert "scores itself" in dict(extra_sections(tmp_path))[title]

@@ -33,6 +33,35 @@ def test_run_writes_the_report(tiny_study):
     assert any(line.startswith("[probes] done") for line in lines)
 
 
+def test_generate_read_out_uses_a_second_labeller_with_other_weights(tiny_study, tiny_cfg):
+    """Issue 20: the generate labels are the first labeller's, the image read-out is a second one (another seed and
+    architecture, trained on its own world): other weights, recorded as such in readout/*.csv|json and the report."""
+    import csv
+    import json
+
+    from sceneprobe.labeller import load_labeller
+    out, _, _ = tiny_study
+    first, second = load_labeller(out / "labeller"), load_labeller(out / "labeller_readout")
+    assert tuple(second.config.channels) == tuple(tiny_cfg.labeller_readout.channels) != tuple(first.config.channels)
+    assert second.config.layers_per_block != first.config.layers_per_block
+    assert json.loads((out / "labeller_readout" / "training.json").read_text())["data"]["seed"] == \
+        tiny_cfg.world.seed + 2 != json.loads((out / "labeller" / "training.json").read_text())["data"]["seed"]
+    info = json.loads((out / "readout" / "generate.json").read_text())
+    assert info["labels_labeller"] == str(out / "labeller") and info["labeller"] == str(out / "labeller_readout")
+    assert info["readout_is_labels_labeller"] is False
+    with open(out / "readout" / "generate.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["labels_by"], r["readout_by"]) for r in rows} == {("labeller", "labeller_readout")}
+    with open(out / "readout" / "noised.csv", newline="") as f:
+        assert {(r["labels_by"], r["readout_by"]) for r in csv.DictReader(f)} == {("exact", "labeller_readout")}
+    results = (out / "report" / "results.csv").read_text()
+    assert "generate,readout,labeller_readout(x0)," in results and "labeller(x0)" not in results.replace(
+        "labeller_readout(x0)", "")
+    summary = (out / "report" / "summary.md").read_text()
+    assert "Labels and image read-out" in summary and "agreement" in summary
+    assert (out / "labeller_readout_eval.json").is_file()
+
+
 def test_rerun_skips_every_stage_and_config_change_redoes_probes(tiny_study, tiny_cfg):
     import dataclasses
     out, _, _ = tiny_study

@@ -19,6 +19,9 @@ from .config import Config, dump_yaml, fingerprint
 from .errors import SceneprobeError, fail
 
 CONTROL_MODELS = ("permuted", "fresh")
+# World seeds of the labellers' training scenes, as offsets from the study's world seed: each labeller learns on a
+# world of its own, disjoint from the scenes it is used on and from the other labeller's
+LABELLER_WORLD_OFFSET, READOUT_LABELLER_WORLD_OFFSET = 1, 2
 
 
 class Stages:
@@ -139,26 +142,15 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
            clear=[out / "unet", out / "train_ldm"] if from_scratch else [])
 
     lab_dir = out / "labeller"
-    if from_scratch or not (shipped / "labeller").is_dir():
-        def labeller():
-            from .labeller import train_labeller
-            from .world.dataset import load_dataset, make_dataset
-            ldata = out / "labeller_data"
-            if not (ldata / "split.json").exists():
-                make_dataset(ldata, n=cfg.labeller.n_scenes, size=cfg.world.size, seed=cfg.world.seed + 1,
-                             supersample=cfg.world.supersample, workers=cfg.world.workers, force=True, progress=progress)
-            train_labeller(cfg, load_dataset(ldata), lab_dir, resume=(out / "train_labeller").exists(), force=True,
-                           progress=progress)
-        lfp = fingerprint("scratch", cfg.labeller, cfg.world)
-    else:
-        def labeller():
-            tmp = out / ".labeller.copy"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(shipped / "labeller", tmp)
-            shutil.rmtree(lab_dir, ignore_errors=True)
-            tmp.rename(lab_dir)
-        lfp = fingerprint("copy", str(shipped / "labeller"), model_hash_of_folder(shipped / "labeller"))
-    st.run("labeller", lfp, [lab_dir / "config.json"], labeller, clear=[lab_dir])
+    lfn, lfp = _labeller_stage(cfg, out, shipped, "labeller", cfg.labeller, LABELLER_WORLD_OFFSET, from_scratch,
+                               progress)
+    st.run("labeller", lfp, [lab_dir / "config.json"], lfn, clear=[lab_dir])
+    # the image read-out's labeller: the second, independent one (readout.labeller: second), or the labels' own
+    ro_dir = out / "labeller_readout" if cfg.readout.labeller == "second" else lab_dir
+    if cfg.readout.labeller == "second":
+        rfn, rfp = _labeller_stage(cfg, out, shipped, "labeller_readout", cfg.labeller_readout,
+                                   READOUT_LABELLER_WORLD_OFFSET, from_scratch, progress)
+        st.run("labeller-readout", rfp, [ro_dir / "config.json"], rfn, clear=[ro_dir])
 
     ldm = load_ldm(out)
     mh = model_hash(ldm.unet) + model_hash(ldm.vae)
@@ -168,6 +160,14 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         atomic_write_json(out / "labeller_eval.json", labeller_provenance(load_labeller(lab_dir), data(), ldm.vae))
     st.run("labeller-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir), cfg.world, "provenance-1"),
            [out / "labeller_eval.json"], labeller_eval)
+    if ro_dir != lab_dir:
+        def readout_labeller_eval():
+            from .labeller import load_labeller, readout_labeller_provenance
+            atomic_write_json(out / "labeller_readout_eval.json", readout_labeller_provenance(
+                load_labeller(lab_dir), load_labeller(ro_dir), data(), ldm.vae))
+        st.run("labeller-readout-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir),
+                                                    model_hash_of_folder(ro_dir), cfg.world, "provenance-1"),
+               [out / "labeller_readout_eval.json"], readout_labeller_eval)
     from .capture.run import CAPTURE_VERSION, run_capture
     from .capture.store import CaptureStore
     for protocol in cfg.capture.protocols:
@@ -187,9 +187,9 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         def readout(protocol=protocol):
             from .labeller import load_labeller
             from .labeller.readout import run_readout
-            run_readout(out, protocol, load_labeller(lab_dir), target=cfg.probe.depth_target)
-        st.run(f"readout-{protocol}", fingerprint(mh, model_hash_of_folder(lab_dir), "readout-1",
-                                                  cfg.probe.depth_target),
+            run_readout(out, protocol, load_labeller(ro_dir), target=cfg.probe.depth_target)
+        st.run(f"readout-{protocol}", fingerprint(mh, model_hash_of_folder(lab_dir), model_hash_of_folder(ro_dir),
+                                                  "readout-2", cfg.probe.depth_target),
                [out / "readout" / f"{protocol}.csv"], readout)
 
     def probes():
@@ -209,6 +209,35 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     path = write_report(out, extra_sections=extra)
     log(f"[report] {path}")
     return path
+
+
+def _labeller_stage(cfg: Config, out: Path, shipped: Path, name: str, lc, world_offset: int, from_scratch: bool,
+                    progress: bool) -> tuple[Callable[[], None], str]:
+    """The stage that puts a labeller into ``out/<name>``: a copy of the shipped ``<name>/``, or (from scratch, or
+    none shipped) one trained with ``lc`` (a LabellerConfig) on scenes of world seed ``world.seed + world_offset``
+    (``out/<name>_data``). Returns (stage function, fingerprint)."""
+    dst = out / name
+    if from_scratch or not (shipped / name).is_dir():
+        def fn():
+            import dataclasses
+
+            from .labeller import train_labeller
+            from .world.dataset import load_dataset, make_dataset
+            ldata = out / f"{name}_data"
+            if not (ldata / "split.json").exists():
+                make_dataset(ldata, n=lc.n_scenes, size=cfg.world.size, seed=cfg.world.seed + world_offset,
+                             supersample=cfg.world.supersample, workers=cfg.world.workers, force=True, progress=progress)
+            train_labeller(dataclasses.replace(cfg, labeller=lc), load_dataset(ldata), dst,
+                           resume=(out / f"train_{name}").exists(), force=True, progress=progress)
+        return fn, fingerprint("scratch", lc, cfg.world, world_offset)
+
+    def fn():
+        tmp = out / f".{name}.copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(shipped / name, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+    return fn, fingerprint("copy", str(shipped / name), model_hash_of_folder(shipped / name))
 
 
 def model_hash_of_folder(folder: Path) -> str:
@@ -262,6 +291,9 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
                     "The labeller plays MiDaS and TRACER's role: it labels the generated images. Its accuracy on "
                     "held-out rendered scenes with exact ground truth bounds what the generate-protocol probes can "
                     "show.\n\n" + _metric_table(lab.get("eval", lab))))
+    sec = _labels_and_readout_section(run)
+    if sec:
+        out.append(sec)
     q = _read_json(run / "train_ldm" / "eval.json") or shipped.get("train_ldm", {}).get("eval")
     if q:
         out.append(("Generated image quality",
@@ -278,6 +310,62 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
     if v:
         out.append(("VAE reconstruction (held-out scenes)", _metric_table(v)))
     return out
+
+
+def _labeller_line(run: Path, name: str) -> str:
+    """``name/`` in words: architecture, seeds, training world and its held-out Dice / depth ρ (training.json)."""
+    t = _read_json(run / name / "training.json") or {}
+    c = _read_json(run / name / "config.json") or {}
+    lc, ev, data = t.get("labeller_config", {}), t.get("eval", {}), t.get("data", {})
+    arch = (f"channels {list(c.get('channels', lc.get('channels', [])))}, {c.get('layers_per_block', '?')} "
+            f"ResBlock(s) per level, {c.get('norm_num_groups', '?')} norm groups")
+    held = (f"; held-out ({ev.get('split', 'test')}, {ev.get('n_images', '?')} renders): saliency Dice "
+            f"{ev['saliency_dice']:.3f}, depth Spearman {ev['depth_spearman']:.3f}"
+            if isinstance(ev.get("saliency_dice"), float) and isinstance(ev.get("depth_spearman"), float) else "")
+    return (f"`{name}/` — {arch}; init/batch seed {t.get('seed', lc.get('seed', '?'))}, trained on world seed "
+            f"{data.get('seed', '?')} ({data.get('n_train', '?')} training scenes){held}")
+
+
+def _labels_and_readout_section(run: Path) -> tuple[str, str] | None:
+    """Which labeller made the generate labels and which read each step's x̂₀, and how far the two agree."""
+    info = {p: _read_json(run / "readout" / f"{p}.json") for p in ("generate", "noised")}
+    info = {p: i for p, i in info.items() if i}
+    if not info:
+        return None
+    g = info.get("generate") or {}
+    reader = next((i.get("readout_by") for i in info.values() if i.get("readout_by")), None)
+    labels = g.get("labels_by") or "labeller"
+    L = ["- **Labels**: `generate` — the labeller " + _labeller_line(run, labels) + " on each *final* generated "
+         "image; `noised` — exact (the renderer's)."]
+    if reader:
+        L.append("- **Image read-out** (each step's decoded x̂₀, both protocols): " + _labeller_line(run, reader) + ".")
+    if g.get("readout_is_labels_labeller"):
+        L.append("- In `generate` the read-out labeller **is** the labels' labeller: at the last steps x̂₀ is "
+                 "(almost) the final image, so the read-out scores itself (≈ 1 by construction) and says nothing "
+                 "about the activations there (`readout.labeller: same`).")
+    elif g:
+        fin = g.get("final_image") or {}
+        ceil = (f" On the final images of the test rows the read-out labeller scores Dice "
+                f"{fin['saliency_dice']:.3f}, depth Spearman {fin['depth_spearman']:.3f} against the labels"
+                if isinstance(fin.get("saliency_dice"), float) and isinstance(fin.get("depth_spearman"), float)
+                else "")
+        L.append("- In `generate` the two are **different labellers** (another seed, architecture and training "
+                 "world), so the read-out curve's last-step value is the two labellers' *agreement* on (almost) the "
+                 "final image, not 1 by construction: it is the ceiling of the read-out." + ceil + ". The probe is "
+                 "fitted to the first labeller's labels and the read-out is not, so a late-step probe − read-out gap "
+                 "of up to 1 − agreement can be the first labeller's own style rather than scene knowledge; the "
+                 "early steps, where the read-out is far below its ceiling, answer \"does the network know before "
+                 "the image shows it\".")
+    ag = (_read_json(run / "labeller_readout_eval.json") or {}).get("agreement")
+    if ag:
+        keys = ("saliency_dice", "saliency_iou", "depth_spearman", "depth_pearson", "depth_rmse")
+        rows = "\n".join(f"| {k} | {ag['clean'].get(k, float('nan')):.4g} | "
+                          f"{ag['vae_reconstruction'].get(k, float('nan')):.4g} |" for k in keys)
+        L += ["", f"Agreement of the read-out labeller with the labels' labeller (the latter as the truth) on "
+                  f"{ag['clean'].get('n_images', '?')} held-out scenes of the run's world "
+                  "(`labeller_readout_eval.json`, which also scores the read-out labeller against exact labels):", "",
+              "| metric | clean renders | VAE reconstructions |", "|---|---|---|", rows]
+    return "Labels and image read-out: which labeller made which", "\n".join(L)
 
 
 def _read_json(path: Path) -> dict | None:
