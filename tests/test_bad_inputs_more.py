@@ -84,6 +84,10 @@ def results_with_a_site_edited_in(run: Path) -> None:
               str(run / "report" / "per_image.safetensors"))
 
 
+def truncate(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:n])
+
+
 def deep_yaml(n: int) -> str:
     return "train_vae: " + "[" * n + "]" * n + "\n"
 
@@ -109,6 +113,8 @@ ROWS = [
      lambda b, r: truncate_labels(r)),
     ("results-csv-unknown-site", ["report", "--run", "{run}"], "results.csv, line 3: site 'unet.bogus7.attn0'",
      lambda b, r: results_with_a_site_edited_in(r)),
+    ("per-image-results-truncated", ["report", "--run", "{run}"], "per_image.safetensors are damaged",
+     lambda b, r: (results_with_a_site_edited_in(r), truncate(r / "report" / "per_image.safetensors", 50))),
     # config files
     ("config-5000-digit-int", ["scenes", "--preset", "tiny", "--config", "{box}/c.yaml", "--out", "{box}/d"],
      "c.yaml", lambda b, r: write(b, "c.yaml", "world: {n_scenes: " + "9" * 5000 + "}\n")),

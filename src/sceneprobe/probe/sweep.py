@@ -775,14 +775,27 @@ def read_per_image(path: Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise fail(f"per-image results {path} are missing; rerun `sceneprobe probe --run {path.parent.parent}`")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:                                  # safetensors' own error type (truncated, garbage header)
+        raise _damaged_per_image(path, e) from None
 
 
 def read_positions(path: Path) -> dict[str, str]:
     """``protocol/site`` → position-only baseline site (metadata of ``per_image.safetensors``)."""
     from safetensors import safe_open
-    with safe_open(str(path), framework="np") as f:
-        return json.loads((f.metadata() or {}).get("positions", "{}"))
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return json.loads((f.metadata() or {}).get("positions", "{}"))
+    except Exception as e:
+        raise _damaged_per_image(path, e) from None
+
+
+def _damaged_per_image(path: Path, e: Exception) -> Exception:
+    if not (type(e).__name__ == "SafetensorError" or isinstance(e, (OSError, ValueError))):
+        return e
+    return fail(f"per-image results {path} are damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                f"rerun `sceneprobe probe --run {path.parent.parent}` to rewrite them")
 
 
 def check_rows_have_arrays(rows: list[dict], arrays: dict[str, np.ndarray], path: Path,
