@@ -189,18 +189,20 @@ def test_an_older_run_is_adopted_only_with_adopt(box, tiny_run, capsys):
     old = box / "old"
     shutil.copytree(tiny_run, old)
     (old / ".sceneprobe.json").unlink()                              # made before markers
+    shutil.rmtree(old / "report", ignore_errors=True)                # (report fails: no results.csv)
+    (old / ".draft.tmp").write_text("unsaved\n")                      # not a temporary of ours: kept when adopted
     before = sandbox_hash(box)
     argv = ["export", "--run", tiny_run, "--force", "--out", old]
     assert_refused(*run_cli(capsys, argv)[::2], "--adopt")
     assert sandbox_hash(box) == before
     code, _, err = run_cli(capsys, ["report", "--run", old, "--adopt"])   # no results.csv: a user error
     assert_refused(code, err, "results.csv")
-    assert sandbox_hash(box) == before                               # adoption undone with the failed command
+    assert sandbox_hash(box) == before, sorted(p.name for p in old.iterdir())   # adoption undone with the failure
     code, _, err = run_cli(capsys, [*argv, "--adopt"])
     assert code == 0, err
     marker = json.loads((old / ".sceneprobe.json").read_text())
     assert marker["made_by"] == "sceneprobe export" and marker["adopted"] is True
-    assert (old / "training.json").is_file()
+    assert (old / "training.json").is_file() and (old / ".draft.tmp").read_text() == "unsaved\n"
     assert run_cli(capsys, argv)[0] == 0                             # ours now: no flag needed
 
 

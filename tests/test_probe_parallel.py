@@ -81,7 +81,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(store_run, tmp_path, capsys):
     shutil.copytree(store_run, run)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"probe": {"device": "cuda"}}))
-    assert main(["probe", "--run", str(run), "--config", str(cfg), "--no-progress"]) == 2
+    assert main(["probe", "--run", str(run), "--config", str(cfg), "--no-progress", "--adopt"]) == 2   # no marker
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "probe.device is cuda" in err[0]
 

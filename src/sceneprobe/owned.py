@@ -259,7 +259,8 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
             added_marker = read_marker(folder) is None
             if added_marker:
                 write_marker(folder, made_by, adopted=is_adopted(folder) and bool(user_entries(folder)))
-            clean_stale_inside(folder)
+            else:                                                      # (never in a folder claimed just now: an
+                clean_stale_inside(folder)                             # adopted one's dot files are not our temps)
             _barrier()                                                 # the other ranks may write now
             yield folder
     except SceneprobeError:
