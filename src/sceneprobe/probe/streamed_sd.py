@@ -89,7 +89,7 @@ class Checkpoints:
     """``captures/sd/<model>/streamed/``: started afresh (by the main process) when its identity differs."""
 
     def __init__(self, folder: Path, identity: dict, state, force: bool, log: Callable[[str], None]):
-        self.dir, self.state = Path(folder), state
+        self.dir, self.state, self.log = Path(folder), state, log
         if state.is_main_process:
             path = self.dir / "identity.json"
             try:
@@ -180,7 +180,7 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
             if missing or len(listed) != len(st.get("chunks", [])):
                 # the statistics count a chunk whose subsample is gone: no sum can be taken apart, so this rank's
                 # statistics start again from zero (the consistent point) and all of its chunks are sampled again
-                log(f"[streamed] {ck.chunk('train', missing[0]) if missing else ck.rank(rank)} is missing, but "
+                ck.log(f"[streamed] {ck.chunk('train', missing[0]) if missing else ck.rank(rank)} is missing, but "
                     f"{ck.rank(rank)} counts it: rank {rank}'s train chunks are sampled again")
             else:
                 for c, dg in listed.items():
