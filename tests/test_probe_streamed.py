@@ -100,6 +100,7 @@ def test_streamed_mode_stores_no_activations_and_resumes(runs, capsys):
     assert (runs["sub"] / "report" / "results.csv").read_bytes() == before
 
 
+K_PROCESS_RTOL = 1e-6   # streamed mode: K processes equal one to this, relative (README, streamed mode)
 SUB = {"steps": 2, "batch_size": 5, "height": 32, "width": 32, "store": "streamed", "subsample": 24}
 
 
@@ -145,7 +146,8 @@ def test_streamed_resumes_an_interrupted_run_byte_for_byte(runs, tmp_path, monke
 
 def test_streamed_under_accelerate_two_processes_equals_one(runs, tmp_path):
     """`accelerate launch` with two CPU processes: the chunks are dealt out, the statistics added on the main process;
-    the results equal the one-process run's (G's float64 additions are grouped differently: last bits)."""
+    the results and probes equal the one-process run's to K_PROCESS_RTOL (G's float64 additions are grouped
+    differently: last bits)."""
     import os
     import subprocess
     import sys
@@ -168,9 +170,21 @@ def test_streamed_under_accelerate_two_processes_equals_one(runs, tmp_path):
     assert "2 process(es)" in p.stdout                 # the main process's log line for each model
     one, two = (_rows(r / "report" / "results.csv") for r in (runs["sub"], out))
     assert set(one) == set(two)
-    for key, v in one.items():
-        tol = dict(rel=1e-4, abs=1e-6) if key[3] == "depth" or key[0] == "baseline" else dict(rel=1e-3, abs=1e-2)
-        assert two[key] == pytest.approx(v, nan_ok=True, **tol), key
+    worst = {}
+    for key, v in one.items():       # the same λ, threshold and metrics (to the probes' tolerance)
+        worst[key[3]] = max(worst.get(key[3], 0.0), abs(two[key] - v) / max(abs(v), 1.0) if v == v else 0.0)
+    for model, site, step in sorted({k[:3] for k in one if k[0] != "baseline"}):
+        w1, w2 = (_weights(r, model, site, int(step)) for r in (runs["sub"], out))
+        for task in ("depth", "saliency"):
+            for part in ("weight", "bias"):
+                a, b = w1[f"{task}.{part}"].double(), w2[f"{task}.{part}"].double()
+                worst[f"{task}.{part}"] = max(worst.get(f"{task}.{part}", 0.0),
+                                              float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)))
+    # the stated tolerance of K processes against one: 1e-6 relative (absolute below 1), on every metric and on the depth and saliency
+    # probes' weights and biases (relative to the largest). Only the grouping of G's and XᵀS's float64 additions
+    # differs (last bits, ~1e-16·cond); every saliency λ is refined to its float64 minimiser (1e-10) and λ below the
+    # convergence floor is never chosen, so no choice hangs on the path's 1e-3. (Measured here: 0.)
+    assert max(worst.values()) <= K_PROCESS_RTOL, worst
     from safetensors.numpy import load_file
     la, lb = (load_file(str(r / "captures" / "sd" / "labels.safetensors")) for r in (runs["sub"], out))
     for k in la:
