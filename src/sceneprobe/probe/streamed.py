@@ -12,15 +12,16 @@ the probes need is much less, and the sampling order can make each image be samp
    is that small) is kept for the saliency fit, with weights ``n_j·hw/m`` (an unbiased estimate of the full
    objective). Activations are rounded to ``capture.dtype`` first: exactly what a full store would hold.
 2. **fit**: depth = ridge for every λ from G and XᵀS (exact: the full store's probe, to float rounding); saliency =
-   the sweep's IRLS logistic path (to 1e-3 relative) on the subsample, started from the exact full-data first Newton
-   step (with the whole grid as the subsample, it is the full store's path).
+   the sweep's IRLS logistic path on the subsample, started from the exact full-data first Newton step, then every
+   λ refined to its float64 minimiser (:meth:`~.fit.LogisticSolver.converged_path`); λ below the first one whose
+   refinement does not converge (the data's floor) is never chosen. The subsample and the solver's float32 copy
+   of it are freed after each probe's fit.
 3. **validation images**: predictions of every λ's probe (native resolution, float64 as the sweep computes them:
    float32 would tie the logits of a strongly penalised probe, which spread ~1e-5 around its intercept, and Dice at
    a tuned threshold depends on their order) are kept; λ is chosen with the
-   sweep's rule (depth: lowest mean MSE; saliency: highest mean Dice; ties → larger λ), then the chosen saliency
-   probe is refined to float64 convergence, as in the sweep. Its decision threshold τ (with an intercept) and its
-   validation metrics come from the path probe's validation logits (within 1e-3 relative of the refined probe's:
-   only pixels whose logit is that close to τ can differ); the test split is scored with the refined probe.
+   sweep's rule (depth: lowest mean MSE; saliency: highest mean Dice among converged λ; ties → larger λ). The
+   chosen probe's decision threshold τ (with an intercept) and its validation metrics come from its own validation
+   logits; the test split is scored with the same probe.
 4. **test images**: predictions of the chosen probes are kept; then every metric of the sweep (val and test, skill
    over the position-only baseline, per-image arrays for the bootstrap, the baselines) is computed with the sweep's
    own functions from these predictions and the labels. Probe files and ``results.csv`` have the sweep's format.
