@@ -217,8 +217,9 @@ def test_the_report_says_who_made_the_labels_and_who_read_x0(tmp_path):
     (tmp_path / "labeller_readout_eval.json").write_text(json.dumps({"agreement": {"clean": ag,
                                                                                    "vae_reconstruction": ag}}))
     body = dict(extra_sections(tmp_path))[title]
-    assert "`labeller/` — channels [16, 32], 1 ResBlock(s) per level" in body and "world seed 1" in body
-    assert "`labeller_readout/` — channels [8, 16], 2 ResBlock(s)" in body and "world seed 2" in body
+    assert "`labeller/` on each *final* generated image (channels [16, 32], 1 ResBlock(s) per level" in body
+    assert "read-out** (each step's decoded x̂₀, both protocols): `labeller_readout/` (channels [8, 16], 2 ResBlock(s)" \
+        in body and "world seed 1" in body and "world seed 2" in body
     assert "different labellers" in body and "Dice 0.913" in body and "| saliency_dice | 0.93 | 0.93 |" in body
     (tmp_path / "readout" / "generate.json").write_text(json.dumps({**info, "readout_by": "labeller",
                                                                     "readout_is_labels_labeller": True}))

@@ -313,16 +313,16 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
 
 
 def _labeller_line(run: Path, name: str) -> str:
-    """``name/`` in words: architecture, seeds, training world and its held-out Dice / depth ρ (training.json)."""
+    """The labeller ``run/name/`` in words: architecture, seeds, training world and its held-out Dice / depth ρ."""
     t = _read_json(run / name / "training.json") or {}
     c = _read_json(run / name / "config.json") or {}
     lc, ev, data = t.get("labeller_config", {}), t.get("eval", {}), t.get("data", {})
     arch = (f"channels {list(c.get('channels', lc.get('channels', [])))}, {c.get('layers_per_block', '?')} "
             f"ResBlock(s) per level, {c.get('norm_num_groups', '?')} norm groups")
-    held = (f"; held-out ({ev.get('split', 'test')}, {ev.get('n_images', '?')} renders): saliency Dice "
+    held = (f"; on {ev.get('n_images', '?')} held-out ({ev.get('split', 'test')}) renders of that world: saliency Dice "
             f"{ev['saliency_dice']:.3f}, depth Spearman {ev['depth_spearman']:.3f}"
             if isinstance(ev.get("saliency_dice"), float) and isinstance(ev.get("depth_spearman"), float) else "")
-    return (f"`{name}/` — {arch}; init/batch seed {t.get('seed', lc.get('seed', '?'))}, trained on world seed "
+    return (f"{arch}; init/batch seed {t.get('seed', lc.get('seed', '?'))}, trained on world seed "
             f"{data.get('seed', '?')} ({data.get('n_train', '?')} training scenes){held}")
 
 
@@ -335,10 +335,11 @@ def _labels_and_readout_section(run: Path) -> tuple[str, str] | None:
     g = info.get("generate") or {}
     reader = next((i.get("readout_by") for i in info.values() if i.get("readout_by")), None)
     labels = g.get("labels_by") or "labeller"
-    L = ["- **Labels**: `generate` — the labeller " + _labeller_line(run, labels) + " on each *final* generated "
-         "image; `noised` — exact (the renderer's)."]
+    L = [f"- **Labels**: `generate` — `{labels}/` on each *final* generated image ({_labeller_line(run, labels)}); "
+         "`noised` — exact (the renderer's)."]
     if reader:
-        L.append("- **Image read-out** (each step's decoded x̂₀, both protocols): " + _labeller_line(run, reader) + ".")
+        L.append(f"- **Image read-out** (each step's decoded x̂₀, both protocols): `{reader}/` "
+                 f"({_labeller_line(run, reader)}).")
     if g.get("readout_is_labels_labeller"):
         L.append("- In `generate` the read-out labeller **is** the labels' labeller: at the last steps x̂₀ is "
                  "(almost) the final image, so the read-out scores itself (≈ 1 by construction) and says nothing "
