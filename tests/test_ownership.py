@@ -327,3 +327,23 @@ def test_a_model_is_never_saved_over_a_link(tmp_path, tiny_vae_dir):
     with pytest.raises(SceneprobeError, match="symbolic link"):
         save_model(AutoencoderKL.from_pretrained(theirs), run / "vae")
     assert sandbox_hash(tmp_path) == before
+
+
+def test_a_run_that_fails_after_writing_keeps_its_marker(tmp_path):
+    """A command that fails late (after writing outputs) leaves a folder that is still sceneprobe's, so the rerun
+    resumes it; one that fails before writing anything leaves the folder as it found it (no marker, or no folder)."""
+    from sceneprobe.errors import SceneprobeError, fail
+    from sceneprobe.owned import is_ours, owned_folder
+    late, early, empty = tmp_path / "late", tmp_path / "early", tmp_path / "empty"
+    empty.mkdir()
+    for folder, writes in ((late, True), (early, False), (empty, False)):
+        with pytest.raises(SceneprobeError, match="late"):
+            with owned_folder(folder, "sceneprobe run"):
+                if writes:
+                    (folder / "captures").mkdir()
+                raise fail("late error")
+    assert is_ours(late) and (late / "captures").is_dir()
+    assert not early.exists()
+    assert empty.is_dir() and not any(empty.iterdir())
+    with owned_folder(late, "sceneprobe run"):                      # the rerun is let in
+        pass

@@ -253,6 +253,7 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
     except OSError as e:
         raise fail(f"{option} {folder} cannot be created ({e.strerror}); pass a folder you can write to") from None
     locked = added_marker = False
+    found = set(os.listdir(folder))
     try:
         with file_lock(Path(os.path.realpath(folder)) / LOCK, folder):
             locked = True
@@ -265,12 +266,14 @@ def owned_folder(folder: Path, made_by: str, option: str = "--out", must_exist: 
             yield folder
     except SceneprobeError:
         if locked:
-            _rollback(folder, created, added_marker)
+            _rollback(folder, created, added_marker, found)
         raise
 
 
-def _rollback(folder: Path, created: bool, added_marker: bool) -> None:
-    """After a user error: leave the folder as the command found it when nothing of value was written."""
+def _rollback(folder: Path, created: bool, added_marker: bool, found: set[str]) -> None:
+    """After a user error: leave the folder as the command found it (``found``: its entries then) when nothing of
+    value was written. A folder that now holds what this command wrote keeps its marker: it is sceneprobe's (a rerun
+    resumes it; without the marker the rerun would be refused as the user's)."""
     try:
         entries = set(os.listdir(folder))
         stages = folder / ".stages"
@@ -279,8 +282,8 @@ def _rollback(folder: Path, created: bool, added_marker: bool) -> None:
         return
     if created and scaffold_only:
         shutil.rmtree(folder, ignore_errors=True)
-    elif added_marker:                                                 # adopted by this failed command: undo
-        (folder / MARKER).unlink(missing_ok=True)
+    elif added_marker and entries - SCAFFOLDING <= found:              # claimed by this failed command, nothing
+        (folder / MARKER).unlink(missing_ok=True)                      # of value added: undo the claim
 
 
 @contextlib.contextmanager
