@@ -3,8 +3,10 @@
 * provenance: the labeller against the exact labels of held-out rendered scenes (world ``--world-seed``, never seen by
   the shipped VAE or labeller), on the renders and on their VAE reconstructions (``labeller_provenance``);
 * read-out: a ``generate`` capture of ``--n`` samples (U-Net mid site + VAE decoder, so the x̂₀ of the test rows is
-  decoded at every step), the labeller's labels of the final images, and the labeller on every step's x̂₀ scored
-  against them (``run_readout``): mean over the test rows per step.
+  decoded at every step), the labeller's labels of the final images, and a labeller on every step's x̂₀ scored
+  against them (``run_readout``): mean over the test rows per step — read by the labels' own labeller (which scores
+  itself at the last steps) and by the independent read-out labeller (``labeller_readout/``, issue 20), whose
+  last-step value is the two labellers' agreement.
 
     python benchmarks/bench_readout.py [--model FOLDER] [--n 32] [--scenes 240] [--world-seed 7]
 
@@ -48,17 +50,22 @@ def main() -> None:
         cfg = load_config("cpu", overrides={"capture": {"n_generate": args.n, "batch_size": min(args.n, 16)}})
         run_capture(cfg, tmp / "run", "generate", ldm, progress=False, sites=["unet.mid.attn0", "vae.dec.mid.attn0"])
         label_samples(lab, tmp / "run" / "captures" / "generate" / "samples.safetensors", force=True)
-        run_readout(tmp / "run", "generate", lab)
-        r = load_readout(tmp / "run", "generate")
+        curves = {}
+        readers = [("same", lab)] + ([("second", load_labeller(root / "labeller_readout"))]
+                                     if (root / "labeller_readout").is_dir() else [])
+        for name, reader in readers:
+            run_readout(tmp / "run", "generate", reader)
+            r = curves[name] = load_readout(tmp / "run", "generate")
         t2 = time.time()
     keys = ("saliency_dice", "saliency_iou", "depth_spearman", "depth_pearson", "depth_rmse")
     print(f"provenance: {prov['clean']['n_images']} held-out scenes, {t1 - t0:.0f} s")
     print(json.dumps({k: {"clean": round(prov["clean"][k], 3), "vae_reconstruction":
                           round(prov["vae_reconstruction"][k], 3)} for k in keys}))
     print(f"read-out: {len(r.rows)} test rows of {args.n} generated, steps {r.steps[0]}…{r.steps[-1]}, {t2 - t1:.0f} s")
-    for task, metric in (("saliency", "dice"), ("saliency", "auroc"), ("depth", "spearman"),
-                         ("depth", "spearman_nonsky"), ("depth", "mse")):
-        print(f"readout {task} {metric}: " + " ".join(f"{v:.2f}" for v in r.curve(task, metric)))
+    for r in curves.values():
+        for task, metric in (("saliency", "dice"), ("saliency", "auroc"), ("depth", "spearman"),
+                             ("depth", "spearman_nonsky"), ("depth", "mse")):
+            print(f"readout ({r.readout_by}) {task} {metric}: " + " ".join(f"{v:.2f}" for v in r.curve(task, metric)))
 
 
 if __name__ == "__main__":
