@@ -67,6 +67,7 @@ import csv
 import io
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -558,8 +559,9 @@ def run_interventions(cfg: Config, run: Path, task: str = "both", progress: bool
     run = Path(run)
     main = load_context(run)
     tasks = TASKS if task == "both" else (task,)
-    results, kinds = [], {}
+    results, kinds, seconds = [], {}, {}
     for kind in dict.fromkeys(getattr(ic, "site_kinds", (main.kind,))):
+        t0 = time.perf_counter()
         if kind == main.kind:
             ctx = main
         else:                       # another reading of the same sites: its own capture of the edited sites and probes
@@ -567,13 +569,19 @@ def run_interventions(cfg: Config, run: Path, task: str = "both", progress: bool
             sites = [s for s in main.unet_sites if any(s in p[0] for p in plans)]
             steps = sorted({i for p in plans for i in p[1]})
             ctx = load_context(run, prepare_kind(cfg, run, main, kind, sites, steps, progress))
-        done = [run_task(ctx, t, ic, cfg.capture.batch_size, progress) for t in tasks]
+            seconds[f"{kind}.probes"] = round(time.perf_counter() - t0, 1)
+        done = []
+        for t in tasks:
+            t0 = time.perf_counter()
+            done.append(run_task(ctx, t, ic, cfg.capture.batch_size, progress))
+            seconds[f"{kind}.{t}"] = round(time.perf_counter() - t0, 1)
         results += done
         kinds[kind] = {"notes": ctx.notes, "tasks": {res.task: summarise(res, rc, ic) for res in done}}
     out = run / "interventions"
     atomic_write_text(out / "results.csv", results_csv([r for res in results for r in res.rows]))
     summary = {"protocol": PROTOCOL, "config": to_dict(ic), "report": to_dict(rc), "rule": RULE, "dose_rule": DOSE_RULE,
-               "capture_site_kind": main.kind, "steps_total": main.steps, "notes": main.notes, "kinds": kinds}
+               "capture_site_kind": main.kind, "steps_total": main.steps, "notes": main.notes, "kinds": kinds,
+               "seconds": seconds}                                              # wall time per part (machine-dependent)
     atomic_write_json(out / "summary.json", summary)
     verdicts = verdicts_json(summary, rc)
     atomic_write_json(out / "results.json", verdicts)
