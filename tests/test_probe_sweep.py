@@ -320,3 +320,24 @@ def test_relative_depth_errors_remove_offset_and_scale():
         A = np.c_[noise[i].ravel(), np.ones(64)]
         res = y[i].ravel() - A @ np.linalg.lstsq(A, y[i].ravel(), rcond=None)[0]
         assert e["mse_ssi"][i] == pytest.approx((res ** 2).mean(), rel=1e-10)
+
+
+def test_a_probe_whose_refinement_does_not_converge_is_not_reported(tmp_path, monkeypatch):
+    """The val-best λ is refined to its float64 minimiser; if that does not converge (an ill-posed fit), the next
+    best λ above it is taken instead."""
+    from sceneprobe.probe import fit
+    run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 8}, noise=0.05, n=40, channels=8, size=16, steps=1,
+                        models=("ldm",))
+    store = sweep.CaptureStore(run / "captures/noised/ldm")
+    labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
+    cfg = ProbeConfig(plain=False)
+    first, _ = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, cfg)
+    real = fit.logistic_refine
+    refused = first.lam[1]
+
+    def refine(chunks, P, lam, *a, **k):
+        th, n, ok = real(chunks, P, lam, *a, **k)
+        return th, n, ok and lam > refused                     # pretend λ ≤ the first choice does not converge
+    monkeypatch.setattr(fit, "logistic_refine", refine)
+    second, _ = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, cfg)
+    assert second.lam[1] > refused and second.lam[0] == first.lam[0]

@@ -319,14 +319,28 @@ def _fit_columns(store, site, step, labels: ProtocolLabels, cfg: ProbeConfig, st
         dice_s = [tune_threshold(sc, z[:, L + i])[0] for i in range(L)]           # Dice at each λ's best threshold
     else:
         dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]              # the paper's argmax rule
-    i_s = _pick(dice_s, lams)
-    ts = solver.refine(lams[i_s], theta_s[i_s])
+    i_s, ts = _refined_choice(solver, lams, dice_s, theta_s)
     selected = {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}
     tau = 0.0
     if cfg.bias:
         ts, tau = with_val_threshold(store, site, step, labels, ts, layout)
     return Probe(theta_d[i_d].cpu(), ts.cpu(), scale.cpu(), (lams[i_d], lams[i_s]), selected, nonfinite, tau,
                  layout)
+
+
+def _refined_choice(solver: fit.LogisticSolver, lams: list[float], scores: list[float],
+                    thetas: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(index, θ): the val-best λ whose float64 refinement converges, and its minimiser. A refinement that does not
+    converge (an ill-posed fit: λ below what the data fix, nearly separable rows) is no minimiser to report; the
+    next-best λ *above* it is tried instead (the fit only gets better posed with more penalty)."""
+    scores = list(scores)
+    while True:
+        i = _pick(scores, lams)
+        th, _, ok = fit.logistic_refine(solver.chunks, solver.P, lams[i], solver.penalty, solver.to_solver(thetas[i]))
+        larger = [j for j in range(len(lams)) if lams[j] > lams[i]]
+        if ok or not larger:
+            return i, solver.from_solver(th)
+        scores = [scores[j] if lams[j] > lams[i] else float("nan") for j in range(len(lams))]
 
 
 def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[float, float]:
