@@ -291,6 +291,18 @@ def cmd_export(args) -> Path:
     return export_pretrained(Path(args.run), dest, extra={"command": " ".join(sys.argv)})
 
 
+def cmd_sites(args) -> None:
+    """List the canonical sites of a local diffusers pipeline folder (models/families.py); writes nothing."""
+    from .models.families import pipeline_sites
+    _, header, rows = pipeline_sites(Path(args.model), "--model")
+    print(header)
+    width = max((len(r.site) for r in rows), default=0)
+    pwidth = max((len(r.path) for r in rows), default=0)
+    for r in rows:
+        print(f"{r.site:<{width}}  {r.path:<{pwidth}}  channels {r.channels:<5}  grid {r.grid}")
+    return None
+
+
 def _run_sd(args) -> Path:
     """``sceneprobe run --sd PATH --prompts CSV --out RUN``: the Stable Diffusion study (study_sd.py)."""
     from .study_sd import run_sd_study
@@ -497,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
                                                   "(low-storage; default: capture.store)")
     s.set_defaults(fn=cmd_run, owns=("out", "fill"))
+
+    s = sub.add_parser("sites", formatter_class=fmt,
+                       help="list the canonical sites of a local diffusers pipeline folder (SD 1.x/2.x, SDXL, "
+                            "PixArt-α/Σ, SD3/3.5, FLUX.1): site, module path, channels, grid; writes nothing")
+    s.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json); only "
+                                                  "configs are read, no weights")
+    s.set_defaults(fn=cmd_sites)
 
     s = sub.add_parser("export", formatter_class=fmt, help="export a trained run as fp16 folders (how the shipped default is made)")
     s.add_argument("--run", required=True, help="run folder with vae/, unet/, scheduler/")

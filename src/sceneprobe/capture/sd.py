@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import fail
+from ..models.families import CAPTURE_SUPPORTED, Family, detect_family, read_model_index
 from ..models.sites import list_sites
 from .identity import canonical, store_fingerprint
 from .recorder import Recorder
@@ -160,49 +161,21 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-# Pipelines of other families, told by model_index.json: its class name first, else the parts only they have.
-_FAMILIES = (("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD3"), ("Flux", "FLUX"), ("PixArt", "PixArt"),
-             ("Sana", "Sana"), ("Kandinsky", "Kandinsky"), ("IF", "DeepFloyd IF"), ("Wuerstchen", "Würstchen"),
-             ("StableCascade", "Stable Cascade"), ("Lumina", "Lumina"), ("HunyuanDiT", "Hunyuan-DiT"),
-             ("AuraFlow", "AuraFlow"), ("CogView", "CogView"), ("Latte", "Latte"), ("DiT", "DiT"))
-_PARTS = (("text_encoder_3", "SD3"), ("text_encoder_2", "SDXL"), ("transformer", "transformer (DiT)"),
-          ("prior", "prior-based"), ("decoder", "two-stage"))
-SUPPORTED = "Stable Diffusion v1/v2 (StableDiffusionPipeline)"
-
-
-def sd_family(index: dict) -> str | None:
-    """The family of a pipeline other than Stable Diffusion v1/v2 from its ``model_index.json`` (None: SD v1/v2)."""
-    name = str(index.get("_class_name", ""))
-    for prefix, family in _FAMILIES:
-        if name.startswith(prefix):
-            return family
-    if "transformer" in index and "text_encoder_2" in index and "text_encoder_3" not in index:
-        return "FLUX"                                                  # CLIP + T5 around a transformer
-    for part, family in _PARTS:
-        if part in index:
-            return family
-    return None
+SUPPORTED = CAPTURE_SUPPORTED
 
 
 def check_sd_folder(model_path: Path, option: str = "model folder") -> None:
     """Refuse, before any weights are read, a folder that is not a loadable Stable Diffusion v1/v2 pipeline: no or
-    unreadable ``model_index.json``, another family (SDXL, SD3, FLUX, PixArt, …), or a missing part."""
-    import json
+    unreadable ``model_index.json``, another family (SDXL, SD3, FLUX, PixArt, …: ``models/families.py`` tells which;
+    capture supports SD v1/v2 only so far), or a missing part."""
     model_path = Path(model_path)
-    index_file = model_path / "model_index.json"
-    if not index_file.is_file():
-        raise fail(f"{option} {model_path} is not a diffusers Stable Diffusion folder (no model_index.json)")
-    try:
-        index = json.loads(index_file.read_bytes()[:1 << 20].decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        index = None
-    if not isinstance(index, dict):
-        raise fail(f"{option} {model_path}: model_index.json is not a JSON object; pass a diffusers Stable Diffusion "
-                   f"folder as saved by save_pretrained")
-    family = sd_family(index)
-    if family is not None:
-        raise fail(f"{option} {model_path} holds a pipeline of the {family} family ({index.get('_class_name', '?')} "
-                   f"in model_index.json); sceneprobe supports {SUPPORTED} folders only; pass one of those")
+    index = read_model_index(model_path, option, what="a diffusers Stable Diffusion folder")
+    family = detect_family(index)
+    if not (isinstance(family, Family) and family.capture):
+        name = family.name if isinstance(family, Family) else family
+        raise fail(f"{option} {model_path} holds a pipeline of the {name} family ({index.get('_class_name', '?')} "
+                   f"in model_index.json); capture supports {SUPPORTED} folders only so far (`sceneprobe sites "
+                   f"--model` lists the sites of SDXL, PixArt, SD3 and FLUX); pass one of those")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (model_path / sub).is_dir():
             raise fail(f"Stable Diffusion folder {model_path} has no {sub}/; it needs unet/, vae/, text_encoder/, "
