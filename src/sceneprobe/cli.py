@@ -512,7 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sites", formatter_class=fmt,
                        help="list the canonical sites of a local diffusers pipeline folder (SD 1.x/2.x, SDXL, "
-                            "PixArt-α/Σ, SD3/3.5, FLUX.1): site, module path, channels, grid; writes nothing")
+                            "PixArt-α/Σ, SD3/3.5, FLUX.1): site, module path, channels, grid; writes nothing",
+                       description="Print the family of a local diffusers pipeline folder (from model_index.json) and "
+                                   "one line per canonical site: name, model:module path, channels of its attn "
+                                   "reading, and its token grid on the latent (cells per token: patch size, FLUX's "
+                                   "2x2 packing, a U-Net block's downsampling). Reads configs only; writes nothing. "
+                                   "Capture supports SD 1.x/2.x only so far.")
     s.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json); only "
                                                   "configs are read, no weights")
     s.set_defaults(fn=cmd_sites)
