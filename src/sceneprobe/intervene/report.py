@@ -41,7 +41,7 @@ def _ci(e: dict | None, digits: int = 3) -> str:
 def _pct(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "–"
-    return f"{100 * x:.2g} %" if x < 0.1 else f"{100 * x:.1f} %"
+    return f"{100 * x:.3g} %"
 
 
 def _steps(steps: list[int], total: int) -> str:

@@ -274,11 +274,13 @@ def dose_sentence(task: str, d: dict) -> str:
     cmp = (f"{REL_NAME[task]} {_ci(d['relative_gain']['probe'])} vs {_ci(d['relative_gain'][s])} "
            f"{'for' if s == 'unedited' else 'after'} {CONTROL_WORDS[s]} (difference {_ci(d['minus_control'][s])}, "
            f"minimum effect {d['min_effect']:g}); image change {_ci(px, 1)} grey levels")
-    why = {"yes": "moves the property", "no": "does not move the property although the image changes",
-           "inconclusive": ("the image barely changes (below the visible-change threshold "
-                            f"{d['visible_change']:g}), so a failure would say nothing"
-                            if d["rule_reading"] == "no" else "not resolved either way")}[d["verdict"]]
-    return f"at {d['dose']:.0%} of ‖a‖ the edit {why}: {cmp}"
+    why = {"yes": "the edit moves the property",
+           "no": "the edit does not move the property although the image changes",
+           "inconclusive": (f"the image barely changes (below the visible-change threshold of "
+                            f"{d['visible_change']:g} grey levels), so a failure would say nothing"
+                            if d["rule_reading"] == "no" else "the edit's effect is not resolved either way")
+           }[d["verdict"]]
+    return f"at {d['dose']:.0%} of ‖a‖ {why}: {cmp}"
 
 
 def dose_claim(task: str, per_dose: Sequence[dict]) -> dict:
