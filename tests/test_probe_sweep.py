@@ -15,6 +15,7 @@ from sceneprobe.probe.synthetic import synthetic_run
 
 torch.set_num_threads(1)
 SMALL = dict(n=40, channels=8, size=16, steps=2, models=("ldm",))
+BOTH = ProbeConfig(plain_protocols=("noised",))    # the synthetic runs' protocol: the plain probe beside the fair one
 
 
 def _value(rows, **kw):
@@ -27,7 +28,7 @@ def _value(rows, **kw):
 def planted(tmp_path_factory):
     run = synthetic_run(tmp_path_factory.mktemp("planted"), sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4},
                         noise=0.05, **SMALL)
-    return run, sweep.run_probes(run, ProbeConfig(), progress=False)
+    return run, sweep.run_probes(run, BOTH, progress=False)
 
 
 def test_probe_recovers_planted_signal(planted):
@@ -51,7 +52,7 @@ def test_probe_stays_at_chance_without_signal(planted, tmp_path):
     A signal-free store (the synthetic "permuted" model) scores ρ ≈ 0 and no better than the baseline."""
     run = synthetic_run(tmp_path, sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4}, noise=0.05,
                         shuffle_labels=True, **{**SMALL, "models": ("ldm", "permuted")})
-    rows = sweep.read_results(sweep.run_probes(run, ProbeConfig(), progress=False))
+    rows = sweep.read_results(sweep.run_probes(run, BOTH, progress=False))
     true = sweep.read_results(planted[1])
     base = dict(protocol="noised", model="baseline", site="mean-map", step=-1, split="test")
     for step in (0, 1):
@@ -72,20 +73,20 @@ def test_results_are_deterministic_and_resumable(planted, tmp_path, monkeypatch)
     run, csv = planted
     first = csv.read_bytes()
     other = synthetic_run(tmp_path, sites={"unet.down0.attn0": 16, "unet.mid.attn0": 4}, noise=0.05, **SMALL)
-    assert sweep.run_probes(other, ProbeConfig(), progress=False).read_bytes() == first   # fresh rerun: same bytes
+    assert sweep.run_probes(other, BOTH, progress=False).read_bytes() == first   # fresh rerun: same bytes
     calls = []
     real = sweep.probe_one
     monkeypatch.setattr(sweep, "probe_one", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
-    assert sweep.run_probes(run, ProbeConfig(), progress=False).read_bytes() == first     # resumed: nothing refit
+    assert sweep.run_probes(run, BOTH, progress=False).read_bytes() == first     # resumed: nothing refit
     assert calls == []
     (run / "probes/noised/ldm/unet.mid.attn0/step_00.safetensors").unlink()
-    sweep.run_probes(run, ProbeConfig(), progress=False)
+    sweep.run_probes(run, BOTH, progress=False)
     assert calls == [("unet.mid.attn0", 0)]
     assert csv.read_bytes() == first
     calls.clear()
     sweep.run_probes(run, ProbeConfig(lambdas=(0.1, 1.0)), progress=False)                # new config: all refit
     assert len(calls) == 4
-    sweep.run_probes(run, ProbeConfig(), progress=False)
+    sweep.run_probes(run, BOTH, progress=False)
     assert csv.read_bytes() == first
 
 
@@ -98,8 +99,8 @@ def test_test_split_never_influences_the_fit(tmp_path):
     lab["depth"][test] = -lab["depth"][test]
     save_labels(b / "captures/noised", **lab)
     # depth standardisation uses train stats only, so corrupting test depth changes nothing upstream
-    ra = sweep.read_results(sweep.run_probes(a, ProbeConfig(), progress=False))
-    rb = sweep.read_results(sweep.run_probes(b, ProbeConfig(), progress=False))
+    ra = sweep.read_results(sweep.run_probes(a, BOTH, progress=False))
+    rb = sweep.read_results(sweep.run_probes(b, BOTH, progress=False))
     for step in (0, 1):
         ta = load_file(str(a / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
         tb = load_file(str(b / f"probes/noised/ldm/unet.down0.attn0/step_{step:02d}.safetensors"))
@@ -116,10 +117,10 @@ def test_streaming_passes_equal_cached(tmp_path, monkeypatch):
                         models=("ldm",))
     store = sweep.CaptureStore(run / "captures/noised/ldm")
     labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
-    cached = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    cached = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, BOTH)
     monkeypatch.setattr(sweep, "CACHE_BYTES", 0)
     monkeypatch.setattr(sweep, "CHUNK", 7)
-    streamed = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    streamed = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, BOTH)
     for c, s in zip(cached, streamed):                         # the layout-fair probe and the plain one
         assert c.lam == s.lam
         torch.testing.assert_close(c.depth, s.depth, rtol=1e-9, atol=1e-12)
@@ -160,7 +161,7 @@ def test_layout_fair_probe_is_the_exact_fit_with_free_layout_weights(tmp_path):
                         models=("ldm",))
     store = sweep.CaptureStore(run / "captures/noised/ldm")
     labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
-    p, plain = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, ProbeConfig())
+    p, plain = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, BOTH)
     assert p.layout.shape == (2, 4, 4) and len(p.depth) == 6 + 2 + 1 and len(plain.depth) == 6 + 1
     tr = labels.idx(0)
     x = store.read("unet.down0.attn0", 0, tr).double()
@@ -201,7 +202,7 @@ def _layout_run(tmp_path, kind: str):
         x = np.stack([d, m, d + m, d - m, 2 * d, 2 * m], 1) + 0.3 * rng.standard_normal((n, 6, 8, 8))
     from sceneprobe.capture.store import shard_path, write_rows
     write_rows(shard_path(store.root, "unet.down0.attn0", 0), 0, torch.from_numpy(np.ascontiguousarray(x)).float())
-    return sweep.read_results(sweep.run_probes(run, ProbeConfig(), progress=False))
+    return sweep.read_results(sweep.run_probes(run, BOTH, progress=False))
 
 
 def test_position_without_scene_does_not_beat_the_layout_baseline(tmp_path):

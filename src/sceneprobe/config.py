@@ -245,8 +245,11 @@ class ProbeConfig:
     # channels, so its score is what the features add beyond layout; "none": features and intercept only
     layout: str = opt("input", choices=("input", "none"))
     # with layout "input", also fit the probe without the prior beside it (rows of model "<model>.noprior"; with
-    # bias: false that is the paper's probe), so the report can show what the prior changed
+    # bias: false that is the paper's probe), so the report can show what the prior changed — in the protocols
+    # named by plain_protocols (default: the paper's, generate, and Stable Diffusion's; each costs a second
+    # saliency fit per probe)
     plain: bool = True
+    plain_protocols: tuple[str, ...] = opt(("generate", "sd"), choices=("generate", "noised", "sd"))
     epochs: int = opt(30, ge=1, le=100_000)
     lr: float = opt(1e-3, gt=0.0, le=10.0)
     batch_size: int = opt(4, ge=1, le=65536)

@@ -285,7 +285,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     main = _fit_columns(store, site, step, labels, cfg, stats, chunks, list(range(d)), C, k, scale, layout, device,
                         nonfinite)
     plain = None
-    if k and cfg.plain:
+    if k and cfg.plain and labels.protocol in cfg.plain_protocols:
         cols = list(range(C)) + ([d - 1] if cfg.bias else [])
         idx = torch.tensor(cols, device=device)
 

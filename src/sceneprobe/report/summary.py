@@ -64,7 +64,8 @@ def rules_text(rc: ReportConfig, probe_cfg: dict | None) -> list[str]:
             "but no position do. (Without the prior, a probe of features that carry no position — a permuted "
             "U-Net, the decoder's mid attention — could not even represent sky-on-top, and its failure measured "
             "that.) The probe without the prior (`<model>.noprior` in results.csv) is fitted beside it from the "
-            "same data; the paper table shows its verdicts too." if layout else
+            f"same data in the protocols {', '.join(pc.get('plain_protocols', ['generate', 'sd']))} "
+            "(`probe.plain_protocols`); there the paper table shows its verdicts too." if layout else
             "- **Probes without the layout prior** (`probe.layout: none`): features and intercept only; features "
             "that carry no position cannot represent the layout, so a low score can mean \"no position\" rather "
             "than \"no scene\".")
