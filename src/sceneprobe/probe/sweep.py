@@ -289,8 +289,12 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
         cols = list(range(C)) + ([d - 1] if cfg.bias else [])
         idx = torch.tensor(cols, device=device)
 
+        def cols_of(c):
+            return tuple(t[:, idx] if t.dim() == 2 else t for t in c)
+        kept = None if over else [cols_of(c) for c in cache]    # sliced once, not on every IRLS pass
+
         def sub():
-            return [tuple(t[:, idx] if t.dim() == 2 else t for t in c) for c in chunks()]
+            return kept if kept is not None else [cols_of(c) for c in chunks()]
         plain = _fit_columns(store, site, step, labels, cfg, stats.columns(cols), sub, cols, C, 0, scale[idx], None,
                              device, nonfinite)
     return main, plain
