@@ -306,7 +306,9 @@ def extra_sections(run: Path) -> list[tuple[str, str]]:
                     "mean| over the bottom third (grey levels: the checker texture of the near ground) of samples, "
                     "data and VAE reconstructions (ground_detail_ratio_vs_vae_recon, where present: the samples' "
                     "over the reconstructions', with a 95 % bootstrap CI over images).\n\n" + _metric_table(q)))
-    v = _read_json(run / "train_vae" / "eval.json") or shipped.get("train_vae", {}).get("eval")
+    # the shipped VAE as shipped (after its decoder-only fine-tune), not the record of its first training stage
+    v = _read_json(run / "train_vae" / "eval.json") or shipped.get("shipped_vae_check") or \
+        shipped.get("train_vae", {}).get("eval")
     if v:
         out.append(("VAE reconstruction (held-out scenes)", _metric_table(v)))
     return out
