@@ -558,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         with _owned(args):
             result = args.fn(args)
         if result is not None:
-            print(result)
+            # one write of the whole line: under `accelerate launch` (unbuffered) every process prints its result,
+            # and print's separate writes of the text and the newline interleaved ("…/ldm…/ldm" on one line)
+            sys.stdout.write(f"{result}\n")
         sys.stdout.flush()                        # a closed pipe is found here, not in the exit's flush
     except SceneprobeError as e:
         _end_bars()
