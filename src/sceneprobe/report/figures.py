@@ -93,9 +93,13 @@ def curves(res: Results, protocol: str, task: str, out: Path, findings: dict | N
     ax.set_xlabel("denoising step (0 = noisiest)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"test {metric} (best site on val)")
-    ax.set_ylim(*(LIMITS.get(metric) or (None, None)))
+    lo, hi = LIMITS.get(metric) or (None, None)
+    ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), dtype=float) if np.isfinite(y)]
+    if lo is not None and ys and min(ys) < lo:           # every named curve stays inside the axes
+        lo = min(ys) - 0.05
+    ax.set_ylim(lo, hi)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes: it covers no curve
     ax.set_title(f"{protocol}: {task}", fontsize=10)
     return _save(fig, out / f"curves_{protocol}_{task}.png")
 
