@@ -37,10 +37,9 @@ def maps(prior: Prior) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(prior.depth, dtype=np.float64), np.log(r) - np.log1p(-r)]))
 
 
-def rows(layout: torch.Tensor, n_images: int) -> torch.Tensor:
-    """Design rows of the layout channels for ``n_images`` images, row order (image, y, x): (n·h·w, 2)."""
-    return layout.permute(1, 2, 0).reshape(1, -1, layout.shape[0]).expand(n_images, -1, -1).reshape(
-        -1, layout.shape[0])
+def rows(layout: torch.Tensor) -> torch.Tensor:
+    """Design rows of the layout channels of one image, row order (y, x): (h·w, k)."""
+    return layout.permute(1, 2, 0).reshape(-1, layout.shape[0])
 
 
 def offset(layout: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

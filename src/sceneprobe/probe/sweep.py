@@ -63,7 +63,7 @@ from .parallel import map_ordered, resolve_device, resolve_workers, single_threa
 # λ of that probe's task is the grid's smallest / largest (widen probe.lambdas), else empty
 COLUMNS = ("protocol", "model", "site", "step", "timestep", "task", "split", "metric", "value", "lo", "hi",
            "lambda_edge")
-PROBE_VERSION = 3                      # 3: layout-fair probes (+ the plain one); bump when the fit or the file format changes: old probes are redone
+PROBE_VERSION = 3                      # bump when the fit or the file format changes (3: layout-fair): old probes redone
 SKY_DEPTH = 0.99                       # × FAR_DEPTH: labels at or beyond are sky (renderer: sky = FAR_DEPTH; = readout.py)
 CHUNK = 64                             # images per streamed chunk
 CACHE_BYTES = 1 << 29                  # train rows kept in memory for the IRLS passes (else re-read from disk)
@@ -258,7 +258,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     C, h, w = store.shape(site)
     layout = layout_of(labels, h, w, cfg)
     k = 0 if layout is None else layout.shape[0]
-    lrows = None if layout is None else lay.rows(layout, 1)                     # (h·w, k)
+    lrows = None if layout is None else lay.rows(layout)                        # (h·w, k)
     d = C + k + int(cfg.bias)
     n_pix, dsum, pos = labels.native(h, w, cfg.upsample)
     stats = fit.RidgeStats(d, 3, device)
@@ -282,8 +282,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
         return _rechunk(store, site, step, labels, cfg, n_pix, pos, lrows, device) if over else cache
 
     scale = fit.feature_scale(stats.G, stats.P, C)
-    main = _fit_columns(store, site, step, labels, cfg, stats, chunks, list(range(d)), C, k, scale, layout, device,
-                        nonfinite)
+    main = _fit_columns(store, site, step, labels, cfg, stats, chunks, C, k, scale, layout, device, nonfinite)
     plain = None
     if k and cfg.plain and labels.protocol in cfg.plain_protocols:
         cols = list(range(C)) + ([d - 1] if cfg.bias else [])
@@ -295,17 +294,17 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
 
         def sub():
             return kept if kept is not None else [cols_of(c) for c in chunks()]
-        plain = _fit_columns(store, site, step, labels, cfg, stats.columns(cols), sub, cols, C, 0, scale[idx], None,
-                             device, nonfinite)
+        plain = _fit_columns(store, site, step, labels, cfg, stats.columns(cols), sub, C, 0, scale[idx], None, device,
+                             nonfinite)
     return main, plain
 
 
 def _fit_columns(store, site, step, labels: ProtocolLabels, cfg: ProbeConfig, stats: fit.RidgeStats, chunks,
-                 cols: list[int], C: int, k: int, scale: torch.Tensor, layout, device, nonfinite: int) -> Probe:
-    """Both tasks' λ paths on the design columns ``cols`` ([features | k layout | bias]); λ and τ chosen on val."""
+                 C: int, k: int, scale: torch.Tensor, layout, device, nonfinite: int) -> Probe:
+    """Both tasks' λ paths on the design columns of ``stats`` and ``chunks`` ([features (C) | layout (k) | bias]);
+    λ and τ chosen on val."""
     _, h, w = store.shape(site)
-    d = len(cols)
-    mask = fit.penalty_mask(d, cfg.bias, device)
+    mask = fit.penalty_mask(stats.d, cfg.bias, device)
     mask[C:C + k] = 0.0                                                        # the layout's weights are free
     penalty = mask * scale ** 2                                                # λ‖s·w‖²: ridge on x/s, in raw units
     lams = list(cfg.lambdas)
