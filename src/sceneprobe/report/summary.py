@@ -313,6 +313,17 @@ def _readout(f: dict, protocol: str) -> list[str]:
         L.append(f"- **{task}**: the probe is ahead of the image read-out (verdict yes) at steps {_steps(ahead)}"
                  + (f"; not ahead from step {_first_after(rows, ahead)}" if ahead else "")
                  + f"; the read-out is ahead of the probe (CI of probe − read-out below 0) at steps {_steps(behind)}.")
+        # the rival explanation of "ahead": layout alone — the probe is given the layout prior, the read-out is not
+        s = f["strongest"].get(task)
+        base = 0.0 if task == "depth" else f["baselines"].get(task, {}).get(s)
+        below = [st for st, r, _ in rows if r is not None and base is not None and r.hi < base]
+        if below and ahead:
+            what = "skill 0 (the mean map)" if task == "depth" else f"Dice {_f(base)} ({baseline_label(s)})"
+            L.append(f"  - at steps {_steps(below)} the read-out is below the layout baseline itself ({what}, CI "
+                     "included): there the probe's lead over the read-out is at least partly what layout alone "
+                     "gives (the probe is given the layout, the labeller reading x̂₀ is not); what the activations "
+                     "hold beyond layout at those steps is the probe's gain over the position-only baseline "
+                     "(\"From which step?\").")
     return L + [""]
 
 
