@@ -388,8 +388,7 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
     """Estimates (added to ``an.ests``) and the structured findings the summary renders for one protocol."""
     res = an.res
     f: dict = {"groups": {}, "strongest": {}, "encodes": {}, "controls": {}, "vae_enc": {}, "vae_dec_steps": {},
-               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}, "vs_input": {},
-               "plain": res.plain}
+               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}, "vs_input": {}}
     groups = res.groups(protocol)
     f["positions"] = {s: an.position(protocol, s) for m in res.models(protocol) for s in res.sites(protocol, m)}
     steps = res.steps(protocol, MAIN_MODEL, "unet") or res.steps(protocol)
