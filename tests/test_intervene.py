@@ -19,7 +19,10 @@ from sceneprobe.cli import main  # noqa: E402
 from sceneprobe.config import load_config  # noqa: E402
 from sceneprobe.errors import SceneprobeError  # noqa: E402
 from sceneprobe.intervene import Editor, ProbeEdit, RandomEdit, load_probe_head, optimise_activation  # noqa: E402
-from sceneprobe.intervene.run import CONDITIONS, COLUMNS, probe_file, run_interventions  # noqa: E402
+from sceneprobe.intervene.context import probe_file  # noqa: E402
+from sceneprobe.intervene.results import COLUMNS  # noqa: E402
+from sceneprobe.intervene.run import run_interventions  # noqa: E402
+from sceneprobe.intervene.task import CONDITIONS  # noqa: E402
 from sceneprobe.intervene.targets import Transform, counterfactual_depth, counterfactual_mask, draw_transform, \
     translate  # noqa: E402
 from sceneprobe.probe.metrics import dice  # noqa: E402

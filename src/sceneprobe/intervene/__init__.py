@@ -7,12 +7,16 @@ random edit and an edit through a probe of the permuted-weights U-Net, rescaled 
 
 * :mod:`.editor` — :class:`Editor` (owned hooks), probes as differentiable heads, the Adam-on-activation edit;
 * :mod:`.targets` — counterfactual masks and depth maps;
-* :mod:`.run` — :func:`run_interventions`: generation, controls, scoring, ``run/interventions/*``;
+* :mod:`.run` — :func:`run_interventions`: every task and site kind, then ``run/interventions/*``;
+* :mod:`.context` — the run folder an edit reads (model, labeller, capture, probes) and the plan of edited sites;
+* :mod:`.task` — one task's edits: targets, directions per arm, dose runs, a scored row per output (with
+  :mod:`.replay`, the replayed sampling, and :mod:`.scores`, PSNR / pixel change / headroom);
+* :mod:`.results` — ``results.csv``, the per-dose verdicts and ``results.json``;
 * :mod:`.verdicts` — the score of an edit (moved-mask gain, depth gain), CIs over edits, the verdict rule, plain words;
 * :mod:`.kinds` — probes of the residual stream (``site_kind: block``) for edits beside the attention output;
 * :mod:`.report` — ``run/report/extra/interventions.md`` and ``run/report/figures/interventions.png``.
 
-The verdicts for the report's paper-comparison table are in ``run/interventions/results.json`` (keys: :mod:`.run`).
+The verdicts for the report's paper-comparison table are in ``run/interventions/results.json`` (keys: :mod:`.results`).
 """
 from __future__ import annotations
 

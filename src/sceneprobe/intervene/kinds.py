@@ -8,7 +8,7 @@ the last edited step, no VAE decode, no final images), for the trained U-Net
 and its permuted control, copies the generate protocol's labels, and fits probes with the run's own sweep
 (:func:`sceneprobe.probe.sweep.run_probes`, same config, same λ choice on val). Everything lives in
 ``run/interventions/probes_<kind>/`` laid out as a run folder (``captures/generate/{ldm,permuted}``,
-``probes/generate/...``), so :func:`~sceneprobe.intervene.run.load_context` reads it with ``source=``.
+``probes/generate/...``), so :func:`~sceneprobe.intervene.context.load_context` reads it with ``source=``.
 """
 from __future__ import annotations
 

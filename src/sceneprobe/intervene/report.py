@@ -2,7 +2,7 @@
 examples; ``report/figures/interventions_dose.png``: relative gain vs dose per arm with CIs).
 
 The markdown is the small subset ``report/html.py`` renders: ``####`` headings, pipe tables, images. Everything it
-quotes comes from ``interventions/results.json`` (:func:`sceneprobe.intervene.run.verdicts_json`). Per site kind and
+quotes comes from ``interventions/results.json`` (:func:`sceneprobe.intervene.results.verdicts_json`). Per site kind and
 task: the optimiser's own edit size, the dose–response table (every arm at every dose: ‖Δa‖/‖a‖, relative gain with
 its 95 % paired-bootstrap CI, probe − arm, the raw gain, the image change, the verdict of the dose), then the claim in
 plain words (:func:`sceneprobe.intervene.verdicts.dose_claim`) — an edit that fails is said to fail — and its rule.
