@@ -247,8 +247,62 @@ def finish_store(root: Path, manifest: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- model plumbing
-def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callable[[], None], pool: int) -> dict:
-    """Stored (C, h, w) per site, from one tiny forward pass (``run_once``) with shape-only hooks."""
+_DERIVABLE = {"unet": ("UNet2DModel", "UNet2DConditionModel"), "vae": ("AutoencoderKL",)}
+
+
+def derived_shapes(models: dict, sites: Sequence[str], latent_hw: tuple[int, int],
+                   image_hw: tuple[int, int] | None = None) -> dict[str, tuple[int, int, int]] | None:
+    """Native (C, H, W) per site from the modules' structure, without running them; None where it cannot be sure.
+
+    C is the width of the site's output projection (``to_out[0].out_features``: the reading of both kinds, since the
+    residual add needs the same width). H×W is the latent's ``latent_hw`` halved once per resampler on the way:
+    U-Net ``down{b}``: after the downsamplers of down blocks 0…b−1; ``mid``: after all of them; ``up{b}``: the mid
+    grid doubled once per upsampler of up blocks 0…b−1. VAE decoder mid: the latent grid; encoder mid:
+    ``image_hw`` halved once per encoder downsampler. Every convolution in between keeps the grid (3×3, padding 1).
+    Only canonical sites of ``UNet2DModel`` / ``UNet2DConditionModel`` / ``AutoencoderKL`` with every halving exact
+    are derived; anything else (raw paths, other classes, odd grids) returns None and the caller traces the shapes.
+    """
+    from ..models.sites import _UNET, _VAE, resolve, site_channels, site_path
+
+    def n_res(blocks, attr: str, upto: int) -> int:
+        return sum(1 for blk in list(blocks)[:upto] if getattr(blk, attr, None))
+
+    def halve(hw: tuple[int, int], k: int) -> tuple[int, int] | None:
+        if hw[0] % 2 ** k or hw[1] % 2 ** k:
+            return None                         # Downsample2D rounds odd grids up, the up path then pads: trace it
+        return hw[0] // 2 ** k, hw[1] // 2 ** k
+
+    out: dict[str, tuple[int, int, int]] = {}
+    for site in sites:
+        key = site_path(site)[0]
+        model = models.get(key)
+        if model is None or type(model).__name__ not in _DERIVABLE.get(key, ()):
+            return None
+        mu, mv = _UNET.match(site), _VAE.match(site)
+        if mu:
+            downs = n_res(model.down_blocks, "downsamplers", len(model.down_blocks))
+            if mu.group(1) == "down":
+                hw = halve(latent_hw, n_res(model.down_blocks, "downsamplers", int(mu.group(2))))
+            elif mu.group(1) == "up":
+                ups = n_res(model.up_blocks, "upsamplers", int(mu.group(2)))
+                hw = halve(latent_hw, downs)
+                hw = hw and (hw[0] * 2 ** ups, hw[1] * 2 ** ups)
+            else:
+                hw = halve(latent_hw, downs)
+        elif mv and mv.group(1) == "dec":
+            hw = tuple(latent_hw)
+        elif mv and image_hw is not None:
+            hw = halve(image_hw, n_res(model.encoder.down_blocks, "downsamplers", len(model.encoder.down_blocks)))
+        else:
+            return None
+        if hw is None:
+            return None
+        out[site] = (site_channels(resolve(model, key, site)), int(hw[0]), int(hw[1]))
+    return out
+
+
+def traced_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callable[[], None]) -> dict:
+    """Native (C, H, W) per site from one tiny forward pass (``run_once``) with shape-only hooks."""
     native: dict[str, tuple[int, ...]] = {}
 
     def note(site: str, y: torch.Tensor) -> None:
@@ -259,6 +313,16 @@ def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callabl
     lost = [s for s in sites if s not in native]
     if lost:
         raise RuntimeError(f"sites {lost} were not called by the shape pass")
+    return native
+
+
+def site_shapes(models: dict, sites: Sequence[str], kind: str, run_once: Callable[[], None], pool: int,
+                latent_hw: tuple[int, int] | None = None, image_hw: tuple[int, int] | None = None) -> dict:
+    """Stored (C, h, w) per site (native grid // ``pool``): derived from the modules when ``latent_hw`` is given and
+    :func:`derived_shapes` is sure (no forward pass), else traced by one tiny forward pass (``run_once``)."""
+    native = derived_shapes(models, sites, latent_hw, image_hw) if latent_hw is not None else None
+    if native is None:
+        native = traced_shapes(models, sites, kind, run_once)
     out = {}
     for s in sites:
         c, h, w = native[s]
@@ -303,10 +367,20 @@ def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         if not cur["mute"]:
             emit(site, cur["step"], y)
 
+    only_mid = all(v.startswith("vae.dec.mid.") for v in vae_sites)
+
     def callback(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         img = None
         if vae_sites:  # the per-step decode is the dominant extra cost of capture: only when a VAE site is asked for
-            img = decode(vae, x if vae_input == "latent" else x0)  # (B, 3, H, W): records the VAE sites at step i
+            src = x if vae_input == "latent" else x0
+            # A whole image is needed only as the final image (the last step's latent) or as the read-out rows' x̂₀
+            # in the same batch decode (x0 input); otherwise the decoder stops after its mid block (the site).
+            whole = (i == steps - 1 and vae_input == "latent") or (vae_input == "x0" and x0_sink is not None
+                                                                    and bool(rows)) or not only_mid
+            if whole:
+                img = decode(vae, src)  # (B, 3, H, W): records the VAE sites at step i
+            else:
+                decode_to_mid(vae, src)  # records the VAE sites at step i, no image
             if i == steps - 1 and vae_input == "latent":
                 final["img"] = img  # the last step's latent is the final latent: reuse its decode
         if x0_sink is not None and rows:
@@ -315,7 +389,7 @@ def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
             else:
                 cur["mute"] = True  # the read-out decode is not a capture of the VAE site
                 try:
-                    x0_sink(i, decode(vae, x0[rows]))  # (k, 3, H, W)
+                    x0_sink(i, decode_readout(vae, x0[rows]))  # (k, 3, H, W)
                 finally:
                     cur["mute"] = False
         cur["step"] = i + 1  # the next U-Net call is step i + 1
@@ -336,6 +410,36 @@ def sample_and_record(unet_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tens
 
 class _Stop(Exception):
     """Raised by the sampling callback to end a pass early (``stop_after``)."""
+
+
+class _MidDone(Exception):
+    """Raised by :func:`decode_to_mid`'s hook once the decoder's mid block has run."""
+
+
+def decode_to_mid(vae, latents: torch.Tensor) -> None:
+    """Run ``decode(vae, latents)`` (B, c, h, w) only as far as the decoder's mid block; no image is made.
+
+    The mid block's self-attention (``vae.dec.mid.attn*``) sees exactly what it sees in a full decode — the same
+    operations on the same batch, so its hooks record the same bytes — and the up blocks, which hold most of the
+    decoder's FLOPs (they run at up to the image's resolution), are skipped: the cost of the VAE site falls from one
+    decode per step to post_quant_conv + conv_in + mid block at the latent's grid.
+    """
+    def stop(module, args, output):
+        raise _MidDone
+    handle = vae.decoder.mid_block.register_forward_hook(stop)  # after the sites' hooks, which fire inside it
+    try:
+        decode(vae, latents)
+    except _MidDone:
+        return
+    finally:
+        handle.remove()
+    raise RuntimeError("the VAE decoder never ran its mid block")
+
+
+def decode_readout(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The image read-out's decode of x̂₀ rows (k, c, h, w) → (k, 3, H, W): :func:`sceneprobe.sample.decode`, under
+    its own name so that a profile (benchmarks/bench_capture.py) can tell it from the sites' and the final decodes."""
+    return decode(vae, latents)
 
 
 def save_images(folder: Path, sample_ids: Sequence[int], images: np.ndarray) -> None:
@@ -475,7 +579,8 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         vae.decode(z)
         if "vae.enc.mid.attn0" in sites:
             vae.encode(torch.zeros(1, 3, vae.config.sample_size, vae.config.sample_size, device=device))
-    shapes = site_shapes({"unet": unet, "vae": vae}, sites, cc.site_kind, shape_pass, cc.pool)
+    shapes = site_shapes({"unet": unet, "vae": vae}, sites, cc.site_kind, shape_pass, cc.pool, latent_hw=(s, s),
+                         image_hw=(vae.config.sample_size,) * 2)
     if window:                                  # not a module: its shape is the latent's, c·k² channels
         sites.append(INPUT_SITE)
         shapes[INPUT_SITE] = (c * window * window, s // cc.pool, s // cc.pool)
@@ -601,13 +706,18 @@ def _noised_batch(unet, vae, sched, rgb: np.ndarray, ids: Sequence[int], seed: i
             if not dec and not (x0_sink is not None and rows):
                 continue
             out = sched.step(pred, t, xt)                                           # stateless for DDIM (η = 0)
-            img = decode(vae, out.prev_sample if vae_input == "latent" else out.pred_original_sample) if dec else None
+            src = out.prev_sample if vae_input == "latent" else out.pred_original_sample
+            img = None
+            if dec and vae_input == "x0" and x0_sink is not None and rows:          # the read-out reuses this decode
+                img = decode(vae, src)
+            elif dec:
+                decode_to_mid(vae, src)                                             # the site only: no image needed
             if x0_sink is not None and rows:
-                if img is not None and vae_input == "x0":
+                if img is not None:
                     x0_sink(i, img[rows])
                 else:
                     cur["mute"] = True
                     try:
-                        x0_sink(i, decode(vae, out.pred_original_sample[rows]))
+                        x0_sink(i, decode_readout(vae, out.pred_original_sample[rows]))
                     finally:
                         cur["mute"] = False
