@@ -289,7 +289,7 @@ def test_one_saliency_edit_end_to_end_writes_results_and_is_deterministic(irun, 
     assert [d["dose"] for d in entry["doses"]] == doses and entry["natural"]["probe"]["ratio"] > 0
     g = entry["gain"]["probe"]
     assert set(g) == {"mean", "lo", "hi", "n"} and g["n"] == 1
-    from sceneprobe.report.analysis import intervention_claims                 # the main report reads one claim per
+    from sceneprobe.report.intervention_claims import intervention_claims     # the main report reads one claim per
     claims, _ = intervention_claims(res)                                        # (kind, task)
     assert [(c["where"], c["task"], c["answer"]) for c in claims] == [
         ("edits of the attention output", "saliency", entry["answer"]),

@@ -132,7 +132,8 @@ def test_verdicts_follow_the_rule_on_planted_data(run):
 
 
 def test_best_site_is_chosen_on_val_and_emergence(run):
-    from sceneprobe.report.analysis import Results, emergence_step, val_gain
+    from sceneprobe.report.analysis import emergence_step, val_gain
+    from sceneprobe.report.results_index import Results
     res = Results(read_results(run / "report" / "results.csv"))
     curve = res.curve("noised", "ldm", "unet", "saliency")
     assert [p.step for p in curve] == [0, 1, 2]
@@ -148,7 +149,7 @@ def test_best_site_is_chosen_on_val_and_emergence(run):
 
 
 def test_intervention_claims_are_quoted_with_their_verdicts():
-    from sceneprobe.report.analysis import intervention_claims
+    from sceneprobe.report.intervention_claims import intervention_claims
     est = lambda m, lo, hi: {"mean": m, "lo": lo, "hi": hi, "n": 16}          # noqa: E731
     block = {"metric": "moved-mask gain", "gain": {"probe": est(0.02, -0.01, 0.05), "random": est(0.0, -0.02, 0.02)},
              "probe_minus": {"random": est(0.02, -0.01, 0.04)}, "strongest_control": "random", "answer": "no"}

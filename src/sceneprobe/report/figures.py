@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from ..errors import SceneprobeError  # noqa: E402
 from ..probe.metrics import HEADLINE  # noqa: E402
-from .analysis import MAIN_MODEL, Results, baseline_label, group_label  # noqa: E402
+from .results_index import MAIN_MODEL, Results, baseline_label, group_label  # noqa: E402
 
 DPI = 100
 LIMITS = {"dice": (0.0, 1.0), "spearman": (-0.2, 1.0), "skill": (-0.5, 1.0)}

@@ -18,7 +18,9 @@ from ..errors import fail
 from ..probe.sweep import (COLUMNS, check_rows_have_arrays, read_per_image, read_positions, read_results,
                            write_results_csv)
 from . import figures
-from .analysis import EST_TAG, TASKS, analyse, intervention_claims, merge_rows
+from .analysis import analyse, merge_rows
+from .intervention_claims import intervention_claims
+from .results_index import EST_TAG, TASKS
 from .summary import summary_markdown
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}

@@ -12,7 +12,9 @@ import math
 from ..config import ReportConfig
 from ..probe.stats import VERDICT_RULE
 from . import emergence as emg
-from .analysis import MAIN_MODEL, TASKS, Est, Point, Results, analyse, baseline_label, group_label
+from .analysis import analyse
+from .estimates import Est
+from .results_index import MAIN_MODEL, TASKS, Point, Results, baseline_label, group_label
 
 PAPER = {"depth": 0.7, "saliency": 0.85}
 HEAD = {"saliency": "Dice", "depth": "skill"}
