@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sceneprobe.errors import SceneprobeError
-from sceneprobe.world.render import FAR_DEPTH, project, render, render_scenes
+from sceneprobe.world.camera import project
+from sceneprobe.world.render import FAR_DEPTH, render, render_scenes
 from sceneprobe.world.scenes import SceneSpec, sample_scene
 
 SIZE = 65      # odd: the centre pixel's ray is exactly the optical axis
@@ -201,13 +202,13 @@ def test_screen_space_culling_never_drops_a_hit(monkeypatch):
     # give the same picture (scenes with objects near the edges and close to the camera included).
     import importlib
 
-    render_mod = importlib.import_module("sceneprobe.world.render")
+    raycast = importlib.import_module("sceneprobe.world.raycast")
 
     specs = [sample_scene(2, i) for i in range(8)]
     specs.append(SceneSpec(**level_camera(1.0), objects=[obj("box", (1.3, 0.5, 1.2), (0.5, 0.5, 0.5), yaw=20),
                                                          obj("cone", (-2.5, 0.8, 4.0), (0.6, 0.8, 0.6))]))
     culled = [render(s, size=40, supersample=1) for s in specs]
-    monkeypatch.setattr(render_mod, "_screen_box", lambda cam, shape, n: (slice(0, n), slice(0, n)))
+    monkeypatch.setattr(raycast, "_screen_box", lambda cam, shape, n: (slice(0, n), slice(0, n)))
     for s, a in zip(specs, culled):
         b = render(s, size=40, supersample=1)
         assert all(np.array_equal(a[k], b[k]) for k in a)

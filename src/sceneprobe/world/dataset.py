@@ -44,7 +44,8 @@ from .. import __version__
 from ..atomic import atomic_write_json, atomic_write_text, temp_folder
 from ..owned import atomic_folder, check_out_folder
 from ..errors import fail
-from .render import FAR_DEPTH, SALIENCY_RULE, _render_chunk, check_render_args, chunked, map_chunks, stack_chunks
+from .parallel import chunked, map_chunks
+from .render import FAR_DEPTH, SALIENCY_RULE, _render_chunk, check_render_args, stack_chunks
 
 LAYOUT_VERSION = 1
 SPLITS = ("train", "val", "test")
