@@ -315,6 +315,8 @@ def test_the_checker_finds_planted_mistakes(checker):
     assert any("probe.no_such_key" in p for p in found) and any("section no_such_section" in p for p in found), found
     found = checker.problems("```bash\nsceneprobe run --sd /m \\\n    --no-such-flag x\n```\n")
     assert any("--no-such-flag" in p for p in found), found
+    found = checker.problems("a span that wraps, `sceneprobe run\n--no-such-wrapped RUN`, is read whole\n")
+    assert any("--no-such-wrapped is not an option of `sceneprobe run`" in p for p in found), found
 
 
 def test_the_checker_accepts_real_names(checker):
