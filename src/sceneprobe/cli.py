@@ -235,10 +235,13 @@ def cmd_capture(args) -> Path:
                        f"got {model}")
         if args.protocol not in (None, "generate"):
             raise fail(f"Stable Diffusion supports only --protocol generate, got {args.protocol!r}")
-        from .capture.sd import run_capture_sd, sd_options
-        return run_capture_sd(model, Path(args.prompts), run / "captures" / "sd" / (args.control or "ldm"),
-                              **sd_options(cc, args.guidance), batch_size=cc.batch_size, control=args.control,
-                              control_seed=cc.control_seed, force=args.force, progress=not args.no_progress)
+        from .capture.pipelines import capture_functions
+        from .capture.sd import sd_options
+        fns = capture_functions(model)                     # SD 1.x/2.x, SDXL, PixArt, SD3, FLUX; else one line
+        fns.check(model, "--model")
+        return fns.run_capture(model, Path(args.prompts), run / "captures" / "sd" / (args.control or "ldm"),
+                               **sd_options(cc, args.guidance), batch_size=cc.batch_size, control=args.control,
+                               control_seed=cc.control_seed, force=args.force, progress=not args.no_progress)
     if args.protocol not in PROTOCOLS:
         raise fail(f"option --protocol must be generate or noised, got {args.protocol!r}")
     from .models.io import load_ldm, shipped_root
@@ -303,27 +306,35 @@ def cmd_sites(args) -> None:
     return None
 
 
+def _is_pipeline(path: str | None) -> bool:
+    return bool(path) and (Path(path) / "model_index.json").is_file()
+
+
 def _run_sd(args) -> Path:
-    """``sceneprobe run --sd PATH --prompts CSV --out RUN``: the Stable Diffusion study (study_sd.py)."""
+    """``sceneprobe run --model PATH --prompts CSV --out RUN`` (``--sd`` is an alias): the study of a local diffusers
+    pipeline folder of any supported family — SD 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5, FLUX.1 (study_sd.py)."""
     from .study_sd import run_sd_study
-    if not args.sd or not args.prompts:
-        raise fail("the Stable Diffusion study needs both --sd (a local diffusers folder) and --prompts (a CSV with "
-                   "columns prompt,seed)")
-    if not (Path(args.sd) / "model_index.json").is_file():
-        raise fail(f"--sd {args.sd} is not a diffusers Stable Diffusion folder (no model_index.json)")
+    if args.sd and args.model:
+        raise fail("pass the pipeline folder once: --model PATH (--sd is its old name)")
+    option, folder = ("--sd", args.sd) if args.sd else ("--model", args.model)
+    if not folder or not args.prompts:
+        raise fail("the pipeline study needs both --model (a local diffusers pipeline folder) and --prompts (a CSV "
+                   "with columns prompt,seed)")
+    if not _is_pipeline(folder):
+        raise fail(f"{option} {folder} is not a local diffusers pipeline folder (no model_index.json)")
     over = _seeded(args, "capture")
     if args.store:
         over.setdefault("capture", {})["store"] = args.store
     cfg = _config(args, over)
     controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
-    return run_sd_study(cfg, Path(args.sd), Path(args.prompts), Path(args.out),
+    return run_sd_study(cfg, Path(folder), Path(args.prompts), Path(args.out),
                         labeller=Path(args.labeller) if args.labeller else None,
                         depth_model=Path(args.depth_model) if args.depth_model else None, controls=controls,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, option=option)
 
 
 def cmd_run(args) -> Path:
-    if args.sd or args.prompts:
+    if args.sd or args.prompts or _is_pipeline(args.model):
         return _run_sd(args)
     from .study import run_study
     cfg = _config(args, _seeded(args, "world"))
@@ -498,9 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", formatter_class=fmt, help="the whole study: world, models, labeller, capture, probes, report")
     _common(s, out_help="run folder (resumable: rerun the same command to continue)")
     s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
-    s.add_argument("--model", default=None, help="use this run folder's vae/, unet/, scheduler/ instead of the shipped model")
+    s.add_argument("--model", default=None,
+                   help="a local diffusers pipeline folder (model_index.json: SD 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5, "
+                        "FLUX.1; needs --prompts), or a run folder whose vae/, unet/, scheduler/ replace the shipped "
+                        "model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
-    s.add_argument("--sd", default=None, help="Stable Diffusion study: a local diffusers folder (needs --prompts)")
+    s.add_argument("--sd", default=None, help="old name of --model PATH for a pipeline folder (needs --prompts)")
     s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
     s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
     s.add_argument("--depth-model", default=None,

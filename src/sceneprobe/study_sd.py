@@ -64,16 +64,19 @@ def _digest(path: Path) -> str:
 
 def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller: Path | None = None,
                  depth_model: Path | None = None, controls: Sequence[str] = ("permuted",), force: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Capture, label, probe and report one Stable Diffusion folder; returns ``RUN/report/report.html``."""
+                 progress: bool = True, log: Callable[[str], None] = print, option: str = "--sd") -> Path:
+    """Capture, label, probe and report one pipeline folder of any supported family (SD 1.x/2.x, SDXL, PixArt,
+    SD3, FLUX: ``capture.pipelines.capture_functions``); returns ``RUN/report/report.html``."""
+    from .capture.pipelines import capture_functions
     from .capture.run import _state
-    from .capture.sd import check_sd_folder, load_sd, read_prompts, run_capture_sd, sd_options
+    from .capture.sd import read_prompts, sd_options
     from .study import Stages
     bad = [c for c in controls if c not in SD_CONTROLS]
     if bad:
         raise fail(f"unknown control {bad[0]!r}; choose from {', '.join(SD_CONTROLS)} (or none)")
     read_prompts(prompts)                                             # the cheap inputs first: before any model loads
-    check_sd_folder(model, "--sd")                                    # (and before the run folder is written)
+    fns = capture_functions(model, option)                            # (and before the run folder is written):
+    fns.check(model, option)                                          # an unsupported family is one line
     out = Path(out)
     cc = cfg.capture
     state = _state()
@@ -87,13 +90,12 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
         results = run_streamed_sd(cfg, model, prompts, out, lab, controls=controls, force=force, progress=progress,
                                   log=log)
     else:
-        import torch
         opts = sd_options(cc)
-        pipe = load_sd(model, torch.float16 if state.device.type == "cuda" else torch.float32, opts["variant"])
+        pipe = fns.load(model, state.device, opts["variant"])
         for control in (None, *controls):
-            log(f"[capture sd/{control or 'ldm'}] ...")
-            run_capture_sd(model, prompts, proot / (control or "ldm"), **opts, batch_size=cc.batch_size,
-                           control=control, control_seed=cc.control_seed, force=force, progress=progress, pipe=pipe)
+            log(f"[capture sd/{control or 'ldm'}] ({fns.family}) ...")
+            fns.run_capture(model, prompts, proot / (control or "ldm"), **opts, batch_size=cc.batch_size,
+                            control=control, control_seed=cc.control_seed, force=force, progress=progress, pipe=pipe)
         del pipe
         if not state.is_main_process:
             return out / "report" / "report.html"

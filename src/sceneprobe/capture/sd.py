@@ -167,15 +167,16 @@ SUPPORTED = CAPTURE_SUPPORTED
 def check_sd_folder(model_path: Path, option: str = "model folder") -> None:
     """Refuse, before any weights are read, a folder that is not a loadable Stable Diffusion v1/v2 pipeline: no or
     unreadable ``model_index.json``, another family (SDXL, SD3, FLUX, PixArt, …: ``models/families.py`` tells which;
-    capture supports SD v1/v2 only so far), or a missing part."""
+    those are captured by ``capture/pipelines.py``), or a missing part."""
     model_path = Path(model_path)
     index = read_model_index(model_path, option, what="a diffusers Stable Diffusion folder")
     family = detect_family(index)
-    if not (isinstance(family, Family) and family.capture):
+    if not (isinstance(family, Family) and family.key == "sd"):
         name = family.name if isinstance(family, Family) else family
+        other = (" (capture.pipelines.run_capture_pipeline and `sceneprobe run --model` capture it)"
+                 if isinstance(family, Family) else f"; sceneprobe knows {SUPPORTED}")
         raise fail(f"{option} {model_path} holds a pipeline of the {name} family ({index.get('_class_name', '?')} "
-                   f"in model_index.json); capture supports {SUPPORTED} folders only so far (`sceneprobe sites "
-                   f"--model` lists the sites of SDXL, PixArt, SD3 and FLUX); pass one of those")
+                   f"in model_index.json), not Stable Diffusion v1/v2{other}")
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (model_path / sub).is_dir():
             raise fail(f"Stable Diffusion folder {model_path} has no {sub}/; it needs unet/, vae/, text_encoder/, "

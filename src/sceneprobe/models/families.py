@@ -1,9 +1,9 @@
 """Which model family a local diffusers pipeline folder holds, read from its ``model_index.json`` (no weights).
 
 The one detector (issue 21): Stable Diffusion 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5 and FLUX.1 are known; anything else
-is one error line naming the family and the known ones. Capture supports SD 1.x/2.x only so far
-(``capture/sd.py:check_sd_folder`` refuses the others); the sites of every known family are listed by
-``sceneprobe sites`` (:mod:`.sites`).
+is one error line naming the family and the known ones. Every known family is captured: SD 1.x/2.x by
+``capture/sd.py``, the others by their own diffusers pipeline (``capture/pipelines.py``); the sites of every known
+family are listed by ``sceneprobe sites`` (:mod:`.sites`).
 
 Evidence, strongest first: the denoiser's class in ``model_index.json`` (``transformer``: ``PixArtTransformer2DModel``,
 ``SD3Transformer2DModel``, ``FluxTransformer2DModel`` decide; any other transformer is unsupported), then the pipeline's
@@ -29,12 +29,12 @@ class Family:
     denoiser: str         # the pipeline part that denoises: "unet" or "transformer"
     denoiser_class: str   # its diffusers class
     prefix: str           # the canonical sites' prefix (sites.py): unet, dit, mmdit, flux
-    capture: bool = False  # capture supports it (so far only SD v1/v2)
+    capture: bool = True   # capture supports it (every known family; SD v1/v2 by capture/sd.py)
 
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("sd", "SD v1/v2", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), "unet", "UNet2DConditionModel",
-           "unet", capture=True),
+           "unet"),
     Family("sdxl", "SDXL", "SDXL", ("StableDiffusionXLPipeline",), "unet", "UNet2DConditionModel", "unet"),
     Family("pixart", "PixArt", "PixArt-α/Σ", ("PixArtAlphaPipeline", "PixArtSigmaPipeline"), "transformer",
            "PixArtTransformer2DModel", "dit"),
@@ -42,7 +42,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family("flux", "FLUX", "FLUX.1", ("FluxPipeline",), "transformer", "FluxTransformer2DModel", "flux"),
 )}
 KNOWN = ", ".join(f"{f.title} ({'/'.join(f.pipelines)})" for f in FAMILIES.values())
-CAPTURE_SUPPORTED = "Stable Diffusion v1/v2 (StableDiffusionPipeline)"
+CAPTURE_SUPPORTED = KNOWN
 
 _BY_TRANSFORMER = {f.denoiser_class: f for f in FAMILIES.values() if f.denoiser == "transformer"}
 # Pipeline class prefixes, most specific first: a known family's key, or the name of an unsupported family.
@@ -218,7 +218,7 @@ def pipeline_sites(folder: Path, option: str = "--model") -> tuple[Family, str, 
                                 f"{g.rows}x{g.cols} ({g.cell}x{g.cell} latent cells per token{text})"))
     header = (f"family {family.title} ({index_class(folder)}, {family.denoiser} {family.denoiser_class}); latent "
               f"{h}x{w} ({source}); {len(rows)} sites; capture: "
-              f"{'supported' if family.capture else 'not yet (SD v1/v2 only so far)'}")
+              f"{'supported' if family.capture else 'not yet'}")
     return family, header, rows
 
 

@@ -200,8 +200,12 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
 
         def on_site(site: str, step: int, y: torch.Tensor) -> None:
             acts[site, step] = sp.prepare(y)
-        imgs = sample_and_record_sd(m.sampler, [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids],
-                                    m.unet_sites, m.vae_sites, cc.site_kind, on_site, m.device, m.dtype)
+        b_prompts, b_seeds = [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids]
+        if hasattr(m, "sample_and_record"):      # SDXL, PixArt, SD3, FLUX: their own pipeline (capture/pipelines.py)
+            imgs = m.sample_and_record(b_prompts, b_seeds, cc.site_kind, on_site)
+        else:
+            imgs = sample_and_record_sd(m.sampler, b_prompts, b_seeds, m.unet_sites, m.vae_sites, cc.site_kind,
+                                        on_site, m.device, m.dtype)
         save_images(image_dir, b_ids, imgs)
         if control is None:
             lab = label_images(labeller, imgs)
@@ -309,8 +313,9 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
     (``{model: {"statistics": …, "checkpoints": …, "fit": …, "predict": …, "choose": …, "metrics": …, "total": …}}``):
     capture time = total − the probe phases."""
 
+    from ..capture.pipelines import capture_functions
     from ..capture.run import _state, collect_samples, probe_split
-    from ..capture.sd import load_sd, prepare_sd, sd_options
+    from ..capture.sd import sd_options
     from ..capture.store import save_labels
     from ..labeller.apply import _describe
     state = _state()
@@ -318,8 +323,9 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
     out = Path(out)
     proot = out / "captures" / "sd"
     opts = sd_options(cc)
+    fns = capture_functions(model_path)                  # SD 1.x/2.x: capture/sd.py; the other families: pipelines.py
     if pipe is None:
-        pipe = load_sd(model_path, torch.float16 if state.device.type == "cuda" else torch.float32, opts["variant"])
+        pipe = fns.load(model_path, state.device, opts["variant"])
     rows: list[dict] = []
     arrays: dict[str, np.ndarray] = {}
     labels_desc = _describe(labeller)
@@ -330,17 +336,15 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                  "probe": sw.fit_identity(pc), "labeller": labels_desc}
         if control is not None:
             extra["labels"] = sw.load_protocol_labels(proot, None, pc.depth_target).digest
-        m = prepare_sd(model_path, prompts, **opts, control=control, control_seed=cc.control_seed, pipe=pipe,
-                       extra_identity=extra)
+        m = fns.prepare(model_path, prompts, **opts, control=control, control_seed=cc.control_seed, pipe=pipe,
+                        extra_identity=extra)
         shapes_all.update(m.shapes)
         fp = m.fingerprint
         mdir = proot / model
         record = mdir / "streamed.json"
         n = len(m.prompts)
         ids = list(range(n))
-        sampler = m.sampler
-        sampler.scheduler.set_timesteps(sampler.steps)
-        timesteps = [int(round(float(t))) for t in sampler.scheduler.timesteps]
+        timesteps = fns.timesteps(m)
         paths = {(s, t): sw.probe_path(out, "sd", model, s, t) for s in m.sites for t in range(m.n_steps)}
         done = None
         if not force and record.is_file() and json.loads(record.read_text()).get("fingerprint") == fp:
@@ -371,7 +375,8 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                                         device=sp.fit_device.type)
                     done[key] = sw._finished_rows(paths[key], fp)
                 atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
-                                           "timesteps": timesteps, "subsample": cc.subsample})
+                                           "timesteps": timesteps, "subsample": cc.subsample, "family": fns.family,
+                                           "sigmas": getattr(m, "sigmas", None)})
                 ck.remove()
                 secs = sp.seconds
                 probe_s = sum(secs.values())
