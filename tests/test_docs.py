@@ -13,6 +13,9 @@ What is checked, in code only (inline backticks and fenced blocks; prose is free
 
 A span starting with ``error:`` quotes a message and is not checked.
 
+And the other way round: every key of the config dataclasses has a row in ``docs/configuration.md`` whose default
+and preset values are the code's and the presets' (so a new or changed key cannot go undocumented).
+
 The checker itself is tested on planted mistakes, so a check that stopped finding anything would fail here.
 """
 from __future__ import annotations
@@ -327,3 +330,63 @@ def test_the_checker_accepts_real_names(checker):
             "`runs/default/report/summary.md`, `--adopt`, `sceneprobe sites --model PATH`, `benchmarks/<name>.py`\n"
             "```yaml\ncapture: {store: streamed}\nprobe:\n  workers: 2\n```\n")
     assert checker.problems(good) == []
+
+
+# ------------------------------------------------------------------------------------- docs/configuration.md's tables
+def _cell(v) -> str:
+    """A value as configuration.md writes it: ``[16, 32, 64]``, ``true``, ``1e-07``, ``""``."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
+    if isinstance(v, float):
+        return "1/3" if v == 1 / 3 else f"{v:g}"
+    return '""' if v == "" else str(v)
+
+
+def config_table_rows(text: str) -> dict[str, tuple[str, str]]:
+    """{section.key: (default cell, presets cell)} of the tables in configuration.md."""
+    return {m.group(1): (m.group(2).strip(), m.group(3).strip())
+            for m in re.finditer(r"^\| `([a-z_]+\.[a-z_0-9]+)` \|([^|]*)\|([^|]*)\|", text, re.M)}
+
+
+def config_table_problems(text: str) -> list[str]:
+    """Every key of the config dataclasses has a row, with the code's default and the presets' values."""
+    from importlib import resources
+    presets = {p: yaml.safe_load(resources.files("sceneprobe.presets").joinpath(f"{p}.yaml").read_text()) or {}
+               for p in ("cpu", "gpu", "tiny")}
+    rows, root, out = config_table_rows(text), Config(), []
+    for f in dataclasses.fields(Config):
+        sec = getattr(root, f.name)
+        if not dataclasses.is_dataclass(sec) or f.name == "labeller_readout":   # its own paragraph, as inline YAML
+            continue
+        for g in dataclasses.fields(sec):
+            key = f"{f.name}.{g.name}"
+            if key not in rows:
+                out.append(f"config key {key} has no row in docs/configuration.md; add one (default, presets, meaning)")
+                continue
+            default, in_presets = rows[key]
+            if default != _cell(getattr(sec, g.name)):
+                out.append(f"docs/configuration.md: {key} default is {_cell(getattr(sec, g.name))}, the row says {default}")
+            vals = [_cell(presets[p][f.name][g.name]) if g.name in (presets[p].get(f.name) or {}) else "·"
+                    for p in ("cpu", "gpu", "tiny")]
+            want = " / ".join(vals) if any(v != "·" for v in vals) else ""
+            if in_presets != want:
+                out.append(f"docs/configuration.md: {key} presets (cpu / gpu / tiny) are {want or 'none'}, the row "
+                           f"says {in_presets or 'none'}")
+    return out
+
+
+def test_configuration_page_lists_every_key_with_its_default_and_presets():
+    problems = config_table_problems((ROOT / "docs" / "configuration.md").read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_configuration_check_finds_planted_mistakes():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    wrong_default = text.replace("| `report.n_boot` | 2000 |", "| `report.n_boot` | 1000 |")
+    assert any("report.n_boot default is 2000" in p for p in config_table_problems(wrong_default))
+    missing = "\n".join(ln for ln in text.splitlines() if not ln.startswith("| `probe.workers`"))
+    assert any("probe.workers has no row" in p for p in config_table_problems(missing))
+    wrong_preset = text.replace("| `train_ldm.steps` | 6000 | 10500 / 50000 / 6 |", "| `train_ldm.steps` | 6000 | 9000 / 50000 / 6 |")
+    assert any("train_ldm.steps presets" in p for p in config_table_problems(wrong_preset))
