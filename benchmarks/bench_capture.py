@@ -4,15 +4,29 @@ Model: the shipped ``cpu`` model if the package has one, else a freshly built (u
 costs depend on the architecture, not on the weights. Times are the best of ``--repeats`` runs, in this process's CPU
 time by default (``--clock cpu``, one torch thread): on a machine shared with a training job, wall time varies by ±50 %.
 
-* off: ``sample.generate`` per batch (15 DDIM steps + the final decode), no hooks.
-* U-Net capture: ``run_capture`` restricted to the U-Net sites (hooks, fp16 rows streamed into shards, PNGs, manifest).
-* full capture: every site, so also one VAE decode per step (the VAE's self-attention is probed at every step).
+* off: ``sample.generate`` per batch (15 DDIM steps + the final decode), no hooks, nothing written.
+* U-Net-site capture (the goal's figure): ``run_capture`` restricted to the U-Net sites, without the image read-out:
+  hooks, fp16 rows streamed into shards, the store's fixed costs (weight hashes, site shapes, shard files,
+  manifest) and the final images (PNGs + ``samples.safetensors``). The final images are counted as capture cost —
+  plain sampling writes nothing, and the study needs them (labels are made from them) — and the line also says what
+  the overhead is without them.
+* with the read-out: the same, with the image read-out of the ``ldm`` store on (its default): the decoded x̂₀ of the
+  test rows (25 %) at every step, one extra VAE decode of those rows per step, written as PNGs. That is a VAE cost
+  (a study output of its own, issue 20), not a U-Net-site cost, so it is its own line.
+* full capture: every site, so also the VAE decoder's mid attention at every step (the decoder run as far as its mid
+  block; the last step's decode is the final image) and the read-out.
+
+Each capture's time is split by wrapping the capture module's functions (CPU time inside each): weight hashes,
+site shapes (derived from the modules, or a traced shape pass), hooks (the recording hooks incl. the rows' dtype
+conversion, without the shard writes), shard row writes, shard creation, the manifest and progress files, the final
+images, the read-out's decodes and PNGs, the VAE site's decodes; "rest" is the capture's time less all of these and
+less plain sampling (the sampling loop's own work beside them, and run-to-run noise).
 * peak RSS: a fresh subprocess per N (``ru_maxrss``) running the full capture of N images; streaming means the
   ratio should stay near 1.
 * U-Net forwards per image for all sites × steps: ours = steps (one pass); the paper's scheme regenerates each image
   up to step t for each of 7 block groups: 7 × Σ_{t=0}^{14} (t + 1) = 840.
 
-    python benchmarks/bench_capture.py [--n 64] [--n-rss 64 512] [--repeats 3] [--threads 1]
+    python benchmarks/bench_capture.py [--n 64] [--n-rss 64 512] [--repeats 3] [--threads 1] [--no-rss]
 """
 from __future__ import annotations
 
@@ -80,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: this process's CPU time (immune to other jobs on a shared machine); wall: elapsed")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,28 +103,48 @@ def main() -> None:
     if args.rss_child is not None:
         return rss_child(args.rss_child)
 
+    from sceneprobe.capture import recorder as caprec
     from sceneprobe.capture import run as caprun
     from sceneprobe.capture.run import run_capture
     from sceneprobe.models.sites import list_sites
     from sceneprobe.sample import generate
-    io_time = {"write_rows": 0.0, "images": 0.0}
+    parts: dict[str, float] = {}
+    stack: list[float] = []          # nested timers: a part's time excludes the parts timed inside it
 
-    def timed(fn, key):  # how much of the capture time is disk output (shard rows; PNGs and samples file)
+    def timed(fn, key):
         def wrapper(*a, **k):
+            stack.append(0.0)
             t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
-                io_time[key] += clock() - t0
+                dt = clock() - t0
+                inner = stack.pop()
+                name = key(*a) if callable(key) else key
+                parts[name] = parts.get(name, 0.0) + dt - inner
+                if stack:
+                    stack[-1] += dt
         return wrapper
-    caprun.write_rows = timed(caprun.write_rows, "write_rows")
-    caprun.save_images = timed(caprun.save_images, "images")
-    caprun.collect_samples = timed(caprun.collect_samples, "images")
+
+    for name, key in (("model_hash", "hash"), ("derived_shapes", "shapes"), ("traced_shapes", "shapes"),
+                      ("write_rows", "shard writes"), ("create_shard", "shard files"),
+                      ("finish_store", "manifest + progress"), ("atomic_write_json", "manifest + progress"),
+                      ("collect_samples", "final images"), ("decode_readout", "read-out decodes"),
+                      ("decode_to_mid", "VAE site decodes")):
+        setattr(caprun, name, timed(getattr(caprun, name), key))
+    caprun.save_images = timed(caprun.save_images, lambda folder, *a: "read-out PNGs" if "x0" in Path(folder).parts
+                               else "final images")
+    # run.py's whole decodes are not timed: the final image's (the last step's, which plain sampling does too) and,
+    # with vae_input x0, the sites' decodes the read-out reuses
+    hook = caprec.Recorder._hook
+    caprec.Recorder._hook = lambda self, site: timed(hook(self, site), "hooks")
     ldm, cfg, what = get_model()
     cc = cfg.capture
     cfg_t = with_capture(cfg, n_generate=args.n)
     unet_sites = list_sites(ldm.unet, "unet")
-    times: dict[str, list[float]] = {"off": [], "unet": [], "full": []}
+    runs = {"unet": dict(sites=unet_sites, readout=False), "readout": dict(sites=unet_sites), "full": {}}
+    times: dict[str, list[float]] = {"off": [], **{k: [] for k in runs}}
+    best: dict[str, dict[str, float]] = {}
     calls: list[int] = []
     with torch.no_grad():
         generate(ldm, list(range(cc.batch_size)), cc.seed, steps=2)  # warm-up (allocator, kernels)
@@ -121,43 +156,59 @@ def main() -> None:
                 for s in range(0, args.n, cc.batch_size):
                     generate(ldm, list(range(s, min(args.n, s + cc.batch_size))), cc.seed, steps=cc.steps)
             times["off"].append(clock() - t0)
-            io_time.update(write_rows=0.0, images=0.0)
-            t0 = clock()
-            run_capture(cfg_t, tmp / "u", "generate", ldm, force=True, progress=False, sites=unet_sites)
-            times["unet"].append(clock() - t0)
-            if times["unet"][-1] == min(times["unet"]):
-                io_unet = dict(io_time)
-            calls.clear()
-            h = ldm.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-            t0 = clock()
-            try:
-                root = run_capture(cfg_t, tmp / "f", "generate", ldm, force=True, progress=False)
-            finally:
-                h.remove()
-            times["full"].append(clock() - t0)
+            for key, kw in runs.items():
+                parts.clear()
+                calls.clear()
+                h = ldm.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+                t0 = clock()
+                try:
+                    root = run_capture(cfg_t, tmp / key, "generate", ldm, force=True, progress=False, **kw)
+                finally:
+                    h.remove()
+                times[key].append(clock() - t0)
+                if times[key][-1] == min(times[key]):
+                    best[key] = dict(parts)
         nbytes = store_bytes(root)
-    fwd_per_image = (sum(calls) - 1) / args.n  # minus the batch-1 shape pass
+    fwd_per_image = sum(calls) / args.n  # no shape pass any more: every U-Net call is a sampling step
     rss = {}
-    for n in args.n_rss:
-        p = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--threads", str(args.threads)],
-                           capture_output=True, text=True, check=True)
-        rss[n] = json.loads(p.stdout.strip().splitlines()[-1])["maxrss_mib"]
+    if not args.no_rss:
+        for n in args.n_rss:
+            p = subprocess.run([sys.executable, __file__, "--rss-child", str(n), "--threads", str(args.threads)],
+                               capture_output=True, text=True, check=True)
+            rss[n] = json.loads(p.stdout.strip().splitlines()[-1])["maxrss_mib"]
 
-    off, unet, full = (min(times[k]) for k in ("off", "unet", "full"))
+    off = min(times["off"])
     paper = 7 * sum(t + 1 for t in range(15))
     total = sum(nbytes.values())
     n0, n1 = args.n_rss
+    order = ("hash", "shapes", "hooks", "shard writes", "shard files", "manifest + progress", "final images",
+             "read-out decodes", "read-out PNGs", "VAE site decodes")
+
+    def breakdown(key: str) -> str:
+        b = best[key]
+        rest = min(times[key]) - off - sum(b.values())
+        return ", ".join(f"{k} {b[k]:.3f}" for k in order if k in b) + f", rest {rest:+.3f} s"
+
     print(f"model: {what}; U-Net sites {len(unet_sites)}, steps {cc.steps}, batch {cc.batch_size}, "
           f"dtype {cc.dtype}, torch threads {args.threads}, {args.clock} time, best of {args.repeats}")
-    print(f"sampling {args.n} images: capture off {off:.2f} s | U-Net-site capture {unet:.2f} s "
-          f"(overhead {100 * (unet - off) / off:+.1f} %, goal <= 10 %) | full capture incl. per-step VAE decode "
-          f"{full:.2f} s (per-step VAE decode + VAE site: {full - unet:+.2f} s, {100 * (full - off) / off:+.0f} % vs off)")
-    print(f"of the U-Net-site capture time: shard row writes {io_unet['write_rows']:.2f} s, final PNGs + "
-          f"samples.safetensors {io_unet['images']:.2f} s, hooks/hash/shape pass/manifest the rest")
+    u = min(times["unet"])
+    print(f"sampling {args.n} images: capture off {off:.2f} s | U-Net-site capture {u:.2f} s (overhead "
+          f"{100 * (u - off) / off:+.1f} %, goal <= 10 %; without the final images' PNGs + samples file "
+          f"{100 * (u - off - best['unet'].get('final images', 0)) / off:+.1f} %)")
+    print(f"  U-Net-site capture over plain sampling, {u - off:+.3f} s: {breakdown('unet')}")
+    r = min(times["readout"])
+    print(f"with the image read-out (x̂₀ of the test rows decoded at every step, the ldm store's default): {r:.2f} s "
+          f"({100 * (r - off) / off:+.1f} % vs off)")
+    print(f"  over plain sampling, {r - off:+.3f} s: {breakdown('readout')}")
+    f = min(times["full"])
+    print(f"full capture (U-Net sites + VAE decoder site at every step + read-out): {f:.2f} s "
+          f"({100 * (f - off) / off:+.1f} % vs off; the VAE site adds {f - r:+.2f} s to the read-out capture)")
+    print(f"  over plain sampling, {f - off:+.3f} s: {breakdown('full')}")
     print(f"bytes written per image: {total / args.n / 2**20:.2f} MiB (U-Net sites {nbytes.get('unet', 0) / args.n / 2**20:.2f}"
           f" MiB, VAE site {nbytes.get('vae', 0) / args.n / 2**20:.2f} MiB; {cc.steps} steps, {cc.dtype})")
-    print(f"peak RSS (full capture in a subprocess): {n0} images {rss[n0]:.0f} MiB, {n1} images {rss[n1]:.0f} MiB "
-          f"-> ratio {rss[n1] / rss[n0]:.2f} (goal <= 1.2)")
+    if rss:
+        print(f"peak RSS (full capture in a subprocess): {n0} images {rss[n0]:.0f} MiB, {n1} images {rss[n1]:.0f} MiB "
+              f"-> ratio {rss[n1] / rss[n0]:.2f} (goal <= 1.2)")
     print(f"U-Net forward passes per image, all sites x all steps: ours {fwd_per_image:.0f} (one pass) vs paper's "
           f"scheme 7 groups x sum(t+1, t<15) = {paper} ({paper / fwd_per_image:.0f}x fewer)")
 
