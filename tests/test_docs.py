@@ -7,8 +7,9 @@ What is checked, in code only (inline backticks and fenced blocks; prose is free
   after ``benchmarks/bench_x.py`` an option that script declares; after ``accelerate``/``pip``/``pytest``/… unchecked;
 * ``section.key`` and ``section: {key: …}`` (and YAML blocks): a field of the config dataclasses (:class:`Config`);
 * ``sceneprobe.module.name``: an importable module (or an attribute of one);
-* file paths from the repository root (``src/…``, ``benchmarks/…``, ``tests/…``, ``docs/…``, ``.ci/…``, ``Makefile``…),
-  ``pretrained/…`` and ``presets/…`` (inside ``src/sceneprobe``), any ``….py``, and markdown links: they exist;
+* file paths from the repository root (``src/…``, ``benchmarks/…``, ``tests/…``, ``docs/…``, ``.ci/…``,
+  ``Makefile``…), ``pretrained/…`` and ``presets/…`` (inside ``src/sceneprobe``), any ``….py``, and markdown
+  links: they exist;
 * ``make <target>``: a target of the Makefile; ``bench_*.py``: a script in ``benchmarks/``.
 
 A span starting with ``error:`` quotes a message and is not checked.
@@ -153,7 +154,8 @@ class Checker:
                     ctx = ("cli", None)
             elif tok == "make" and nxt and re.fullmatch(r"[a-z][\w-]*", nxt):
                 if nxt not in self.targets:
-                    out.append(f"{where}: `make {nxt}` is not a Makefile target (known: {', '.join(sorted(self.targets))})")
+                    known = ", ".join(sorted(self.targets))
+                    out.append(f"{where}: `make {nxt}` is not a Makefile target (known: {known})")
                 ctx = ("other", "make")
             elif re.search(r"bench_\w+\.py$", tok):
                 ctx = ("bench", re.search(r"bench_\w+\.py$", tok).group(0))
@@ -367,7 +369,8 @@ def config_table_problems(text: str) -> list[str]:
                 continue
             default, in_presets = rows[key]
             if default != _cell(getattr(sec, g.name)):
-                out.append(f"docs/configuration.md: {key} default is {_cell(getattr(sec, g.name))}, the row says {default}")
+                out.append(f"docs/configuration.md: {key} default is {_cell(getattr(sec, g.name))}, the row says "
+                           f"{default}")
             vals = [_cell(presets[p][f.name][g.name]) if g.name in (presets[p].get(f.name) or {}) else "·"
                     for p in ("cpu", "gpu", "tiny")]
             want = " / ".join(vals) if any(v != "·" for v in vals) else ""
@@ -388,5 +391,6 @@ def test_the_configuration_check_finds_planted_mistakes():
     assert any("report.n_boot default is 2000" in p for p in config_table_problems(wrong_default))
     missing = "\n".join(ln for ln in text.splitlines() if not ln.startswith("| `probe.workers`"))
     assert any("probe.workers has no row" in p for p in config_table_problems(missing))
-    wrong_preset = text.replace("| `train_ldm.steps` | 6000 | 10500 / 50000 / 6 |", "| `train_ldm.steps` | 6000 | 9000 / 50000 / 6 |")
+    wrong_preset = text.replace("| `train_ldm.steps` | 6000 | 10500 / 50000 / 6 |",
+                                "| `train_ldm.steps` | 6000 | 9000 / 50000 / 6 |")
     assert any("train_ldm.steps presets" in p for p in config_table_problems(wrong_preset))
