@@ -64,7 +64,7 @@ from ..atomic import atomic_write_json
 from ..config import Config, fingerprint, to_dict
 from ..errors import fail
 from ..models.build import sampling_scheduler
-from ..models.io import LDM, model_hash
+from ..models.io import HASH_CACHE, LDM, model_hash
 from ..models.sites import list_sites
 from ..sample import decode, denoise, generators, initial_noise, sample_seed, to_latent, to_uint8
 from .recorder import KINDS, Recorder
@@ -535,8 +535,9 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
     model = control or "ldm"
     unet = control_unet(ldm.unet, control, cc.control_seed)
     vae, sf = ldm.vae, ldm.scaling_factor
-    unet_hash, vae_hash = model_hash(unet), model_hash(vae)  # on the CPU, before any move
-    base_hash = model_hash(ldm.unet) if control else unet_hash
+    cache = Path(run) / "captures" / HASH_CACHE  # hashes of folder-loaded weights, paid once per run folder
+    unet_hash, vae_hash = model_hash(unet, cache), model_hash(vae, cache)  # on the CPU, before any move
+    base_hash = model_hash(ldm.unet, cache) if control else unet_hash
     device = _state().device
     unet, vae = unet.to(device).eval(), vae.to(device).eval()
     proot = Path(run) / "captures" / protocol

@@ -107,7 +107,9 @@ def _load(cls, folder: Path, what: str):
         first = first if len(first) <= 160 else first[:160] + " …"
         raise fail(f"{what} folder {folder} could not be loaded ({type(e).__name__}: {first}); it does not fit its "
                    f"config.json: re-save or re-train the model") from None
-    return model.float().eval()
+    model = model.float().eval()
+    stamp_source(model, folder)
+    return model
 
 
 def load_vae(folder: Path) -> AutoencoderKL:
@@ -157,13 +159,81 @@ def shipped_root(preset: str = "cpu") -> Path:
     return Path(str(resources.files("sceneprobe").joinpath("pretrained", preset)))
 
 
-def model_hash(model: torch.nn.Module) -> str:
-    """SHA-256 (first 16 hex) over the model's parameters and buffers, in name order."""
+HASH_VERSION = 1   # the definition of model_hash; a cached value made under another one is never reused
+HASH_CACHE = ".model_hashes.json"   # the file name of a run's persistent cache (see model_hash)
+
+
+def _state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters and buffers themselves (not detached copies: their identity and version counter are stable),
+    in name order."""
+    return sorted(model.state_dict(keep_vars=True).items())
+
+
+def _snapshot(model: torch.nn.Module) -> tuple:
+    """What the weights' values could have changed by, cheaply: each state tensor's name, object, version counter
+    (bumped by every in-place write through the tensor: ``copy_``, optimiser steps, ``load_state_dict``), dtype and
+    shape. A device move keeps it (the values are the same); a dtype change, a copy or a replaced tensor does not."""
+    return tuple((n, id(t), t._version, str(t.dtype), tuple(t.shape)) for n, t in _state(model))
+
+
+def _digest(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex) over (name, float32 values) of every parameter and buffer in name order, on any device."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in _state(model):
         h.update(name.encode())
-        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())  # buffer protocol: no bytes copy
     return h.hexdigest()[:16]
+
+
+def stamp_source(model: torch.nn.Module, folder: Path) -> None:
+    """Note, right after ``model`` was loaded from ``folder``, the stat identity of the folder's files (path, device,
+    inode, size, mtime and ctime in ns of every file: a rewritten or replaced weight file changes it) together with
+    the model's :func:`_snapshot`, so that :func:`model_hash` can reuse a cached hash while both still hold."""
+    import diffusers
+    entries = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file():
+            st = p.stat()
+            entries.append([str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    key = json.dumps([HASH_VERSION, type(model).__name__, diffusers.__version__, torch.__version__, entries])
+    model._sceneprobe_source = (hashlib.sha256(key.encode()).hexdigest(), _snapshot(model))
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}                                   # absent or damaged: a cache is only ever a shortcut
+    return data if isinstance(data, dict) else {}
+
+
+def model_hash(model: torch.nn.Module, cache: Path | None = None) -> str:
+    """SHA-256 (first 16 hex) over the model's parameters and buffers (name, float32 values), in name order.
+
+    Paid once: the value is kept on the module while its :func:`_snapshot` is unchanged, and, for a model loaded from
+    a folder (:func:`stamp_source`) and not changed since, in ``cache`` (a JSON file the caller owns, e.g. a run's
+    ``captures/.model_hashes.json``; never inside the model folder) under the key of the folder's stat identity, so a
+    later process reads it instead of hashing the weights again. Not seen: values changed behind the version
+    counter (``tensor.data`` writes); sceneprobe makes none.
+    """
+    snap = _snapshot(model)
+    memo = model.__dict__.get("_sceneprobe_hash")
+    if memo is not None and memo[0] == snap:
+        return memo[1]
+    source = model.__dict__.get("_sceneprobe_source")
+    key = source[0] if cache is not None and source is not None and source[1] == snap else None
+    value = _read_cache(cache).get(key) if key else None
+    if not (isinstance(value, str) and len(value) == 16):
+        value = _digest(model)
+        if key:
+            from ..atomic import atomic_write_json
+            try:
+                Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(Path(cache), {**_read_cache(cache), key: value})
+            except OSError:
+                pass                                # an unwritable cache costs time, never a result
+    model._sceneprobe_hash = (snap, value)
+    return value
 
 
 def export_pretrained(run: Path, dest: Path, extra: dict | None = None) -> Path:
