@@ -417,8 +417,9 @@ class _MidDone(Exception):
     """Raised by :func:`decode_to_mid`'s hook once the decoder's mid block has run."""
 
 
-def decode_to_mid(vae, latents: torch.Tensor) -> None:
-    """Run ``decode(vae, latents)`` (B, c, h, w) only as far as the decoder's mid block; no image is made.
+def decode_to_mid(vae, latents: torch.Tensor, decode_fn: Callable | None = None) -> None:
+    """Run ``decode_fn(vae, latents)`` (B, c, h, w) (default :func:`sceneprobe.sample.decode`) only as far as the
+    decoder's mid block; no image is made.
 
     The mid block's self-attention (``vae.dec.mid.attn*``) sees exactly what it sees in a full decode — the same
     operations on the same batch, so its hooks record the same bytes — and the up blocks, which hold most of the
@@ -429,7 +430,7 @@ def decode_to_mid(vae, latents: torch.Tensor) -> None:
         raise _MidDone
     handle = vae.decoder.mid_block.register_forward_hook(stop)  # after the sites' hooks, which fire inside it
     try:
-        decode(vae, latents)
+        (decode_fn or decode)(vae, latents)
     except _MidDone:
         return
     finally:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import codecs
 import copy
 import csv
-import hashlib
 import inspect
 import io
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from ..models.sites import list_sites
 from .identity import canonical, store_fingerprint
 from .recorder import Recorder
 from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, collect_samples, control_unet,
-                  fill_store, finish_store, probe_split, save_images, site_shapes)
+                  decode_to_mid, fill_store, finish_store, probe_split, save_images, site_shapes)
+from ..models.io import HASH_CACHE
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler", "pndm": "PNDMScheduler",
               "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
@@ -151,14 +151,11 @@ def find_variant(model_path: Path) -> str | None:
     return variants[0] if variants else None
 
 
-def weights_hash(model: torch.nn.Module) -> str:
+def weights_hash(model: torch.nn.Module, cache: Path | None = None) -> str:
     """``models.io.model_hash`` (SHA-256 over parameters and buffers in name order, as float32) for a model on any
-    device: each tensor is copied to the CPU on its own."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    device (each tensor is copied to the CPU on its own), paid once: see ``model_hash`` for ``cache``."""
+    from ..models.io import model_hash
+    return model_hash(model, cache)
 
 
 SUPPORTED = CAPTURE_SUPPORTED
@@ -190,7 +187,7 @@ def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant:
     from diffusers import StableDiffusionPipeline
     variant = variant or find_variant(model_path)
     try:
-        return StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype,
+        pipe = StableDiffusionPipeline.from_pretrained(model_path, local_files_only=True, dtype=torch_dtype,
                                                        variant=variant, safety_checker=None, feature_extractor=None,
                                                        image_encoder=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -199,6 +196,10 @@ def load_sd(model_path: Path, torch_dtype: torch.dtype = torch.float32, variant:
                    if variant is None else
                    f"Stable Diffusion folder {model_path} could not be loaded with variant {variant!r} "
                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    from ..models.io import stamp_source
+    for part in ("unet", "vae", "text_encoder"):       # their weight hashes may then be cached (models.io.model_hash)
+        stamp_source(getattr(pipe, part), model_path / part)
+    return pipe
 
 
 def make_scheduler(pipe, name: str = "folder"):
@@ -318,10 +319,10 @@ def sample_and_record_sd(sampler: SDSampler, prompts: Sequence[str], seeds: Sequ
         on_site(site, cur["step"], y)
 
     def callback(i: int, t: int, x: torch.Tensor) -> None:
-        if vae_sites:                      # the VAE site reads the latent after step i's update
-            img = sampler.decode(x)
-            if i == steps - 1:
-                final["img"] = img         # the last step's latent is the final latent: reuse its decode
+        if vae_sites and i == steps - 1:   # the VAE site reads the latent after step i's update
+            final["img"] = sampler.decode(x)   # the last step's latent is the final latent: reuse its decode
+        elif vae_sites:                    # no image needed: the decoder stops after its mid block (the site)
+            decode_to_mid(sampler.pipe.vae, x, lambda vae, z: sampler.decode(z))
         cur["step"] = i + 1
 
     with Recorder({"unet": sampler.unet}, unet_sites, site_kind, on_out, keep_half="cond" if sampler.cfg else None), \
@@ -374,8 +375,11 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
                scheduler: str = "folder", variant: str | None = None, site_kind: str = "attn",
                vae_input: str = "latent", dtype: str = "float16", pool: int = 1, sites: Sequence[str] | None = None,
                control: str | None = None, control_seed: int = 100, torch_dtype: torch.dtype | None = None,
-               pipe=None, extra_identity: dict | None = None) -> SDModel:
-    """Load (or reuse ``pipe``), build the sampler, resolve sites and shapes, and compute the store identity."""
+               pipe=None, extra_identity: dict | None = None, hash_cache: Path | None = None) -> SDModel:
+    """Load (or reuse ``pipe``), build the sampler, resolve sites and shapes, and compute the store identity.
+
+    ``hash_cache``: a JSON file the run owns where weight hashes of folder-loaded parts are kept
+    (``models.io.model_hash``)."""
     if vae_input != "latent":
         raise fail("Stable Diffusion captures feed the VAE site the latent after each step (capture.vae_input: latent); "
                    f"got {vae_input!r}")
@@ -385,8 +389,8 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = pipe if pipe is not None else load_sd(model_path, torch_dtype, variant)
     unet = control_unet(pipe.unet, control, control_seed)
-    hashes = {"model_hash": weights_hash(unet), "vae_hash": weights_hash(pipe.vae),
-              "text_hash": weights_hash(pipe.text_encoder)}
+    hashes = {"model_hash": weights_hash(unet, hash_cache), "vae_hash": weights_hash(pipe.vae, hash_cache),
+              "text_hash": weights_hash(pipe.text_encoder, hash_cache)}
     unet = unet.to(device).eval()
     pipe.vae.to(device).eval()
     pipe.text_encoder.to(device).eval()
@@ -401,14 +405,15 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
             raise fail(f"site {unknown[0]!r} is not a site of this model; sites: {', '.join(unet_sites + vae_sites)}")
         unet_sites = [s for s in unet_sites if s in sites]
         vae_sites = [s for s in vae_sites if s in sites]
-    emb = sampler.embed([""], device)
     lh, lw = h // sampler.vae_scale, w // sampler.vae_scale
 
-    def shape_pass() -> None:
+    def shape_pass() -> None:                    # only where the shapes cannot be derived from the modules
+        emb = sampler.embed([""], device)
         z = torch.zeros(1, unet.config.in_channels, lh, lw, device=device, dtype=emb.dtype)
         unet(z, int(sampler.scheduler.config.num_train_timesteps) - 1, encoder_hidden_states=emb)
         sampler.decode(z)
-    shapes = site_shapes({"unet": unet, "vae": pipe.vae}, unet_sites + vae_sites, site_kind, shape_pass, pool)
+    shapes = site_shapes({"unet": unet, "vae": pipe.vae}, unet_sites + vae_sites, site_kind, shape_pass, pool,
+                         latent_hw=(lh, lw), image_hw=(h, w))
     sched = sampler.scheduler
     identity = {"version": CAPTURE_VERSION, "protocol": "sd", "model": control or "ldm", "prompts": prompts,
                 "seeds": seeds, "steps": steps, "guidance_scale": float(guidance), "cfg": sampler.cfg,
@@ -437,7 +442,8 @@ def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 
     m = prepare_sd(model_path, prompts_csv, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                    height=height, width=width, scheduler=scheduler, variant=variant, site_kind=site_kind,
                    vae_input=vae_input, dtype=dtype, pool=pool, sites=sites, control=control,
-                   control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe)
+                   control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe,
+                   hash_cache=out.parent / HASH_CACHE)  # RUN/captures/sd/: the run's, beside its images
     n, ids = len(m.prompts), list(range(len(m.prompts)))
     spec = StoreSpec(out, m.shapes, n, m.n_steps, batch_size, dtype, pool, m.fingerprint)
     image_root = out.parent if control is None else out
