@@ -88,6 +88,9 @@ def test_full_store_study_through_the_sd_alias_with_a_control(root, tmp_path, ca
     with open(out / "report" / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["protocol"] == "sd"]
     assert {"ldm", "permuted"} <= {r["model"] for r in rows} and any(r["site"] == "dit.block1.attn" for r in rows)
+    summary = (out / "report" / "summary.md").read_text()
+    assert "no U-Net probes" not in summary                           # the transformer is the report's denoiser group
+    assert "PixArt transformer" in summary and "not exact" in summary
     capsys.readouterr()
     assert main(cmd) == 0                                              # rerun: everything up to date
     assert "[labels] up to date, skipped" in capsys.readouterr().out

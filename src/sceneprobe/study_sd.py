@@ -39,19 +39,30 @@ def make_labeller(labeller: Path | None = None, depth_model: Path | None = None)
     return DepthModelLabeller(Path(depth_model), saliency_labeller=lab) if depth_model else lab
 
 
-def labels_markdown(labels_json: Path) -> str:
-    """The report section that says where the labels come from."""
+DENOISER_WORDS = {"sd": "", "sdxl": "", "pixart": "PixArt transformer (sites `dit.block{L}.attn`)",
+                  "sd3": "SD3 MMDiT (sites `mmdit.block{L}.attn.img`, `mmdit.block{L}.attn2`)",
+                  "flux": "FLUX transformer (sites `flux.double{L}.attn.img`, `flux.single{L}.attn`)"}
+
+
+def labels_markdown(labels_json: Path, family: str = "sd") -> str:
+    """The report section that says where the labels come from (and, for a transformer, what "U-Net" names)."""
     info = json.loads(Path(labels_json).read_text())
+    from .models.families import FAMILIES
+    fam = FAMILIES[family]
+    den = DENOISER_WORDS.get(family, "")
+    model = (f"\n**Model**: a {fam.title} pipeline ({fam.denoiser} `{fam.denoiser_class}`)."
+             + (f" Its denoiser is the {den}: where this report says **U-Net** it means that transformer."
+                if den else "") + "\n")
     depth = ("relative inverse depth from the DPT depth model " f"`{info.get('depth_labeller')}`"
              if info.get("depth_kind") == "inverse_depth" else
              f"camera-space depth from the project's labeller `{info.get('depth_labeller')}`")
-    return ("# Labels\n\nLabels of the Stable Diffusion images are **not exact**: they are another network's output, as in the "
+    return ("# Labels\n\nLabels of the model's images are **not exact**: they are another network's output, as in the "
             "paper (which used MiDaS and TRACER).\n\n"
             f"* depth: {depth};\n"
             f"* saliency: the project's labeller `{info.get('saliency_labeller')}` (trained on rendered scenes with "
             "exact labels; on real images it is an approximation);\n"
             f"* {info.get('n')} images, labelled once from the model's own images; the controls are scored against "
-            "the same labels.\n")
+            "the same labels.\n" + model)
 
 
 def _digest(path: Path) -> str:
@@ -115,6 +126,6 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
     if not state.is_main_process:
         return out / "report" / "report.html"
     from .report import write_report
-    atomic_write_text(out / "report" / "extra" / "labels.md", labels_markdown(proot / "labels.json"))
+    atomic_write_text(out / "report" / "extra" / "labels.md", labels_markdown(proot / "labels.json", fns.family))
     log(f"[report] {results}")
     return write_report(out)

@@ -17,12 +17,19 @@ FAMILIES = ("unet", "vae.dec", "vae.enc", "input")
 EST_TAG = "-vs-"             # metric names of comparison rows the report adds to results.csv
 
 
+DENOISER_PREFIXES = ("dit.", "mmdit.", "flux.", "transformer:")   # a DiT's sites (models/sites.py)
+
+
 def family(site: str) -> str:
-    """'unet' / 'vae.enc' / 'vae.dec' from a canonical name (``vae.dec.mid.attn0``) or a raw path."""
+    """'unet' / 'vae.enc' / 'vae.dec' from a canonical name (``vae.dec.mid.attn0``) or a raw path. A transformer
+    denoiser's sites (PixArt ``dit.*``, SD3 ``mmdit.*``, FLUX ``flux.*``) form the ``unet`` group too: the group is the
+    denoiser, whose verdicts the report gives (the study's labels section says which denoiser it was)."""
     if site.startswith("vae.enc") or site.startswith("vae:encoder"):
         return "vae.enc"
     if site.startswith("vae"):
         return "vae.dec"
+    if site.startswith(DENOISER_PREFIXES):
+        return "unet"
     for sep in (".", ":"):
         if sep in site:
             return site.split(sep, 1)[0]
