@@ -1,36 +1,22 @@
 """Capture SDXL, PixArt-α/Σ, SD3/3.5 and FLUX.1 from a local diffusers pipeline folder, by the family's own pipeline.
 
 Sampling *is* the family's diffusers pipeline (``StableDiffusionXLPipeline``, ``PixArtAlphaPipeline`` /
-``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``), called with the prompts, one CPU generator
-per seed and ``output_type="np"``; owned hooks (:mod:`.pipeline_hooks`) record the canonical sites and the pipeline's
-step-end callback marks each step. So the images equal the pipeline's by construction (a test still checks it: the
-same call without hooks gives the same bytes). SD 1.x/2.x keep their own loop (:mod:`.sd`); this module exposes the
-same interface (:class:`PipelineModel` ≈ ``SDModel``: ``sites``, ``n_steps``, ``fingerprint``, ``sampler.size`` and a
-sample-and-record call), so the store (:func:`run_capture_pipeline`) and the streamed probes work for every family.
+``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline``; :mod:`.pipeline_sampler` says with which
+options); owned hooks (:mod:`.pipeline_hooks`) record the canonical sites and the pipeline's step-end callback marks
+each step. So the images equal the pipeline's by construction (a test still checks it: the same call without hooks
+gives the same bytes). SD 1.x/2.x keep their own loop (:mod:`.sd`); this module exposes the same interface
+(:class:`PipelineModel` ≈ ``SDModel``: ``sites``, ``n_steps``, ``fingerprint``, ``sampler.size`` and a
+sample-and-record call), so the store (:func:`run_capture_pipeline`) and the streamed probes work for every family;
+:func:`capture_functions` picks the right functions for any folder.
 
-Options passed to every pipeline: ``num_inference_steps`` = ``capture.steps``, ``guidance_scale`` =
-``capture.guidance_scale`` (for FLUX the distilled guidance *embedding*: FLUX runs no CFG batch; its true CFG is
-not used), ``negative_prompt`` = ``capture.negative_prompt`` when not empty (empty: the pipeline's own default, e.g.
-SDXL's zeroed unconditional embedding; FLUX refuses one), ``height``/``width`` = ``capture.height``/``width`` or the
-pipeline's default size, PixArt's ``use_resolution_binning=False`` (the size asked for is the size sampled; at the
-native square size binning changes nothing) and ``clean_caption=False`` (prompts are used as written). The scheduler
-is the folder's; ``capture.sd_scheduler`` may name another for the DDPM-type families (SDXL, PixArt), not for the
-flow-matching ones.
-
-Steps are indexed in sampling order. The schedule (timesteps *and* sigmas, as the pipeline sets them — FLUX's depend
-on the image size through its shift ``mu``) is read in a first short pass that also measures the sites' shapes and is
-stopped after step 0. σ: the scheduler's own ``sigmas`` (flow matching: x_t = (1 − σ)·x₀ + σ·ε; Euler/DPM:
-x_t = x₀ + σ·ε up to scale); a scheduler without them gets σ = √((1 − ᾱ_t)/ᾱ_t) (the manifest says which).
-
-VAE site (``vae.dec.mid.attn0``): each step's latent after its update, decoded as the pipeline decodes its final
-latent (FLUX: unpacked first; then ``z·std/s + mean`` where the VAE config has latents_mean/std, else ``z/s``;
-``+ shift_factor`` where it has one).
+A control (``permuted``, ``fresh``) is a copy of the denoiser swapped into the same pipeline for each call (the
+pipeline's own denoiser is put back after it). The manifest records each step's timestep and sigma, the family, the
+pipeline class and its call options.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -41,16 +27,12 @@ from ..errors import fail
 from ..models.families import FAMILIES, Family, pipeline_family, read_model_index
 from ..models.sites import list_sites
 from .identity import canonical, store_fingerprint
-from .pipeline_hooks import OnSite, PipelineRecorder
+from .pipeline_hooks import OnSite
+from .pipeline_sampler import PipelineSampler, make_pipeline_scheduler, schedule_sigmas, sigma_kind
 from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, collect_samples, control_unet,
                   fill_store, finish_store, probe_split, save_images)
 
 PIPELINE_FAMILIES = ("sdxl", "pixart", "sd3", "flux")     # SD 1.x/2.x: capture/sd.py
-FLOW_MATCHING = ("sd3", "flux")
-
-
-class _Stop(Exception):
-    """Ends the schedule pass after step 0."""
 
 
 # ------------------------------------------------------------------------------------------------ folders
@@ -101,192 +83,6 @@ def load_pipeline(folder: Path, torch_dtype: torch.dtype = torch.float32, varian
 
 def family_of(pipe) -> Family:
     return next(f for f in FAMILIES.values() if type(pipe).__name__ in f.pipelines)
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-@contextlib.contextmanager
-def _swapped(pipe, **parts):
-    """The pipeline with some parts replaced (a control's denoiser, another scheduler) for one call; restored after."""
-    old = {k: getattr(pipe, k) for k in parts}
-    try:
-        for k, v in parts.items():
-            setattr(pipe, k, v)
-        yield pipe
-    finally:
-        for k, v in old.items():
-            setattr(pipe, k, v)
-
-
-@dataclass
-class PipelineSampler:
-    """One family's pipeline with the options of a capture; ``denoiser`` may be a control copy of the pipeline's."""
-    pipe: object
-    family: Family
-    denoiser: torch.nn.Module
-    scheduler: object
-    steps: int = 15
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
-    height: int | None = None
-    width: int | None = None
-    options: dict = field(default_factory=dict)   # further keywords of the pipeline call
-    schedule: dict | None = None                   # {"timesteps", "sigmas"} of this size, read once (read_schedule)
-
-    @property
-    def vae_scale(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
-    @property
-    def cell(self) -> int:
-        """Latent cells per token side: FLUX's packing, a DiT's patch, 1 for a U-Net."""
-        return 2 if self.family.key == "flux" else int(getattr(self.denoiser.config, "patch_size", 1) or 1)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) in pixels: the options, else the pipeline's default size."""
-        native = int(getattr(self.pipe, "default_sample_size", 0) or self.denoiser.config.sample_size) * self.vae_scale
-        h, w = self.height or native, self.width or native
-        step = self.vae_scale * self.cell
-        if h % step or w % step:
-            raise fail(f"capture.height/width must be multiples of {step} for this {self.family.title} pipeline, got "
-                       f"{h}x{w}")
-        return h, w
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        h, w = self.size
-        return h // self.vae_scale, w // self.vae_scale
-
-    def call_options(self, prompts: Sequence[str], seeds: Sequence[int]) -> dict:
-        """The keyword arguments of the pipeline call (the equality test calls the pipeline with exactly these)."""
-        h, w = self.size
-        params = inspect.signature(type(self.pipe).__call__).parameters
-        kw = dict(prompt=list(prompts), num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                  height=h, width=w, generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
-                  output_type="np", **self.options)
-        if self.negative_prompt:
-            kw["negative_prompt"] = [self.negative_prompt] * len(prompts)
-        for k, v in (("use_resolution_binning", False), ("clean_caption", False)):
-            if k in params:
-                kw[k] = v
-        return kw
-
-    @torch.no_grad()
-    def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """A step's latent as the pipeline hands its final latent to ``vae.decode`` (module doc)."""
-        vae, z = self.pipe.vae, latents
-        if self.family.key == "flux":
-            z = self.pipe._unpack_latents(z, *self.size, self.vae_scale)                  # (B, c, h, w)
-        cfg = vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            z = z * torch.tensor(std, dtype=z.dtype, device=z.device).view(shape) / cfg.scaling_factor \
-                + torch.tensor(mean, dtype=z.dtype, device=z.device).view(shape)
-        else:
-            z = z / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None) is not None:
-            z = z + cfg.shift_factor
-        return z
-
-    @torch.no_grad()
-    def decode_step(self, latents: torch.Tensor) -> None:
-        """Decode a step's latent (the VAE sites' hooks read it); fp16 VAEs that ask for it are upcast, as SDXL's."""
-        vae = self.pipe.vae
-        up = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-        if up:
-            vae.to(torch.float32)
-        try:
-            vae.decode(self.vae_input(latents).to(vae.dtype), return_dict=False)
-        finally:
-            if up:
-                vae.to(torch.float16)
-
-    @torch.no_grad()
-    def run(self, prompts: Sequence[str], seeds: Sequence[int], sites: Sequence[str], kind: str, on_site: OnSite,
-            schedule: dict | None = None) -> np.ndarray:
-        """One pipeline call recording ``sites`` at every step (cond half, first denoiser call of each step);
-        returns the images (B, H, W, 3) uint8 as the pipeline's PIL output. With ``schedule`` (a dict) the call stops
-        after step 0, having put the scheduler's timesteps and sigmas into it."""
-        pipe, fam = self.pipe, self.family
-        vae_sites = [s for s in sites if s.startswith("vae")]
-        models = {fam.denoiser: self.denoiser, "vae": pipe.vae}
-        rec = PipelineRecorder(models, sites, kind, len(prompts), self.latent_hw, dict(self.denoiser.config), on_site)
-        seen: list[int] = []
-
-        def step_end(i: int, t, latents: torch.Tensor) -> None:
-            seen.append(i)
-            if vae_sites:
-                rec.vae_armed = True
-                try:
-                    self.decode_step(latents)
-                finally:
-                    rec.vae_armed = False
-            rec.next_step()
-            if schedule is not None:
-                sched = pipe.scheduler
-                schedule["timesteps"] = [float(x) for x in sched.timesteps]
-                sig = getattr(sched, "sigmas", None)
-                schedule["sigmas"] = None if sig is None else [float(x) for x in sig][:len(sched.timesteps)]
-                raise _Stop
-
-        kw = self.call_options(prompts, seeds)
-        params = inspect.signature(type(pipe).__call__).parameters
-        if "callback_on_step_end" in params:
-            kw["callback_on_step_end"] = lambda p, i, t, cb: (step_end(i, t, cb["latents"]), {})[1]
-        else:                                                    # PixArt: the older per-step callback
-            kw.update(callback=lambda i, t, x: step_end(i, t, x), callback_steps=1)
-        with _swapped(pipe, **{fam.denoiser: self.denoiser, "scheduler": self.scheduler}), rec:
-            try:
-                images = pipe(**kw).images                       # (B, H, W, 3) float in [0, 1]
-            except _Stop:
-                return np.zeros((0,), np.uint8)
-        if schedule is None and len(seen) != self.n_steps:
-            raise RuntimeError(f"{type(pipe).__name__} called back at {len(seen)} of {self.n_steps} steps (a "
-                               f"scheduler of order > 1?); capture needs one callback per step")
-        return (np.asarray(images) * 255).round().astype("uint8")   # as diffusers' numpy_to_pil
-
-    def read_schedule(self) -> dict:
-        """Timesteps and sigmas of a capture at this size (a short pass, stopped after step 0)."""
-        out: dict = {}
-        self.run([""], [0], [], "attn", lambda *a: None, schedule=out)
-        if "timesteps" not in out:
-            raise fail(f"{type(self.pipe).__name__} never called back; its scheduler cannot be captured")
-        return out
-
-    @property
-    def n_steps(self) -> int:
-        """Denoiser steps per image, as the pipeline sets its scheduler for this size."""
-        if self.schedule is None:
-            self.schedule = self.read_schedule()
-        return len(self.schedule["timesteps"])
-
-
-def sigma_kind(scheduler) -> str:
-    name = type(scheduler).__name__
-    if name.startswith("FlowMatch"):
-        return "flow matching: x_t = (1 - sigma) x0 + sigma eps (the scheduler's sigmas)"
-    if hasattr(scheduler, "sigmas"):
-        return "the scheduler's sigmas: x_t / sqrt(alpha_bar) = x0 + sigma eps"
-    return "derived: sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)"
-
-
-def schedule_sigmas(scheduler, schedule: dict) -> list[float]:
-    if schedule.get("sigmas") is not None:
-        return schedule["sigmas"]
-    ab = scheduler.alphas_cumprod
-    return [float(((1 - ab[int(round(t))]) / ab[int(round(t))]) ** 0.5) for t in schedule["timesteps"]]
-
-
-def make_pipeline_scheduler(pipe, family: Family, name: str = "folder"):
-    if name == "folder":
-        import copy
-        return copy.deepcopy(pipe.scheduler)
-    if family.key in FLOW_MATCHING:
-        raise fail(f"capture.sd_scheduler {name!r}: {family.title} samples by flow matching with its folder's "
-                   f"scheduler; use sd_scheduler: folder")
-    from .sd import make_scheduler
-    return make_scheduler(pipe, name)
 
 
 # ------------------------------------------------------------------------------------------------ the model
