@@ -474,7 +474,7 @@ def test_16_bit_and_palette_images_are_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from sceneprobe.world.dataset import _read_image
+    from sceneprobe.world.dataset_files import _read_image
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
     rgb, mode = _read_image(tmp_path / "g16.png")

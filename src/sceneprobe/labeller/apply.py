@@ -63,7 +63,8 @@ def label_samples(labeller, src: Path, out: Path | None = None, force: bool = Fa
 
 def label_folder(labeller, src: Path, out: Path, force: bool = False, batch: int = 64) -> Path:
     """Images of ``src`` → dataset folder ``out`` with the labeller's depth (and saliency, when it has one)."""
-    from ..world.dataset import SPLITS, load_dataset
+    from ..world.dataset import load_dataset
+    from ..world.splits import SPLITS
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise fail(f"--out {out} is the image folder itself; choose a new folder for the labelled copy")
