@@ -84,7 +84,7 @@ def test_summary_quotes_only_numbers_from_results_csv(run):
     stages) is a value, lo or hi of some results.csv row, to the three decimals printed — or one of the report's
     fixed constants (minimum effects and step fraction from the config, the paper's reference values, δ<1.25)."""
     from sceneprobe.config import ReportConfig
-    from sceneprobe.report.summary import PAPER
+    from sceneprobe.report.paper_table import PAPER
     write_report(run)
     md = (run / "report" / "summary.md").read_text().split("\n## Further analyses")[0]
     rows = read_results(run / "report" / "results.csv")

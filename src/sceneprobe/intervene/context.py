@@ -118,7 +118,6 @@ def check_config(cfg) -> None:
                    f"0 < saliency_step_fraction ≤ 1 and doses ≥ 0, got {to_dict(cfg)}")
 
 
-
 def probe_depth_target(path: Path) -> str:
     """What a probe file's depth head predicts: ``depth`` or ``inverse`` (1/depth), from its recorded probe config."""
     from safetensors import safe_open

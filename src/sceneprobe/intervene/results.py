@@ -85,7 +85,6 @@ def summarise(res: TaskResult, rc=None, ic=None) -> dict:
             "notes": res.notes}
 
 
-
 DOSE_KEYS = ("dose", "verdict", "rule_reading", "visible", "beats_controls", "moved", "strongest_control",
              "relative_gain", "minus_control", "raw_gain", "pixel_change", "delta_ratio", "probe_loss", "headroom",
              "n_edits", "sentence")

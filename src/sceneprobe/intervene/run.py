@@ -116,5 +116,4 @@ def run_interventions(cfg: Config, run: Path, task: str = "both", progress: bool
     return md
 
 
-
 __all__ = ["run_interventions"]

@@ -28,7 +28,6 @@ def _mean_over(d: dict, keys, b: int) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-
 @dataclass
 class TaskResult:
     task: str

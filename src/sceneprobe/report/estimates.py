@@ -44,7 +44,6 @@ class Est:
                 "value": self.mean, "lo": self.lo, "hi": self.hi, "lambda_edge": ""}
 
 
-
 class Analyzer:
     """Computes the estimates of one protocol from the result rows and the per-test-image arrays."""
 

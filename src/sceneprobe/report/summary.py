@@ -4,19 +4,19 @@ above the strongest baseline and the controls, ahead of the image read-out or no
 Every sentence follows from a statistic that could have come out the other way: the numbers and their CIs come from
 :mod:`.analysis` (also written into ``results.csv``), the verdicts from the rule stated at the top of the report
 (:func:`sceneprobe.probe.stats.verdict`). Numbers are printed with three decimals, as rounded from results.csv.
+
+The pieces: :mod:`.how_to_read` (the rules section), :mod:`.paper_table` (the comparison with the paper),
+:mod:`.formatting` (how numbers and CIs are printed); this module writes the findings of each protocol.
 """
 from __future__ import annotations
 
-import math
-
 from ..config import ReportConfig
-from ..probe.stats import VERDICT_RULE
-from . import emergence as emg
 from .analysis import analyse
-from .estimates import Est
-from .results_index import MAIN_MODEL, TASKS, Point, Results, baseline_label, group_label
+from .formatting import _ci, _f, _kdist, _steps, _v, _where
+from .how_to_read import rules_text
+from .paper_table import paper_comparison
+from .results_index import MAIN_MODEL, TASKS, Results, baseline_label, group_label
 
-PAPER = {"depth": 0.7, "saliency": 0.85}
 HEAD = {"saliency": "Dice", "depth": "skill"}
 
 PROVENANCE = {
@@ -31,77 +31,6 @@ PROVENANCE = {
 
 
 TAG = {"noised": "exact labels", "generate": "the labeller's labels", "sd": "labelling networks' labels"}
-
-
-def _f(x: float | None, nd: int = 3) -> str:
-    return "n/a" if x is None or x != x else f"{x:.{nd}f}"
-
-
-def _ci(e: Est | None) -> str:
-    if e is None or e.mean != e.mean:
-        return "n/a"
-    if not (math.isfinite(e.lo) and math.isfinite(e.hi)):
-        return _f(e.mean)
-    return f"{_f(e.mean)} [{_f(e.lo)}, {_f(e.hi)}]"
-
-
-def _v(e: Est | None) -> str:
-    return "n/a" if e is None or e.verdict is None else e.verdict
-
-
-def _where(p: Point) -> str:
-    return f"`{p.site}` at step {p.step} (t={p.timestep})"
-
-
-def rules_text(rc: ReportConfig, probe_cfg: dict | None) -> list[str]:
-    pc = probe_cfg or {}
-    bias = "with an unpenalised intercept" if pc.get("bias", True) else "without bias (the paper's probe)"
-    target = "inverse depth (1/depth)" if pc.get("depth_target") == "inverse" else "depth"
-    layout = pc.get("layout", "input") == "input"
-    fair = ("- **Layout-fair probes**: every probe — U-Net, VAE encoder and decoder, the controls, the input x_t — "
-            "reads the position-only prior (the train images' mean depth and salient log-odds at its native "
-            "position, i.e. the position-only baseline) as two extra input channels with unpenalised weights. So "
-            "every probe can reproduce the layout, and its score is what its features add *beyond layout*: features "
-            "that carry position but no scene do not beat the position-only baseline, features that carry the scene "
-            "but no position do. (Without the prior, a probe of features that carry no position — a permuted "
-            "U-Net, the decoder's mid attention — could not even represent sky-on-top, and its failure measured "
-            "that.) The probe without the prior (`<model>.noprior` in results.csv) is fitted beside it from the "
-            f"same data in the protocols {', '.join(pc.get('plain_protocols', ['generate', 'sd']))} "
-            "(`probe.plain_protocols`); there the paper table shows its verdicts too." if layout else
-            "- **Probes without the layout prior** (`probe.layout: none`): features and intercept only; features "
-            "that carry no position cannot represent the layout, so a low score can mean \"no position\" rather "
-            "than \"no scene\".")
-    return ["## How to read this report", "",
-            f"- **Probes**: linear per position at each site's native resolution, {bias}; λ chosen on val from "
-            f"{len(pc.get('lambdas', [])) or 'the'} values of `probe.lambdas`. Depth target: {target}, standardised "
-            f"with the train split's mean and std.", fair,
-            "- **Input control**: a probe on the U-Net's input x_t itself (each position with its 5×5 "
-            "neighbourhood, plus the prior), per step. \"U-Net − input\" is what the network adds to what a local "
-            "linear read of its input already gives.",
-            "- **Selection on val, scores on test**: the best site (and step) of a group is chosen on the validation "
-            "headline; its *test* value is reported. Headline metrics, fixed in advance: saliency **Dice**; depth "
-            "**skill over the layout prior** = 1 − MSE(probe)/MSE(position-only probe at the same native "
-            "resolution), on standardised depth. Spearman, Pearson, RMSE, AbsRel and δ<1.25 (all pixels and "
-            "non-sky) are reported beside it, not used for verdicts.",
-            "- **Baselines** are fitted on train and tuned on val like the probes: the position-only probe at each "
-            "site's resolution (per-position mean depth / salient rate, threshold chosen on val), the mean map at "
-            "label resolution (threshold chosen on val) and all-salient. The **strongest baseline** is the one "
-            "best on val.",
-            f"- **Uncertainty**: [lo, hi] is a {rc.ci_level:.0%} paired bootstrap CI over test images "
-            f"({rc.n_boot} resamples, seed {rc.boot_seed}); differences resample the same images for both arms.",
-            f"- **Verdict rule**: {VERDICT_RULE} Minimum effects: Dice {rc.min_dice:g}; depth skill "
-            f"{rc.min_skill:g}; edits {rc.min_edit:g}. Against a baseline the depth effect is the skill over that "
-            "baseline; between two probes it is the difference of their skills.",
-            f"- **From step k**: the first step whose validation gain over the position-only baseline reaches "
-            f"{rc.step_fraction:g} × the best step's gain, with the test gain at that step and its difference to the "
-            "best step. Its uncertainty: k recomputed on every bootstrap resample of the test images (same "
-            "resamples as the CIs) gives a distribution and a 95 % interval of k, shown for fractions "
-            f"{', '.join(f'{x:g}' for x in emg.FRACTIONS)} too. \"Present by step s\" reads yes when that interval "
-            "ends at or before s, no when it starts after s, else inconclusive.",
-            "- **Per-step CIs are pointwise 95 %** (each step's own interval, not simultaneous over steps).",
-            "- **Depth beside the headline** (not verdicts): *centred* skill (each image's mean depth removed from "
-            "prediction and truth) and *scale-and-shift-invariant* skill (each image's prediction aligned by least "
-            "squares, as relative depth is scored in the field), both over the position-only baseline.", ""]
 
 
 def _baselines_table(res: Results, protocol: str, f: dict) -> list[str]:
@@ -182,14 +111,6 @@ def _emergence(f: dict) -> list[str]:
     return L + [""]
 
 
-def _kdist(d: emg.KDist) -> str:
-    if d.mode is None:
-        return "no step gains on any resample"
-    top = ", ".join(f"{s}: {p:.0%}" for s, p in sorted(d.probs.items(), key=lambda x: -x[1])[:3])
-    none = f"; no k on {d.p_none:.0%}" if d.p_none > 0 else ""
-    return f"95 % interval of k [{d.lo:.0f}, {d.hi:.0f}], mode {d.mode} ({top}{none})"
-
-
 def _where_scene(res: Results, protocol: str, f: dict, rc: ReportConfig) -> list[str]:
     """Where the scene appears: the input x_t, the U-Net, the VAE decoder, the image read-out — layout-fair."""
     rows = [("input x_t (5×5 neighbourhood)", (MAIN_MODEL, "input")), ("U-Net", (MAIN_MODEL, "unet")),
@@ -255,10 +176,6 @@ def _vae(f: dict, rc: ReportConfig) -> list[str]:
     if len(L) == 3:
         L.append("- No VAE sites were captured in this run.")
     return L + [""]
-
-
-def _steps(xs: list[int]) -> str:
-    return ", ".join(map(str, xs)) if xs else "none"
 
 
 def _controls_table(res: Results, protocol: str, f: dict) -> list[str]:
@@ -332,81 +249,6 @@ def _readout(f: dict, protocol: str) -> list[str]:
 def _first_after(rows, ahead: list[int]) -> str:
     later = [st for st, _, d in rows if st > max(ahead) and (d is None or d.verdict != "yes")]
     return str(later[0]) if later else "— (ahead up to the last step)"
-
-
-def paper_rows(f: dict, interventions: list[dict] | None, protocol: str) -> list[tuple[str, str, str]]:
-    """(claim, ours with CIs, holds here?) for each claim of the paper, from one analysis' findings."""
-    out = []
-    e = f["encodes"].get("saliency")
-    h = f["groups"].get((MAIN_MODEL, "unet"), {}).get("saliency", {}).get("headline")
-    out.append((f"U-Net encodes saliency (paper: Dice ≈ {PAPER['saliency']}, vs TRACER labels)",
-                f"Dice {_ci(h)}; − strongest baseline {_ci(e)}", _v(e)))
-    e = f["encodes"].get("depth")
-    h = f["groups"].get((MAIN_MODEL, "unet"), {}).get("depth", {}).get("headline")
-    out.append((f"U-Net encodes depth (paper: Spearman ≈ {PAPER['depth']} vs MiDaS; ours is skill over the layout "
-                "prior, a different quantity)", f"skill {_ci(h)}; over the strongest baseline {_ci(e)}", _v(e)))
-    for task in ("saliency", "depth"):
-        em, enc = f["emergence"].get(task), f["encodes"].get(task)
-        claim = f"{task} present by ~step 5 of 15 (the first third: steps {_steps(f['early'])})"
-        if em is None or enc is None or enc.verdict != "yes":
-            out.append((claim, f"no established encoding (verdict {_v(enc)})", "not testable"))
-            continue
-        d = em.get("dists", {}).get(em.get("fraction"))
-        if d is None:
-            out.append((claim, f"from step {em['k'].step} (val), gain {_ci(em['gain_k'])}", "n/a"))
-            continue
-        out.append((claim, f"from step {em['k'].step} on val (fraction {d.fraction:g}); bootstrap {_kdist(d)}",
-                    emg.by_step_verdict(d, max(f["early"]))))
-    for task, window, words in (("depth", f["steps"], "at all steps"), ("saliency", f["early"], "at early steps")):
-        steps = [e for e in f["vae_dec_steps"].get(task, []) if e.step in window]
-        if not steps:
-            continue
-        vs = {e.verdict for e in steps}
-        holds = "yes" if vs == {"no"} else ("no: the decoder beats the strongest baseline at some step"
-                                             if "yes" in vs else "inconclusive")
-        # the claim is "fails at every step": quote the step most favourable to the decoder (highest test
-        # difference), which may differ from the val-chosen best decoder probe of the VAE section; verdicts are per step
-        top = max(steps, key=lambda e: e.mean)
-        out.append((f"VAE (decoder) fails on {task} {words}", f"decoder − strongest baseline at its most favourable "
-                    f"step {top.step} (highest test difference): {_ci(top)}; verdicts "
-                    f"{', '.join(f'{e.step}: {e.verdict}' for e in steps)}", holds))
-    for task in ("saliency", "depth"):
-        e = f["controls"].get(task, {}).get(("permuted", "unet"))
-        if e:
-            out.append((f"permuted-weight U-Net scores far lower ({task})", f"U-Net − permuted {_ci(e)}", _v(e)))
-    for it in interventions or []:
-        out.append((f"editing activations through the probe {it['claim']} ({it['where']})", it["text"],
-                    it["answer"]))
-    if not interventions and protocol == "noised":  # edits act on generation: their claim is tested there
-        out.append(("editing activations through the probe moves the object / changes depth",
-                    "edits act on generation: see the `generate` protocol's table", "not tested in this protocol"))
-    elif not interventions:
-        out.append(("editing activations through the probe moves the object / changes depth",
-                    "not run here (`sceneprobe run --with-interventions`)", "not tested"))
-    return out
-
-
-def paper_comparison(f: dict, protocol: str, interventions: list[dict] | None, rc: ReportConfig) -> list[str]:
-    plain = f.get("noprior")
-    L = ["### Compared with the paper (Chen et al. 2023, SD v1.4)", "",
-         "Same verdict rule as above. The paper's numbers were measured on another model, other images and against "
-         "other labels (TRACER / MiDaS outputs): they are quoted for orientation, **not compared** with ours; what is "
-         "tested is each claim. The answer is the layout-fair probes'" + ("; the last column gives the verdict the "
-         "same rule gives for the probes *without* the layout prior (the paper's kind of probe), so a change "
-         "between the two columns is what layout alone did." if plain else "."), ""]
-    if plain:
-        L += ["| claim in the paper | ours (test, 95 % CI) | holds here? | without the layout prior |",
-              "|---|---|---|---|"]
-        other = {c: v for c, _, v in paper_rows(plain, None, protocol)}
-        for claim, text, v in paper_rows(f, interventions, protocol):
-            L.append(f"| {claim} | {text} | {v} | {other.get(claim, '—')} |")
-    else:
-        L += ["| claim in the paper | ours (test, 95 % CI) | holds here? |", "|---|---|---|"]
-        L += [f"| {c} | {t} | {v} |" for c, t, v in paper_rows(f, interventions, protocol)]
-    L += ["", "Other differences from the paper: λ and checkpoints are chosen on a validation split (the paper "
-          "selected on test); the model and images are small; " + ("labels are exact." if protocol == "noised"
-                                                                   else "labels come from a labelling network."), ""]
-    return L
 
 
 def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,

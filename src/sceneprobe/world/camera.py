@@ -60,6 +60,5 @@ def project(spec: SceneSpec, point: Sequence[float], size: int = 64) -> tuple[fl
     return (1 - v) / 2 * size, (u + 1) / 2 * size, z
 
 
-
 def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
     return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]

@@ -31,7 +31,6 @@ def scene_names(n: int) -> list[str]:
     return [f"{i:0{width}d}" for i in range(n)]
 
 
-
 def _render_write_chunk(job: tuple[str, int, list[int], int, int, list[str]]) -> dict:
     """Worker: render scenes ``indices`` and write their files under ``root`` (runs in a pool process)."""
     root, seed, indices, size, supersample, names = job
