@@ -7,7 +7,14 @@ prompts:
 * ``sample``: the pipeline loop alone (no hooks) — the reference cost;
 * ``full``: capture into the activation store (16 U-Net sites + the VAE decoder site, every step), then label and
   probe it (``probe`` may be left out of ``--modes`` when it would take too long);
-* ``streamed``: the low-storage mode (statistics on the device, no store), sampling + labels + probes.
+* ``streamed``: the low-storage mode (statistics on the device, no store), sampling + labels + probes;
+* ``profile``: one streamed train batch (``--batch`` prompts) split into text encoder, U-Net, VAE decode per step
+  (the decoder run as far as its mid block), the final decode, hooks (incl. rounding rows to the store dtype),
+  statistics (Gram / cross sums), subsample copy, host transfers (``.cpu()`` calls and the images' uint8 conversion),
+  labelling, PNGs and the rest of
+  the loop — against plain sampling of the same batch; with ``--profile-full-decode`` also as before the cut (a whole
+  decode at every step). CPU time on a CPU (the machine is shared), wall time on a GPU. When no GPU is at hand the
+  projection to the paper's 617-prompt study is printed as arithmetic only, labelled so.
 
 Prints bytes on disk per image, peak RAM (and GPU memory), seconds per image per step for sampling, capture and
 probing, the capture and probe time of the same study measured in this run and their ratio (the goal: probe ≤
@@ -17,6 +24,7 @@ site shapes (they scale with the pixel count); time projections are only meaning
 
     .venv/bin/python benchmarks/bench_sd.py --size 64 --prompts 8               # CPU, minutes
     .venv/bin/python benchmarks/bench_sd.py --size 64 --prompts 8 --workers 1   # probes on one core
+    .venv/bin/python benchmarks/bench_sd.py --tiny --size 64 --prompts 8 --modes profile --profile-full-decode --threads 1
     python3 benchmarks/bench_sd.py --size 512 --prompts 24 --batch 8 --modes sample,capture,streamed   # one GPU
 """
 from __future__ import annotations
@@ -107,6 +115,180 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+PROFILE_ORDER = ("text encoder", "U-Net", "VAE decode per step (to the mid block)", "VAE whole decode per step",
+                 "VAE final decode", "hooks", "statistics", "subsample copy", "host transfers", "labelling", "PNGs",
+                 "rest")
+
+
+def profile_batch(pipe, cfg, csv: Path, lab, args, device, dtype, full_decode: bool = False) -> dict:
+    """Seconds of one streamed train batch by part (see the module doc), and of plain sampling of the same batch.
+
+    Every part is timed by wrapping the function that does it (exclusive of the parts timed inside it); "statistics"
+    is ``fit.RidgeStats.add`` with the design matrix and label sums it reads, "subsample copy" the rest of
+    ``StreamedProbes.train_batch`` (the per-image random positions, row gathers and float16 copies), "rest" the
+    batch's time less every part (scheduler steps, CFG arithmetic, Python)."""
+    from sceneprobe.capture import recorder as caprec
+    from sceneprobe.capture import sd as sdmod
+    from sceneprobe.capture.sd import prepare_sd, sample_and_record_sd
+    from sceneprobe.probe import fit, streamed
+    from sceneprobe.probe.streamed import StreamedProbes, target_of
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    parts: dict[str, float] = {}
+    stack: list[float] = []
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            stack.append(0.0)
+            _sync()
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                _sync()
+                dt = clock() - t0
+                inner = stack.pop()
+                parts[key] = parts.get(key, 0.0) + dt - inner
+                if stack:
+                    stack[-1] += dt
+        return wrapper
+
+    m = prepare_sd("bench-sd14", csv, steps=args.steps, height=args.size, width=args.size, pipe=pipe,
+                   torch_dtype=dtype)
+    sampler = m.sampler
+    ids = list(range(min(args.batch, len(m.prompts))))
+    prompts, seeds = [m.prompts[i] for i in ids], [m.seeds[i] for i in ids]
+    work = Path(tempfile.mkdtemp(prefix="bench_sd_profile_"))
+    saved: list = []
+
+    def patch(obj, name, key, fn=None):
+        saved.append((obj, name, name in vars(obj), getattr(obj, name)))
+        setattr(obj, name, timed(fn or getattr(obj, name), key))
+
+    def batch() -> float:
+        sp = StreamedProbes(m.shapes, m.n_steps, sampler.size, cfg, m.device)
+        acts: dict = {}
+        _sync()
+        t0 = clock()
+        imgs = sample_and_record_sd(sampler, prompts, seeds, m.unet_sites, m.vae_sites, "attn",
+                                    lambda site, step, y: acts.__setitem__((site, step), sp.prepare(y)),
+                                    m.device, m.dtype)
+        sdmod.save_images(work, ids, imgs)
+        got = labmod.label_images(lab, imgs)
+        sp.train_batch(acts, ids, target_of(got["depth"], cfg.probe.depth_target), got["saliency"] > 0)
+        _sync()
+        return clock() - t0
+
+    import sceneprobe.labeller as labmod
+    with torch.no_grad():
+        batch()                                                       # warm-up: allocator, kernels
+        _sync()
+        t0 = clock()
+        sampler.decode(sampler.sample(prompts, seeds, device, dtype))
+        _sync()
+        plain = clock() - t0
+    decode, to_mid = sampler.decode, sdmod.decode_to_mid            # unwrapped, for the per-step decodes
+    patch(sampler, "embed", "text encoder")
+    patch(sampler, "decode", "VAE final decode")
+    if full_decode:                                                   # before the cut: a whole decode at every step
+        patch(sdmod, "decode_to_mid", "VAE whole decode per step", lambda vae, z, fn: decode(z))
+    else:
+        patch(sdmod, "decode_to_mid", "VAE decode per step (to the mid block)",
+              lambda vae, z, fn: to_mid(vae, z, lambda v, zz: decode(zz)))
+    hook = caprec.Recorder._hook                                      # the factory: each hook it makes is timed
+    saved.append((caprec.Recorder, "_hook", True, hook))
+    caprec.Recorder._hook = lambda self, site: timed(hook(self, site), "hooks")
+    for name in ("_design", "_clean"):
+        patch(streamed, name, "statistics")
+    patch(fit.RidgeStats, "add", "statistics")
+    patch(fit, "block_sum", "statistics")
+    patch(StreamedProbes, "train_batch", "subsample copy")
+    patch(torch.Tensor, "cpu", "host transfers")
+    patch(sdmod, "to_uint8", "host transfers")
+    patch(labmod, "label_images", "labelling")
+    patch(sdmod, "save_images", "PNGs")
+    unet_t: list[float] = []
+
+    def unet_start(mod, a) -> None:
+        _sync()
+        unet_t.append(clock())
+        stack.append(0.0)
+
+    def unet_done(mod, a, out) -> None:
+        _sync()
+        dt = clock() - unet_t.pop()
+        parts["U-Net"] = parts.get("U-Net", 0.0) + dt - stack.pop()
+        if stack:
+            stack[-1] += dt
+    handles = [sampler.unet.register_forward_pre_hook(unet_start), sampler.unet.register_forward_hook(unet_done)]
+    try:
+        with torch.no_grad():
+            total = batch()
+    finally:
+        for h in handles:
+            h.remove()
+        for obj, name, own, fn in reversed(saved):
+            if own:
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)                                    # it was inherited (torch.Tensor.cpu)
+        shutil.rmtree(work, ignore_errors=True)
+    parts["rest"] = total - sum(parts.values())
+    what = "whole VAE decode at every step (before the cut)" if full_decode else "VAE to its mid block per step"
+    print(f"profile of one streamed train batch ({len(ids)} prompts x {args.size} px, {m.n_steps} U-Net calls, "
+          f"{len(m.unet_sites)} U-Net sites + VAE, {what}; {'wall' if cuda else 'CPU'} time on "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}): {total:.3f} s = {total / plain:.2f}x plain sampling "
+          f"of the same batch ({plain:.3f} s)", flush=True)
+    for k in PROFILE_ORDER:
+        if k in parts:
+            print(f"  {k:40s} {parts[k]:8.3f} s  {100 * parts[k] / total:5.1f} %", flush=True)
+    return {"total_s": total, "plain_s": plain, "ratio": total / plain, "parts_s": parts}
+
+
+H200_PLAIN_S, H200_STREAMED_S = 0.155, 0.76   # s/image, SD v1.4 at 512 px on one H200, as measured in issue 23
+
+
+def flop_projection() -> dict:
+    """ARITHMETIC, not a measurement: FLOPs of SD v1.4 at 512 px (counted by ``FlopCounterMode`` on the meta device,
+    nothing computed) per image — a CFG U-Net call (batch 2), a whole VAE decode, the decode up to the mid block —
+    and what they make of the H200 figures of issue 23 for the paper's 617 prompts x 2 models (model + permuted),
+    assuming time ∝ FLOPs for the model passes and the rest of the measured streamed time unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from sceneprobe.capture.run import decode_to_mid
+    with torch.device("meta"):
+        pipe = build_sd14(torch.float32)
+    lat = PAPER_RES // 8
+    z, emb = torch.zeros(2, 4, lat, lat, device="meta"), torch.zeros(2, 77, 768, device="meta")
+
+    def flops(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / 1e12
+
+    unet = flops(lambda: pipe.unet(z, torch.tensor(10, device="meta"), encoder_hidden_states=emb))
+    whole = flops(lambda: pipe.vae.decode(z[:1]))
+    mid = flops(lambda: decode_to_mid(pipe.vae, z[:1], lambda v, x: v.decode(x)))
+    calls = 16                                                       # PNDM's 15 steps + its warm-up call
+    plain = calls * unet + whole
+    before = calls * unet + calls * whole                            # the last step's decode is the final image
+    after = calls * unet + (calls - 1) * mid + whole
+    other = H200_STREAMED_S - H200_PLAIN_S * before / plain          # the measured streamed time beyond the passes
+    per_image = H200_PLAIN_S * after / plain + other
+    out = {"unet_cfg_call_tflop": unet, "vae_decode_tflop": whole, "vae_to_mid_tflop": mid,
+           "capture_over_plain_flops_before": before / plain, "capture_over_plain_flops_after": after / plain,
+           "h200_other_s_per_image": other, "projected_streamed_s_per_image": per_image,
+           "projected_617x2_min": PAPER_N * 2 * per_image / 60}
+    print(f"ARITHMETIC (no GPU measured in this run): SD v1.4 at {PAPER_RES} px per image: CFG U-Net call "
+          f"{unet:.2f} TFLOP x {calls}, whole VAE decode {whole:.2f} TFLOP, decode to the mid block {mid:.3f} TFLOP -> "
+          f"model passes of the streamed capture {before / plain:.2f}x plain sampling before the cut (a whole decode "
+          f"per step), {after / plain:.2f}x after. With issue 23's H200 figures (plain {H200_PLAIN_S} s/image, "
+          f"streamed {H200_STREAMED_S} s/image, so {other:.2f} s/image beyond the model passes) and time ∝ FLOPs: "
+          f"{per_image:.2f} s/image = {per_image / H200_PLAIN_S:.1f}x plain, the paper's 617 prompts x 2 models "
+          f"{out['projected_617x2_min']:.1f} min on one H200 (an H100 is slower; goal <= 30 min on one H100) — "
+          f"until the {other:.2f} s/image beyond the passes is measured again on a GPU", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64, help="image size in pixels (512 = the paper's)")
@@ -123,7 +305,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="1/10 widths (a smoke test of the script, not SD's figures)")
     ap.add_argument("--workers", type=int, default=0, help="probe.workers (0: every core)")
     ap.add_argument("--probe-device", default="auto", help="probe.device: auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default; 1 on a shared CPU, "
+                    "where CPU time counts the other threads' waiting)")
+    ap.add_argument("--profile-full-decode", action="store_true",
+                    help="profile: also profile the batch with a whole VAE decode at every step (before the cut)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sceneprobe.capture.sd import SDSampler, make_scheduler, run_capture_sd
     from sceneprobe.config import load_config
@@ -176,6 +364,14 @@ def main(argv=None) -> int:
         fig["sample_peak_rss_gb"], fig["sample_peak_gpu_gb"] = _hwm()
         print(f"sampling: {fig['sample_s_per_image_step']:.4f} s/image/step", flush=True)
     lab = make_labeller()
+    if "profile" in modes:
+        fig["profile"] = {"mid-block stop": profile_batch(pipe, cfg, csv, lab, args, device, dtype)}
+        if args.profile_full_decode:
+            fig["profile"]["whole decode per step"] = profile_batch(pipe, cfg, csv, lab, args, device, dtype,
+                                                                    full_decode=True)
+        if not cuda:
+            print("no GPU in this session: the profile above is CPU time at this size, not a GPU figure")
+            fig["arithmetic_projection_617"] = flop_projection()
     if "streamed" in modes:
         run = work / "streamed"
         _hwm_reset()

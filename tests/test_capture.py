@@ -391,3 +391,118 @@ def test_store_steps_keeps_only_those_shards_with_the_same_values(ldm, tmp_path)
                                      sites=["unet.mid.attn0"], readout=False, store_steps=[0], stop_early=True))
     assert early.manifest["stop_after"] == 0 and not (early.root.parent / "samples.safetensors").exists()
     assert torch.equal(early.read("unet.mid.attn0", 0), full.read("unet.mid.attn0", 0))
+
+
+# ------------------------------------------------------------------------------------ fixed costs (issue 23)
+def _traced(models: dict, sites: list, kind: str, latent_hw, image_hw, cond_dim: int | None = None) -> dict:
+    def run_once():
+        z = torch.zeros(1, 4, *latent_hw)
+        if cond_dim is None:
+            models["unet"](z, 10)
+        else:
+            models["unet"](z, 10, encoder_hidden_states=torch.zeros(1, 77, cond_dim))
+        models["vae"].decode(z)
+        models["vae"].encode(torch.zeros(1, 3, *image_hw))
+    return caprun.traced_shapes(models, sites, kind, run_once)
+
+
+@pytest.mark.parametrize("kind", ["attn", "block"])
+def test_derived_site_shapes_equal_the_traced_ones(ldm, tmp_path, kind):
+    from test_capture_sd import build_tiny_sd
+    from sceneprobe.capture.sd import load_sd
+    from sceneprobe.models.io import load_ldm, shipped_root
+    from sceneprobe.models.sites import list_sites
+    shipped = load_ldm(shipped_root("cpu"))
+    for m in (ldm, shipped):                                     # the tiny preset and the shipped model
+        models = {"unet": m.unet, "vae": m.vae}
+        sites = list_sites(m.unet, "unet") + list_sites(m.vae, "vae")
+        s, size = m.unet.config.sample_size, m.vae.config.sample_size
+        got = caprun.derived_shapes(models, sites, (s, s), (size, size))
+        assert got == _traced(models, sites, kind, (s, s), (size, size)) and len(got) == len(sites)
+    pipe = load_sd(build_tiny_sd(tmp_path / "tiny-sd"))          # SD: square and non-square latents
+    models = {"unet": pipe.unet, "vae": pipe.vae}
+    sites = list_sites(pipe.unet, "unet") + list_sites(pipe.vae, "vae")
+    for hw in ((8, 8), (4, 12)):
+        image = (hw[0] * 2, hw[1] * 2)
+        got = caprun.derived_shapes(models, sites, hw, image)
+        assert got == _traced(models, sites, kind, hw, image, cond_dim=16)
+    # an odd grid (Downsample2D rounds up) is not derived: the caller traces it
+    assert caprun.derived_shapes(models, sites, (5, 8), (10, 16)) is None
+    assert caprun.derived_shapes(models, ["unet:down_blocks.0.attentions.0"], (8, 8)) is None   # raw paths too
+
+
+def test_capture_runs_no_shape_pass(ldm, tmp_path):
+    """Every U-Net call of a capture is a sampling step of a batch (the shapes come from the modules)."""
+    calls: list[int] = []
+    h = ldm.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        run_capture(tiny_cfg(), tmp_path, "generate", ldm, progress=False)
+    finally:
+        h.remove()
+    assert calls == [4, 4, 2, 2]                                 # 6 images in batches of 4 + 2, 2 steps each
+
+
+@pytest.mark.parametrize("kind", ["attn", "block"])
+def test_decoder_stopped_after_its_mid_block_records_the_same_as_a_whole_decode(ldm, kind):
+    torch.manual_seed(3)
+    z = torch.randn(3, 4, 8, 8)
+    up: list[int] = []
+    h = ldm.vae.decoder.up_blocks[0].register_forward_pre_hook(lambda mod, args: up.append(1))
+    try:
+        with torch.no_grad(), Recorder({"vae": ldm.vae}, ["vae.dec.mid.attn0"], kind) as whole:
+            decode(ldm.vae, z)
+        assert up == [1]
+        with torch.no_grad(), Recorder({"vae": ldm.vae}, ["vae.dec.mid.attn0"], kind) as mid:
+            assert caprun.decode_to_mid(ldm.vae, z) is None
+    finally:
+        h.remove()
+    assert up == [1]                                             # the up blocks did not run the second time
+    assert torch.equal(mid.outputs["vae.dec.mid.attn0"][0], whole.outputs["vae.dec.mid.attn0"][0])
+    assert hook_count(ldm.vae) == 0                              # its stop hook is gone, also after the stop
+
+
+def test_sd_capture_stops_the_decoder_but_keeps_the_final_image(tmp_path):
+    """The SD store's VAE rows and images equal a pass with a whole decode at every step."""
+    from test_capture_sd import build_tiny_sd
+    from sceneprobe.capture import sd as sdmod
+    folder = build_tiny_sd(tmp_path / "tiny-sd")
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,seed\na red cube,11\nblue ball,12\n")
+    a = sdmod.run_capture_sd(folder, csv, tmp_path / "a" / "captures" / "sd" / "ldm", steps=3, batch_size=2,
+                             progress=False)
+    whole = sdmod.decode_to_mid
+    sdmod.decode_to_mid = lambda vae, z, fn: fn(vae, z)          # as before: a whole decode at every step
+    try:
+        b = sdmod.run_capture_sd(folder, csv, tmp_path / "b" / "captures" / "sd" / "ldm", steps=3, batch_size=2,
+                                 progress=False)
+    finally:
+        sdmod.decode_to_mid = whole
+    _stores_equal(a, b)
+    assert (a.parent / "samples.safetensors").read_bytes() == (b.parent / "samples.safetensors").read_bytes()
+
+
+def test_model_hash_is_cached_in_the_run_and_follows_the_weights(ldm, tmp_path, monkeypatch):
+    from sceneprobe.models import io as mio
+    folder = mio.save_model(ldm.unet, tmp_path / "model" / "unet")
+    before = sorted(p.name for p in folder.iterdir())
+    cache = tmp_path / "run" / "captures" / mio.HASH_CACHE
+    first = mio.load_unet(folder)
+    h = mio.model_hash(first, cache)
+    assert h == mio.model_hash(ldm.unet) == mio._digest(first) and h in cache.read_text()
+    assert sorted(p.name for p in folder.iterdir()) == before    # nothing is written into the model folder
+    with monkeypatch.context() as mp:                            # a new process, the same folder: read, not hashed
+        mp.setattr(mio, "_digest", lambda model: pytest.fail("hashed again"))
+        assert mio.model_hash(mio.load_unet(folder), cache) == h
+        assert mio.model_hash(first) == h                        # and kept on the module
+    changed = mio.load_unet(folder)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)                     # changed in memory: hashed again
+    assert mio.model_hash(changed, cache) == mio._digest(changed) != h
+    assert mio.model_hash(first, cache) == h
+    changed.save_pretrained(folder)                              # the weight file changed: hashed again
+    again = mio.load_unet(folder)
+    assert mio.model_hash(again, cache) == mio._digest(again) != h
+    cache.write_text("{not json")                                # a damaged cache is only a miss
+    assert mio.model_hash(mio.load_unet(folder), cache) == mio._digest(again)
+    perm = permuted_copy(first, 0)                               # a copy is never taken for its original
+    assert mio.model_hash(perm, cache) == mio._digest(perm) != h
