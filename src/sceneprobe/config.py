@@ -4,15 +4,15 @@ A preset (``tiny``, ``cpu``, ``gpu``) is a small YAML file in ``sceneprobe/prese
 below. Unknown keys and wrong types are errors (:class:`~sceneprobe.errors.SceneprobeError`), never silently ignored.
 The resolved config is what a run folder records in ``config.yaml``; a stage's fingerprint is the hash of its section
 (and of the sections it depends on), so a changed config redoes exactly the stages it touches.
+
+Each key's allowed values and the checked building of a section: :mod:`.config_rules`; the guarded YAML reader:
+:mod:`.config_yaml`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,69 +20,9 @@ from typing import Any
 
 import yaml
 
+from .config_rules import ConfigValueError, _build, opt, seed_opt
+from .config_yaml import read_yaml
 from .errors import SceneprobeError, fail
-
-# ------------------------------------------------------------------------------------------- declared ranges
-# Every config key declares the values it accepts next to its field (``opt(default, ge=…, choices=…)``); they are
-# checked when the config is read (:func:`_check_rules`), before any folder is touched. Whatever the metadata,
-# every float must be finite and every int must fit in 64 bits (seeds go to torch/numpy generators as int64).
-INT64_MAX = 2**63 - 1
-
-
-def opt(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None, choices: tuple | None = None,
-        min_items: int | None = None) -> Any:
-    """A dataclass field with its allowed values; for a tuple field the value rules apply to every item."""
-    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, min_items=min_items).items()
-             if v is not None}
-    return field(default=default, default_factory=factory, metadata={"rules": rules})
-
-
-def seed_opt(default: int = 0) -> Any:
-    return opt(default, ge=0, le=INT64_MAX)
-
-
-def describe_rules(rules: dict) -> str:
-    """The allowed values in words: ``one of l1, mse`` / ``>= 1 and <= 512``."""
-    if "choices" in rules:
-        return "one of " + ", ".join(map(str, rules["choices"]))
-    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    return " and ".join(f"{words[k]} {rules[k]}" for k in ("ge", "gt", "le", "lt") if k in rules)
-
-
-class ConfigValueError(SceneprobeError):
-    """A bad value for one config key: ``key`` (dotted path) and ``problem`` (the rest of the sentence)."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"config key {key} {problem}")
-        self.key, self.problem = key, problem
-
-
-def _check_scalar(value: Any, rules: dict, where: str) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigValueError(where, f"must be a finite number, got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX <= value <= INT64_MAX:
-        raise ConfigValueError(where, f"must fit in 64 bits (|x| <= {INT64_MAX}), got {value}")
-    if "choices" in rules and value not in rules["choices"]:
-        raise ConfigValueError(where, f"must be {describe_rules(rules)}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        ok = all(op(value, rules[k]) for k, op in (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
-                                                   ("le", lambda a, b: a <= b), ("lt", lambda a, b: a < b))
-                 if k in rules)
-        if not ok:
-            raise ConfigValueError(where, f"must be {describe_rules({k: v for k, v in rules.items() if k != 'min_items'})}"
-                                          f", got {value!r}")
-
-
-def _check_rules(value: Any, rules: dict, where: str) -> None:
-    """Check one coerced value against its field's declared rules (and the global finite / 64-bit rules)."""
-    if isinstance(value, tuple):
-        if len(value) < rules.get("min_items", 0):
-            raise ConfigValueError(where, f"needs at least {rules['min_items']} item(s), got {list(value)!r}")
-        for i, v in enumerate(value):
-            _check_scalar(v, rules, f"{where}[{i}]")
-    else:
-        _check_scalar(value, rules, where)
 
 
 @dataclass(frozen=True)
@@ -373,52 +313,6 @@ def _groups_divide(cfg: Any):
                                   f"not {bad[0]}")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; lists become tuples; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigValueError(where, f"must be a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigValueError(where, f"must be a list, got {value!r}")
-        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            if a is type(None) and value is None:
-                return None
-        return _coerce(value, [a for a in typing.get_args(tp) if a is not type(None)][0], where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and type(value) is tp:
-        return value
-    raise ConfigValueError(where, f"must be {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict, where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigValueError(f"{prefix}{unknown[0]}", f"is unknown; known keys here: {', '.join(sorted(names))}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        key = f"{where}.{f.name}" if where else f.name
-        kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
-        _check_rules(kwargs[f.name], f.metadata.get("rules", {}), key)  # fields without rules: type and global only
-    obj = cls(**kwargs)
-    for key, problem in getattr(obj, "problems", lambda: ())():
-        raise ConfigValueError(f"{where}.{key}" if where else key, problem)
-    return obj
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -429,79 +323,6 @@ def _merge(base: dict, over: dict) -> dict:
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples become lists) — what ``config.yaml`` holds."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; reads stop here (a device file like /dev/zero never ends)
-MAX_CONFIG_DEPTH = 32        # sections are 2 levels deep; deeper nesting is a mistake (and would exhaust the stack)
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses nesting deeper than :data:`MAX_CONFIG_DEPTH` (the composer is recursive)."""
-
-    def compose_node(self, parent, index):
-        self._depth = getattr(self, "_depth", 0) + 1
-        try:
-            if self._depth > MAX_CONFIG_DEPTH:
-                raise _TooDeep
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-class _TooDeep(Exception):
-    pass
-
-
-def _check_keys(node: Any, where: str = "", seen: set | None = None) -> None:
-    """Every mapping key is a name (YAML also allows numbers, lists, null): ``{1: 2}`` is a mistake, said so here.
-    (``seen``: a node shared through YAML aliases is visited once.)"""
-    seen = set() if seen is None else seen
-    if not isinstance(node, (dict, list)) or id(node) in seen:
-        return
-    seen.add(id(node))
-    for k, v in (node.items() if isinstance(node, dict) else ((None, v) for v in node)):
-        key = where if k is None and isinstance(node, list) else f"{where}.{k}" if where else str(k)
-        if isinstance(node, dict) and not isinstance(k, str):
-            raise ConfigValueError(key, f"is not a name (its type is {type(k).__name__}); config keys are words "
-                                        f"like steps or batch_size")
-        _check_keys(v, key, seen)
-
-
-def read_yaml(path: Path) -> dict:
-    """The guarded reader of a user's YAML config: every failure is one SceneprobeError naming the file.
-
-    Reads are bounded (:data:`MAX_CONFIG_BYTES`, :data:`MAX_CONFIG_DEPTH`); integers beyond Python's digit limit,
-    and keys that are not names, are refused in one line too."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise fail(f"config file {path} is a folder; pass a YAML file with --config")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise fail(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MB; pass a YAML config file "
-                       f"(a few lines of sections and keys)")
-        data = yaml.load(raw.decode("utf-8"), Loader=_BoundedLoader) or {}
-        _check_keys(data)
-    except FileNotFoundError:
-        raise fail(f"config file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise fail(f"config file {path} is not UTF-8 text (binary or UTF-16?); save it as UTF-8 YAML") from None
-    except OSError as e:
-        raise fail(f"config file {path} cannot be read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise fail(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    except (_TooDeep, RecursionError):
-        raise fail(f"config file {path} is nested deeper than {MAX_CONFIG_DEPTH} levels; a config holds sections "
-                   f"of keys (e.g. train_vae: {{steps: 300}})") from None
-    except ValueError as e:   # int('9' * 5000): beyond Python's integer digit limit
-        what = "an integer of thousands of digits" if "digits" in str(e) else f"a value that cannot be read ({e})"
-        raise fail(f"config file {path} holds {what}; no config key takes such a value — fix or remove it") from None
-    except ConfigValueError as e:
-        raise fail(f"config file {path}: key {e.key} {e.problem}") from None
-    if not isinstance(data, dict):
-        raise fail(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def preset_dict(name: str) -> dict:
