@@ -35,4 +35,3 @@ def headroom(task: str, orig: np.ndarray, cf: np.ndarray) -> float:
     """H = g(perfect) − g(unedited) = [s(cf, cf) − s(cf, orig)] − [s(orig, cf) − s(orig, orig)] (:mod:`.verdicts`)."""
     s = lambda a, b: _similarity(task, a, b)                                    # noqa: E731
     return (s(cf, cf) - s(cf, orig)) - (s(orig, cf) - s(orig, orig))
-

@@ -195,4 +195,3 @@ def merge_rows(rows: list[dict], ests: list[Est]) -> list[dict]:
         else:
             out[key] = e.row()
     return list(out.values())
-

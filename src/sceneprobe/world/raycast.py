@@ -58,4 +58,3 @@ def _cast(cam: Camera, shapes: list[_Shape], d: tuple[np.ndarray, ...]) -> tuple
         t[box][closer] = ts[closer]                                   # t[box] is a view: writes go to t
         ids[box][closer] = shape.id
     return t, ids
-

@@ -156,4 +156,3 @@ def _shade(spec: SceneSpec, cam: Camera, shapes: list[_Shape], d: tuple[np.ndarr
         lit = a * light_f + np.float32(hor) * fog
         planes.append(np.where(sky, np.float32(hor) + np.float32(top - hor) * sky_w, lit))
     return planes
-
