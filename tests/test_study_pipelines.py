@@ -52,9 +52,13 @@ def test_streamed_study_runs_and_a_killed_run_resumes_to_the_same_bytes(root, tm
     record = json.loads((ref / "captures" / "sd" / "ldm" / "streamed.json").read_text())
     assert record["family"] == key and len(record["sigmas"]) == record["steps"] == 2
     with open(ref / "report" / "results.csv") as f:
-        sites = {r["site"] for r in csv.DictReader(f) if r["protocol"] == "sd" and r["model"] == "ldm"}
+        rows = [r for r in csv.DictReader(f) if r["protocol"] == "sd"]
+    sites = {r["site"] for r in rows if r["model"] == "ldm"}
     prefix = {"sdxl": "unet.", "pixart": "dit.", "sd3": "mmdit.", "flux": "flux."}[key]
     assert any(s.startswith(prefix) for s in sites) and "vae.dec.mid.attn0" in sites
+    # the prompt-only control: a baseline on the pooled text embedding of this family's own encoders
+    assert (ref / "captures" / "sd" / "prompt_embeddings.safetensors").is_file()
+    assert {"prompt@8x8", "prompt@16x16"} <= {r["site"] for r in rows if r["model"] == "baseline"}
 
     from sceneprobe.capture.pipelines import PipelineModel
     real, calls = PipelineModel.sample_and_record, {"n": 0}

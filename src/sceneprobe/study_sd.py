@@ -1,10 +1,13 @@
-"""The Stable Diffusion study (``sceneprobe run --sd PATH --prompts CSV --out RUN``): capture → labels → probes → report.
+"""The study of a text-to-image pipeline folder (``sceneprobe run --model PATH --prompts CSV --out RUN``; ``--sd`` is
+the old name): capture → labels → probes → report, for SD 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5 and FLUX.1.
 
 Like ``study.py`` this knows every stage; each stage is one library call and the whole command resumes when rerun.
 
 1. **capture** (:mod:`sceneprobe.capture.sd`): the model and each control (``permuted`` by default: every U-Net weight
    tensor permuted element-wise, same prompts and seeds) into ``RUN/captures/sd/<model>/``. Under
    ``accelerate launch`` the prompts are dealt out to the processes; the later stages run on the main process.
+   Beside them, ``prompt_embeddings.safetensors``: each prompt's pooled text embedding by the model's own text
+   encoders, the input of the prompt-only baseline (:mod:`sceneprobe.probe.prompt_only`).
 2. **labels**: the model's images (``RUN/captures/sd/samples.safetensors``) are labelled by the project's labeller
    (``--labeller``, default the shipped one) and, with ``--depth-model``, depth from a local transformers DPT folder
    (relative inverse depth, the paper's MiDaS role) → ``RUN/captures/sd/labels.safetensors`` and ``labels.json``.
@@ -44,6 +47,12 @@ DENOISER_WORDS = {"sd": "", "sdxl": "", "pixart": "PixArt transformer (sites `di
                   "flux": "FLUX transformer (sites `flux.double{L}.attn.img`, `flux.single{L}.attn`)"}
 
 
+PROMPT_ONLY = ("\n**The prompt as a control**: the baselines include `prompt@{h}x{w}`, a probe of each prompt's pooled "
+               "text embedding (by the model's own text encoders) over the layout prior, fitted, tuned and scored on "
+               "the same splits (`probe/prompt_only.py`). When it is the strongest baseline, a verdict \"beats the "
+               "strongest baseline\" is a verdict over what the prompt alone says.\n")
+
+
 def labels_markdown(labels_json: Path, family: str = "sd") -> str:
     """The report section that says where the labels come from (and, for a transformer, what "U-Net" names)."""
     info = json.loads(Path(labels_json).read_text())
@@ -62,7 +71,7 @@ def labels_markdown(labels_json: Path, family: str = "sd") -> str:
             f"* saliency: the project's labeller `{info.get('saliency_labeller')}` (trained on rendered scenes with "
             "exact labels; on real images it is an approximation);\n"
             f"* {info.get('n')} images, labelled once from the model's own images; the controls are scored against "
-            "the same labels.\n" + model)
+            "the same labels.\n" + model + PROMPT_ONLY)
 
 
 def _digest(path: Path) -> str:
@@ -96,13 +105,17 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     proot = out / "captures" / "sd"
+    opts = sd_options(cc)
+    pipe = fns.load(model, state.device, opts["variant"])
+    if state.is_main_process:                                         # the prompt-only baseline's inputs
+        from .probe.prompt_only import pooled_text_embeddings, save_embeddings
+        proot.mkdir(parents=True, exist_ok=True)
+        save_embeddings(proot, *pooled_text_embeddings(pipe, fns.family, read_prompts(prompts)[0], state.device))
     if cc.store == "streamed":
         from .probe.streamed_sd import run_streamed_sd
         results = run_streamed_sd(cfg, model, prompts, out, lab, controls=controls, force=force, progress=progress,
-                                  log=log)
+                                  log=log, pipe=pipe)
     else:
-        opts = sd_options(cc)
-        pipe = fns.load(model, state.device, opts["variant"])
         for control in (None, *controls):
             log(f"[capture sd/{control or 'ldm'}] ({fns.family}) ...")
             fns.run_capture(model, prompts, proot / (control or "ldm"), **opts, batch_size=cc.batch_size,

@@ -400,6 +400,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
     labels = sw.load_protocol_labels(proot, None, pc.depth_target)
     sizes = {tuple(sh[1:]) for sh in shapes_all.values()} | {labels.size}
     rows += sw.baseline_rows(labels, sorted(sizes), pc.upsample, arrays)
+    rows += sw.prompt_only_rows(proot, labels, sorted(sizes), pc, arrays)   # [] without prompt embeddings
     arrays[sw.per_image_key("sd", "test-rows")] = labels.idx(2).astype(np.int64)
     positions = {f"sd/{site}": sw.prior_site(labels, *sh[1:]) for site, sh in shapes_all.items()}
     sw.write_per_image(out / "report", arrays, positions)

@@ -51,6 +51,8 @@ def baseline_label(site: str) -> str:
         return "mean map (val threshold)"
     if site == ALL_SALIENT:
         return "all-salient"
+    if site.startswith("prompt@"):                  # probe/prompt_only.py
+        return f"prompt-only probe {site.split('@', 1)[1]} (text embedding + layout)"
     return f"position-only probe {site.split('@', 1)[1]}"
 
 
@@ -62,7 +64,6 @@ class Point:
     timestep: int
     val: float
     test: float
-
 
 
 class Results:
