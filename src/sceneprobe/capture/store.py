@@ -53,16 +53,19 @@ def create_shard(path: Path, shape: Sequence[int], dtype: str = "float16") -> No
 MAX_HEADER = 1 << 20   # a shard's JSON header is ~100 bytes; a length beyond this (or the file) is damage, not a header
 
 
-def _layout(path: Path) -> tuple[int, list[int], str]:
-    """(data start offset, shape, dtype code) read from a shard's header; ValueError if it is damaged.
+def _layout(path: Path, f=None) -> tuple[int, list[int], str]:
+    """(data start offset, shape, dtype code) read from a shard's header (from the open file ``f`` if given, at its
+    start); ValueError if it is damaged.
 
     The header length is checked against the file's size and :data:`MAX_HEADER` before it is read: a garbage length
     must not become a multi-GB read."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n <= min(MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
-            raise ValueError(f"header length {n} does not fit the file")
-        meta = json.loads(f.read(n))["activations"]
+    if f is None:
+        with open(path, "rb") as f:
+            return _layout(path, f)
+    n = int.from_bytes(f.read(8), "little")
+    if not 0 < n <= min(MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+        raise ValueError(f"header length {n} does not fit the file")
+    meta = json.loads(f.read(n))["activations"]
     if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and isinstance(meta.get("dtype"), str)
             and all(isinstance(s, int) and s >= 0 for s in meta["shape"])):
         raise ValueError("header has no valid activations entry")
@@ -71,16 +74,16 @@ def _layout(path: Path) -> tuple[int, list[int], str]:
 
 def write_rows(path: Path, start: int, rows: torch.Tensor | np.ndarray) -> None:
     """Write ``rows`` (b, C, h, w) into rows [start, start + b) of the shard at ``path``, in place."""
-    offset, shape, code = _layout(path)
     arr = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-    want = {"F16": np.float16, "F32": np.float32}[code]
-    arr = np.ascontiguousarray(arr.astype(want, copy=False))
-    if list(arr.shape[1:]) != shape[1:] or start + len(arr) > shape[0]:
-        raise ValueError(f"rows {arr.shape} at {start} do not fit shard {path} of shape {shape}")
-    row_bytes = int(np.prod(shape[1:])) * arr.itemsize
-    with open(path, "r+b") as f:
+    with open(path, "r+b") as f:                           # one open: the header, then the rows in place
+        offset, shape, code = _layout(path, f)
+        want = {"F16": np.float16, "F32": np.float32}[code]
+        arr = np.ascontiguousarray(arr.astype(want, copy=False))
+        if list(arr.shape[1:]) != shape[1:] or start + len(arr) > shape[0]:
+            raise ValueError(f"rows {arr.shape} at {start} do not fit shard {path} of shape {shape}")
+        row_bytes = int(np.prod(shape[1:])) * arr.itemsize
         f.seek(offset + start * row_bytes)
-        f.write(arr.tobytes())
+        f.write(arr)                                       # buffer protocol: no bytes copy
 
 
 def redo_advice(root: Path) -> str:
