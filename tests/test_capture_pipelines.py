@@ -148,3 +148,25 @@ def test_pipeline_folder_errors(folders, prompts, tmp_path):
         prepare_pipeline(folders["flux"], prompts, **{**OPTS, "height": 30})
     index = json.loads((folders["sdxl"] / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_pixart_alpha_sd3_without_t5_and_a_non_square_flux(tmp_path, prompts):
+    """The class model_index.json names (PixArt-α), a part saved as [null, null] (SD3 without its T5), and a
+    non-square size (FLUX 48×32 px → latent 24×16 → 12×8 packed tokens)."""
+    import shutil
+
+    from tiny_pipelines import build_tiny_pixart
+    alpha = build_tiny_pixart(tmp_path / "alpha", sigma=False)
+    assert type(load_pipeline(alpha)).__name__ == "PixArtAlphaPipeline"
+    sd3 = BUILDERS["sd3"](tmp_path / "sd3")
+    index = json.loads((sd3 / "model_index.json").read_text())
+    index["text_encoder_3"], index["tokenizer_3"] = [None, None], [None, None]
+    (sd3 / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(sd3 / "text_encoder_3")
+    shutil.rmtree(sd3 / "tokenizer_3")
+    assert load_pipeline(sd3).text_encoder_3 is None
+    out = run_capture_pipeline(sd3, prompts, tmp_path / "sd3run" / "ldm", **OPTS, batch_size=2, progress=False)
+    assert CaptureStore(out).manifest["site_order"] == SITES["sd3"]
+    flux = BUILDERS["flux"](tmp_path / "flux")
+    m = prepare_pipeline(flux, prompts, **{**OPTS, "height": 48})
+    assert m.shapes["flux.single0.attn"] == (16, 12, 8) and m.shapes["vae.dec.mid.attn0"] == (16, 24, 16)

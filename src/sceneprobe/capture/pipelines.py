@@ -68,10 +68,14 @@ def load_pipeline(folder: Path, torch_dtype: torch.dtype = torch.float32, varian
     import diffusers
     folder = Path(folder)
     family = check_pipeline_folder(folder)
-    name = read_model_index(folder).get("_class_name")
+    index = read_model_index(folder)
+    name = index.get("_class_name")
     cls = getattr(diffusers, name if name in family.pipelines else family.pipelines[0])
     variant = variant or find_variant(folder, family.denoiser)
-    skip = {k: None for k in ("image_encoder", "feature_extractor") if k in inspect.signature(cls).parameters}
+    # parts left out: optional encoders, and parts saved as [null, null] (e.g. SD3 without its T5)
+    params = inspect.signature(cls).parameters
+    skip = {k: None for k in params if k in ("image_encoder", "feature_extractor")
+            or (isinstance(index.get(k), (list, tuple)) and index[k] and index[k][0] is None)}
     try:
         pipe = cls.from_pretrained(folder, local_files_only=True, dtype=torch_dtype, variant=variant, **skip)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
