@@ -25,6 +25,7 @@ import torch
 
 from ..errors import fail
 from ..models.families import FAMILIES, Family, pipeline_family, read_model_index
+from ..models.io import HASH_CACHE
 from ..models.sites import list_sites
 from .identity import canonical, store_fingerprint
 from .pipeline_hooks import OnSite
@@ -33,6 +34,7 @@ from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, col
                   fill_store, finish_store, probe_split, save_images)
 
 PIPELINE_FAMILIES = ("sdxl", "pixart", "sd3", "flux")     # SD 1.x/2.x: capture/sd.py
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 # ------------------------------------------------------------------------------------------------ folders
@@ -82,6 +84,10 @@ def load_pipeline(folder: Path, torch_dtype: torch.dtype = torch.float32, varian
         raise fail(f"{family.title} folder {folder} could not be loaded ({type(e).__name__}: "
                    f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     pipe.set_progress_bar_config(disable=True)
+    from ..models.io import stamp_source
+    for part in (family.denoiser, "vae", *TEXT_ENCODERS):   # their weight hashes may then be cached (model_hash)
+        if isinstance(getattr(pipe, part, None), torch.nn.Module):
+            stamp_source(getattr(pipe, part), folder / part)
     return pipe
 
 
@@ -141,10 +147,11 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, gu
                      scheduler: str = "folder", variant: str | None = None, site_kind: str = "attn",
                      vae_input: str = "latent", dtype: str = "float16", pool: int = 1,
                      sites: Sequence[str] | None = None, control: str | None = None, control_seed: int = 100,
-                     torch_dtype: torch.dtype | None = None, pipe=None,
-                     extra_identity: dict | None = None) -> PipelineModel:
+                     torch_dtype: torch.dtype | None = None, pipe=None, extra_identity: dict | None = None,
+                     hash_cache: Path | None = None) -> PipelineModel:
     """Load (or reuse ``pipe``), resolve sites, read the schedule and the sites' shapes, compute the store identity
-    (the keywords of ``capture.sd.prepare_sd``)."""
+    (the keywords of ``capture.sd.prepare_sd``; ``hash_cache``: the run's file of weight hashes, see
+    ``models.io.model_hash``)."""
     from .sd import read_prompts, weights_hash
     if vae_input != "latent":
         raise fail("pipeline captures feed the VAE site the latent after each step (capture.vae_input: latent); "
@@ -160,9 +167,8 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, gu
                    "leave it empty")
     base = getattr(pipe, family.denoiser)
     den = control_unet(base, control, control_seed)
-    hashes = {"model_hash": weights_hash(den), "vae_hash": weights_hash(pipe.vae),
-              **{f"{k}_hash": weights_hash(getattr(pipe, k)) for k in ("text_encoder", "text_encoder_2",
-                                                                      "text_encoder_3")
+    hashes = {"model_hash": weights_hash(den, hash_cache), "vae_hash": weights_hash(pipe.vae, hash_cache),
+              **{f"{k}_hash": weights_hash(getattr(pipe, k), hash_cache) for k in TEXT_ENCODERS
                  if isinstance(getattr(pipe, k, None), torch.nn.Module)}}
     pipe.to(device)
     den = den.to(device).eval()
@@ -230,7 +236,8 @@ def run_capture_pipeline(model_path: Path, prompts_csv: Path, out: Path, steps: 
     m = prepare_pipeline(model_path, prompts_csv, steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                          height=height, width=width, scheduler=scheduler, variant=variant, site_kind=site_kind,
                          vae_input=vae_input, dtype=dtype, pool=pool, sites=sites, control=control,
-                         control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe)
+                         control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe,
+                         hash_cache=out.parent / HASH_CACHE)     # RUN/captures/sd/: the run's, beside its images
     n, ids = len(m.prompts), list(range(len(m.prompts)))
     spec = StoreSpec(out, m.shapes, n, m.n_steps, batch_size, dtype, pool, m.fingerprint)
     image_root = out.parent if control is None else out
