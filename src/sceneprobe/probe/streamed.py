@@ -225,7 +225,9 @@ class StreamedProbes:
         a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
         init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
         chunks = self._chunks(a, d, dev)                                          # the subsample in float32
-        solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks))
+        per_image = min(self.m, self.shapes[site][1] * self.shapes[site][2])     # subsample rows per image
+        solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks),
+                                    period=per_image)
         # every λ to its float64 minimiser, and where the fit stops converging (the floor; see converged_path)
         a.theta_s, a.converged = solver.converged_path(lams, init)
         a.scale = scale
@@ -263,7 +265,8 @@ class StreamedProbes:
         rm = sc.depth(z[:, :L], spearman=False)["rmse"]
         ok = a.converged
         if self.pc.bias:                                                          # each λ at its best threshold
-            dice_s = [sw.tune_threshold(sc, z[:, L + i])[0] if ok[i] else float("nan") for i in range(L)]
+            best = sw.tune_thresholds(sc, z[:, L:])[0]
+            dice_s = [float(best[i]) if ok[i] else float("nan") for i in range(L)]
         else:                                                                     # the paper's argmax rule
             dice_s = [nanmean(d) if ok[i] else float("nan")
                       for i, d in enumerate(sc.saliency(z[:, L:])["dice"].T)]

@@ -43,7 +43,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from . import fit
 from . import baselines as bl
 from . import layout as lay
 from .baselines import BASELINE_MODEL
-from .metrics import METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
+from .metrics import EPS, METRICS, NearestScorer, depth_ratio_metrics, nanmean, ranks
 from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 from .prompt_only import prompt_only_rows
 
@@ -198,14 +198,39 @@ def _iter_images(store: CaptureStore, site: str, step: int,
         yield r, _features(x)[0]                                               # (b, C, h, w) float32
 
 
-def _predict(store, site, step, rows, thetas: torch.Tensor, bias: bool,
+class SplitFeatures:
+    """The activations of one split of one (site, step) in the sweep's chunks (CHUNK images, float64): read from the
+    store once and kept for every prediction the probe makes on that split (the λ path's, the threshold's, the
+    scores of the layout-fair and the plain probe) when they fit in CACHE_BYTES, else re-read for each. Calling it
+    gives the chunks."""
+
+    def __init__(self, store: CaptureStore, site: str, step: int, rows: np.ndarray):
+        self.store, self.site, self.step, self.rows = store, site, step, np.asarray(rows)
+        C, h, w = store.shape(site)
+        self.keep = len(self.rows) * C * h * w * 8 <= CACHE_BYTES
+        self._kept: list[torch.Tensor] | None = None
+
+    def _read(self) -> Iterator[torch.Tensor]:
+        for _, x in _iter_images(self.store, self.site, self.step, self.rows):
+            yield x.double()                                                   # (b, C, h, w)
+
+    def __call__(self) -> Iterable[torch.Tensor]:
+        if not self.keep:
+            return self._read()
+        if self._kept is None:
+            self._kept = list(self._read())
+        return self._kept
+
+
+def _predict(feats: Callable[[], Iterable[torch.Tensor]], thetas: torch.Tensor, bias: bool,
              layout: torch.Tensor | None = None) -> torch.Tensor:
     """Native predictions x·θ (+ L·θ_L) (+ b) for every θ, on θ's device: (n, L, h, w) float64 on the CPU.
 
-    θ = [features (C) | layout weights (k, with ``layout`` (k, h, w)) | bias]."""
+    ``feats()`` gives the activations in chunks (:class:`SplitFeatures`); θ = [features (C) | layout weights (k,
+    with ``layout`` (k, h, w)) | bias]."""
     out = []
     k = 0 if layout is None else layout.shape[0]
-    for _, x in _iter_images(store, site, step, rows):
+    for x in feats():
         C = x.shape[1]
         z = torch.einsum("nchw,lc->nlhw", x.to(thetas.device, torch.float64), thetas[:, :C])
         if k:
@@ -248,14 +273,17 @@ def _design(x: torch.Tensor, lrows: torch.Tensor | None, bias: bool, device) -> 
 
 
 def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, cfg: ProbeConfig,
-              device: torch.device | str = "cpu") -> tuple[Probe, Probe | None]:
+              device: torch.device | str = "cpu",
+              val: SplitFeatures | None = None) -> tuple[Probe, Probe | None]:
     """Ridge (depth) and IRLS logistic (saliency) from one streamed pass over the train rows; λ chosen on val.
 
     Returns (the layout-fair probe, the plain probe fitted beside it from the same pass — or None): with
     ``probe.layout: input`` the design is [features | layout (2, unpenalised) | 1] (:mod:`.layout`); the plain
     probe uses the features and the intercept only (a column subset of the same statistics and rows).
-    The statistics, the kept train rows and the solvers live on ``device``; metrics are computed on the CPU."""
+    The statistics, the kept train rows and the solvers live on ``device``; metrics are computed on the CPU.
+    ``val``: the validation split's activations (read here when not given)."""
     device = torch.device(device)
+    val = val if val is not None else SplitFeatures(store, site, step, labels.idx(1))
     C, h, w = store.shape(site)
     layout = layout_of(labels, h, w, cfg)
     k = 0 if layout is None else layout.shape[0]
@@ -283,7 +311,7 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
         return _rechunk(store, site, step, labels, cfg, n_pix, pos, lrows, device) if over else cache
 
     scale = fit.feature_scale(stats.G, stats.P, C)
-    main = _fit_columns(store, site, step, labels, cfg, stats, chunks, C, k, scale, layout, device, nonfinite)
+    main = _fit_columns(store, site, step, labels, cfg, stats, chunks, C, k, scale, layout, device, nonfinite, val)
     plain = None
     if k and cfg.plain and labels.protocol in cfg.plain_protocols:
         cols = list(range(C)) + ([d - 1] if cfg.bias else [])
@@ -296,12 +324,12 @@ def fit_exact(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
         def sub():
             return kept if kept is not None else [cols_of(c) for c in chunks()]
         plain = _fit_columns(store, site, step, labels, cfg, stats.columns(cols), sub, C, 0, scale[idx], None, device,
-                             nonfinite)
+                             nonfinite, val)
     return main, plain
 
 
 def _fit_columns(store, site, step, labels: ProtocolLabels, cfg: ProbeConfig, stats: fit.RidgeStats, chunks,
-                 C: int, k: int, scale: torch.Tensor, layout, device, nonfinite: int) -> Probe:
+                 C: int, k: int, scale: torch.Tensor, layout, device, nonfinite: int, val: SplitFeatures) -> Probe:
     """Both tasks' λ paths on the design columns of ``stats`` and ``chunks`` ([features (C) | layout (k) | bias]);
     λ and τ chosen on val."""
     _, h, w = store.shape(site)
@@ -311,23 +339,23 @@ def _fit_columns(store, site, step, labels: ProtocolLabels, cfg: ProbeConfig, st
     lams = list(cfg.lambdas)
     theta_d = fit.ridge_path(stats, lams, cfg.bias, scale, mask)[:, :, 0]      # (L, d)
     init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-    solver = fit.LogisticSolver(chunks, stats.P, penalty, len(labels.idx(0)) * h * w)   # in the rows' span if fewer
+    solver = fit.LogisticSolver(chunks, stats.P, penalty, len(labels.idx(0)) * h * w,     # in the rows' span if fewer
+                                period=h * w)
     theta_s = solver.path(lams, init)                                          # to 1e-3 relative: enough to choose λ
 
     L, sc = len(lams), labels.scorer(1, h, w)
-    z = _predict(store, site, step, labels.idx(1), torch.cat([theta_d, theta_s]), cfg.bias,
-                 layout).numpy()                                                            # (n, 2L, h, w)
+    z = _predict(val, torch.cat([theta_d, theta_s]), cfg.bias, layout).numpy()              # (n, 2L, h, w)
     rm = sc.depth(z[:, :L], spearman=False)["rmse"]                                              # (n, L)
     i_d = _pick([-nanmean(rm[:, i] ** 2) for i in range(L)], lams)                 # lowest val MSE (= best skill)
     if cfg.bias:
-        dice_s = [tune_threshold(sc, z[:, L + i])[0] for i in range(L)]           # Dice at each λ's best threshold
+        dice_s = list(tune_thresholds(sc, z[:, L:])[0])                          # Dice at each λ's best threshold
     else:
         dice_s = [nanmean(d) for d in sc.saliency(z[:, L:])["dice"].T]              # the paper's argmax rule
     i_s, ts = _refined_choice(solver, lams, dice_s, theta_s)
     selected = {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}
     tau = 0.0
     if cfg.bias:
-        ts, tau = with_val_threshold(store, site, step, labels, ts, layout)
+        ts, tau = with_val_threshold(store, site, step, labels, ts, layout, val)
     return Probe(theta_d[i_d].cpu(), ts.cpu(), scale.cpu(), (lams[i_d], lams[i_s]), selected, nonfinite, tau,
                  layout)
 
@@ -350,26 +378,78 @@ def _refined_choice(solver: fit.LogisticSolver, lams: list[float], scores: list[
 def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[float, float]:
     """(best mean val Dice, its threshold τ) of the rule salient ⇔ logit > τ, over τ = 0, quantiles of the logits
     and one below all of them (all salient); ties → the τ nearest 0. ``logits`` (n, h, w) on val."""
+    best, tau = tune_thresholds(sc, np.asarray(logits)[:, None], n_cand)
+    return float(best[0]), float(tau[0])
+
+
+def threshold_candidates(v: np.ndarray, n_cand: int = 47) -> np.ndarray:
+    """τ = 0, ``n_cand`` quantiles of the logits ``v`` (any shape) and one below all of them; sorted, distinct."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.unique(np.concatenate([[0.0, v.min() - 1.0], np.quantile(v, np.linspace(0.005, 0.995, n_cand))]))
+
+
+def tune_thresholds(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tune_threshold` for each of L probes at once: ``logits`` (n, L, h, w) → (best Dice (L,), τ (L,))."""
     v = np.asarray(logits, dtype=np.float64)
-    cands = np.unique(np.concatenate([[0.0, v.min() - 1.0], np.quantile(v, np.linspace(0.005, 0.995, n_cand))]))
-    dice = sc.saliency(v[:, None] - cands[None, :, None, None])["dice"]                       # (n, K)
-    ok = np.isfinite(dice)
-    score = np.where(ok, dice, 0.0).sum(0) / np.maximum(ok.sum(0), 1)                        # (K,) NaN-free mean
-    score[ok.sum(0) == 0] = np.nan
-    if not np.isfinite(score).any():
-        return float("nan"), 0.0
-    best = np.nanmax(score)
-    ok = np.flatnonzero(score >= best - 1e-12)
-    k = ok[np.argmin(np.abs(cands[ok]))]
-    return float(best), float(cands[k])
+    n, L = v.shape[:2]
+    cands = [threshold_candidates(v[:, i], n_cand) for i in range(L)]
+    dice = dice_at_thresholds(sc, v.reshape(n, L, -1), cands)                  # [(n, K_i)] per probe
+    best, tau = np.full(L, np.nan), np.zeros(L)
+    for i, (c, d) in enumerate(zip(cands, dice)):
+        ok = np.isfinite(d)
+        score = np.where(ok, d, 0.0).sum(0) / np.maximum(ok.sum(0), 1)        # (K,) NaN-free mean
+        score[ok.sum(0) == 0] = np.nan
+        if not np.isfinite(score).any():
+            continue
+        best[i] = np.nanmax(score)
+        good = np.flatnonzero(score >= best[i] - 1e-12)
+        tau[i] = c[good[np.argmin(np.abs(c[good]))]]
+    return best, tau
+
+
+def dice_at_thresholds(sc: NearestScorer, v: np.ndarray, cands: list[np.ndarray]) -> list[np.ndarray]:
+    """Per-image Dice (n, K_l) of the rule "logit > τ" at every candidate τ of ``cands[l]``, for native logits
+    ``v`` (n, L, h·w) — from one sort per image and probe instead of one scoring pass per τ.
+
+    With the native values of an image sorted together with the candidates (a value before an equal candidate),
+    the pixels at or below τ are a prefix: cumulative sums of the pixel counts n_j and the positive counts M_j give
+    ``|P(τ)| = Σ_j n_j − Σ_{v_j ≤ τ} n_j`` and ``|P(τ) ∩ G| = Σ_j M_j − Σ_{v_j ≤ τ} M_j`` for every τ at once, and
+    Dice = (2|P∩G| + ε)/(|P| + |G| + ε) as :meth:`NearestScorer.saliency`. Both sums are of whole pixel counts, so
+    they are exact in float64 and the Dice values equal the per-threshold scoring's bit for bit (``v − τ > 0`` ⇔
+    ``v > τ`` in IEEE arithmetic; a NaN logit is never salient in either). Cost O(L·n·(q + K) log(q + K)) against
+    O(L·K·n·q) for q = h·w positions."""
+    n, L, q = v.shape
+    v = np.where(np.isnan(v), -np.inf, v)
+    cnt = np.broadcast_to(sc.cnt.reshape(-1, 1, q), (n, L, q))
+    M = np.broadcast_to(sc.M[:, None, :], (n, L, q))
+    total_c, total_m = cnt.sum(-1), M.sum(-1)                                  # (n, L) whole counts
+    out = []
+    for K in sorted({len(c) for c in cands}):                                  # probes with as many candidates
+        ls = [i for i, c in enumerate(cands) if len(c) == K]
+        key = np.concatenate([v[:, ls], np.broadcast_to(np.stack([cands[i] for i in ls])[None], (n, len(ls), K))], -1)
+        order = np.argsort(key, axis=-1, kind="stable")                       # values first among equals
+        pad = np.zeros((n, len(ls), K))
+        below_c = np.cumsum(np.take_along_axis(np.concatenate([cnt[:, ls], pad], -1), order, -1), -1)
+        below_m = np.cumsum(np.take_along_axis(np.concatenate([M[:, ls], pad], -1), order, -1), -1)
+        where = np.empty_like(order)
+        np.put_along_axis(where, order, np.arange(q + K), -1)                 # sorted position of every entry
+        at = where[..., q:]                                                    # (n, |ls|, K) the candidates'
+        size = total_c[:, ls, None] - np.take_along_axis(below_c, at, -1)
+        inter = total_m[:, ls, None] - np.take_along_axis(below_m, at, -1)
+        dice = (2 * inter + EPS) / (size + sc.G[:, None, None] + EPS)
+        for j, i in enumerate(ls):
+            out.append((i, dice[:, j]))
+    return [d for _, d in sorted(out, key=lambda t: t[0])]
 
 
 def with_val_threshold(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
-                       theta: torch.Tensor, layout: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                       theta: torch.Tensor, layout: torch.Tensor | None = None,
+                       val: SplitFeatures | None = None) -> tuple[torch.Tensor, float]:
     """(θ, τ): the saliency probe with its decision threshold τ chosen on val folded into the intercept (last entry
     of θ): the probe stays linear and "salient ⇔ logit > 0" now means "logit > τ" of the maximum-likelihood fit."""
     _, h, w = store.shape(site)
-    z = _predict(store, site, step, labels.idx(1), theta[None], True, layout).numpy()[:, 0]       # (n, h, w)
+    val = val if val is not None else SplitFeatures(store, site, step, labels.idx(1))
+    z = _predict(val, theta[None], True, layout).numpy()[:, 0]                                   # (n, h, w)
     _, tau = tune_threshold(labels.scorer(1, h, w), z)
     out = theta.clone()
     out[-1] -= tau
@@ -496,15 +576,19 @@ def prior_metrics(labels: ProtocolLabels, code: int, h: int, w: int, upsample: s
 
 
 def score(store: CaptureStore, site: str, step: int, labels: ProtocolLabels, probe: Probe, cfg: ProbeConfig,
-          device: torch.device | str = "cpu") -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], np.ndarray]]:
+          device: torch.device | str = "cpu", feats: dict[int, SplitFeatures] | None = None,
+          ) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], np.ndarray]]:
     """({(task, split, metric): mean over images} on val and test, {(task, metric): per-test-image values}).
 
-    Depth skill is over the position-only baseline at this site's native resolution, on the same images."""
+    Depth skill is over the position-only baseline at this site's native resolution, on the same images.
+    ``feats``: split code → its activations (:class:`SplitFeatures`; read here when not given)."""
     out, per_image = {}, {}
     _, h, w = store.shape(site)
+    feats = feats or {}
     for split, code in SPLITS.items():
-        z = _predict(store, site, step, labels.idx(code), torch.stack([probe.depth, probe.saliency]).to(device),
-                     cfg.bias, probe.layout).numpy()                                    # (n, 2, h, w)
+        f = feats.get(code) or SplitFeatures(store, site, step, labels.idx(code))
+        z = _predict(f, torch.stack([probe.depth, probe.saliency]).to(device), cfg.bias,
+                     probe.layout).numpy()                                                      # (n, 2, h, w)
         m = native_metrics(labels, code, h, w, z[:, :1], z[:, 1:])
         ref = prior_metrics(labels, code, h, w, cfg.upsample)
         for task, metric in list(m):
@@ -620,8 +704,9 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
 
     With a plain probe beside the layout-fair one, its tensors are prefixed ``noprior.`` and its rows carry the
     model name ``<model>.noprior``."""
+    feats = {code: SplitFeatures(store, site, step, labels.idx(code)) for code in SPLITS.values()}
     if cfg.solver == "exact":
-        probe, plain = fit_exact(store, site, step, labels, cfg, device)
+        probe, plain = fit_exact(store, site, step, labels, cfg, device, feats[1])
     else:
         probe, plain = fit_paper_adam(store, site, step, labels, cfg), None   # the paper's trainer: CPU only
     model = store.manifest.get("model", store.root.name)
@@ -630,7 +715,7 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     for p, name, prefix in ((probe, model, ""), (plain, lay.plain_model(model), f"{lay.PLAIN}.")):
         if p is None:
             continue
-        scores, per_image = score(store, site, step, labels, p, cfg, device)
+        scores, per_image = score(store, site, step, labels, p, cfg, device, feats)
         timestep = store.timesteps[store.steps.index(step)]
         edge = {"depth": lambda_edge(p.lam[0], cfg.lambdas), "saliency": lambda_edge(p.lam[1], cfg.lambdas)} \
             if cfg.solver == "exact" else {}
