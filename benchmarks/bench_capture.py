@@ -131,7 +131,8 @@ def main() -> None:
                       ("finish_store", "manifest + progress"), ("atomic_write_json", "manifest + progress"),
                       ("collect_samples", "final images"), ("decode_readout", "read-out decodes"),
                       ("decode_to_mid", "VAE site decodes")):
-        setattr(caprun, name, timed(getattr(caprun, name), key))
+        if hasattr(caprun, name):          # (an older checkout lacks some: their time falls into "rest")
+            setattr(caprun, name, timed(getattr(caprun, name), key))
     caprun.save_images = timed(caprun.save_images, lambda folder, *a: "read-out PNGs" if "x0" in Path(folder).parts
                                else "final images")
     # run.py's whole decodes are not timed: the final image's (the last step's, which plain sampling does too) and,
@@ -201,8 +202,9 @@ def main() -> None:
           f"({100 * (r - off) / off:+.1f} % vs off)")
     print(f"  over plain sampling, {r - off:+.3f} s: {breakdown('readout')}")
     f = min(times["full"])
-    print(f"full capture (U-Net sites + VAE decoder site at every step + read-out): {f:.2f} s "
-          f"({100 * (f - off) / off:+.1f} % vs off; the VAE site adds {f - r:+.2f} s to the read-out capture)")
+    print(f"full capture (U-Net sites + VAE decoder site + input control at every step + read-out): {f:.2f} s "
+          f"({100 * (f - off) / off:+.1f} % vs off; the VAE site and the input control add {f - r:+.2f} s to the "
+          f"read-out capture)")
     print(f"  over plain sampling, {f - off:+.3f} s: {breakdown('full')}")
     print(f"bytes written per image: {total / args.n / 2**20:.2f} MiB (U-Net sites {nbytes.get('unet', 0) / args.n / 2**20:.2f}"
           f" MiB, VAE site {nbytes.get('vae', 0) / args.n / 2**20:.2f} MiB; {cc.steps} steps, {cc.dtype})")

@@ -339,6 +339,9 @@ def test_resume_skips_finished_batches_and_finished_stores(ldm, tmp_path, monkey
     assert run_capture(cfg, tmp_path / "r", "generate", ldm, progress=False) == root
     assert count["n"] == 1  # only the unfinished batch [4, 6)
     _stores_equal(root, full)
+    # the final images: rows 0–3 from the first run's PNGs, 4–5 from memory — the same file as in one run
+    samples = "captures/generate/samples.safetensors"
+    assert (tmp_path / "r" / samples).read_bytes() == (tmp_path / "full" / samples).read_bytes()
     run_capture(cfg, tmp_path / "r", "generate", ldm, progress=False)
     assert count["n"] == 1  # finished and matching: skipped entirely
     run_capture(cfg, tmp_path / "r", "generate", ldm, force=True, progress=False)

@@ -462,10 +462,17 @@ def _x0_saver(store_root: Path, sample_ids: Sequence[int]) -> X0Sink:
     return sink
 
 
-def collect_samples(image_dir: Path, out: Path, sample_ids: Sequence[int], split: np.ndarray) -> Path:
-    """``samples.safetensors`` (images (N, H, W, 3) uint8, sample_ids int64, split int8) from the batch PNGs."""
+def collect_samples(image_dir: Path, out: Path, sample_ids: Sequence[int], split: np.ndarray,
+                    made: dict[int, np.ndarray] | None = None) -> Path:
+    """``samples.safetensors`` (images (N, H, W, 3) uint8, sample_ids int64, split int8) from the batch PNGs.
+
+    ``made`` (optional): images this process has just written as PNGs, by sample id; they are taken from memory
+    instead of being read back (PNG is lossless: the same pixels). Ids not in it (another rank's rows, a resumed
+    run's earlier batches) are read from their PNGs."""
     from safetensors.numpy import save_file
-    images = np.stack([np.asarray(Image.open(image_dir / f"{int(i):06d}.png").convert("RGB")) for i in sample_ids])
+    made = made or {}
+    images = np.stack([made[int(i)] if int(i) in made else
+                       np.asarray(Image.open(image_dir / f"{int(i):06d}.png").convert("RGB")) for i in sample_ids])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file({"images": images, "sample_ids": np.asarray(sample_ids, np.int64), "split": np.asarray(split, np.int8)},
@@ -598,6 +605,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                 "site_steps": site_steps, "stop_after": stop_after, "input_window": window}
     spec = StoreSpec(root, shapes, n, cc.steps, cc.batch_size, cc.dtype, cc.pool, fingerprint(identity), site_steps)
     image_dir = (proot if control is None else root) / "images"
+    made: dict[int, np.ndarray] = {}           # final images written by this process, for samples.safetensors
 
     def run_generate(start: int, stop: int, emit: Emit) -> None:
         b_ids = ids[start:stop]
@@ -608,6 +616,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
                                    stop_after=stop_after, input_window=window)
         if images is not None:
             save_images(image_dir, b_ids, images)
+            made.update(zip(b_ids, images))
 
     def run_noised(start: int, stop: int, emit: Emit) -> None:
         rows, sink = x0_for(start, stop)
@@ -621,7 +630,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
     if _state().is_main_process:
         if protocol == "generate":
             if stop_after is None:  # a pass stopped early made no final images
-                collect_samples(image_dir, image_dir.parent / "samples.safetensors", ids, split)
+                collect_samples(image_dir, image_dir.parent / "samples.safetensors", ids, split, made)
         else:
             sal = test.saliency.astype(np.uint8)
             save_labels(proot, test.depth.astype(np.float32), sal, split)
