@@ -9,7 +9,8 @@ Protocols
 In both protocols the VAE decoder site ``vae.dec.mid.attn0`` at step i is fed the same thing: the output of the
 sampler's own ``scheduler.step`` at step i, computed from *that store's* U-Net prediction (the trained model's, or the
 permuted / fresh control's) — ``prev_sample``, the latent after step i's update (``vae_input="latent"``, the paper's:
-"after t+1 updates"), or ``pred_original_sample`` x̂₀ (``"x0"``) — decoded with :func:`sceneprobe.sample.decode`. So
+"after t+1 updates"), or ``pred_original_sample`` x̂₀ (``"x0"``) — decoded with :func:`sceneprobe.sample.decode`,
+run only as far as the decoder's mid block (:func:`decode_to_mid`) where no image of it is needed. So
 a control's VAE rows are a real control: the decoder sees what the control U-Net made of the latent. No ε or v
 formula is written here; the scheduler's ``prediction_type`` decides. The manifest records it (``vae_dec_input``).
 
