@@ -68,6 +68,10 @@ def test_capture_keeps_the_conditional_half_on_the_latent_grid(folders, prompts,
                                progress=False)
     st = CaptureStore(out)
     st.verify()
+    if key != "flux":                                                  # the uncond reading: the same pass's first half
+        unc = CaptureStore(run_capture_pipeline(folders[key], prompts, tmp_path / "captures" / "sd" / "uncond",
+                                                **OPTS, batch_size=2, control="uncond", progress=False))
+        assert unc.manifest["cfg_half"] == "uncond" and unc.manifest["site_order"] == SITES[key][:-1]  # no VAE
     man = st.manifest
     assert man["family"] == key and man["site_order"] == SITES[key] and st.n == 2
     assert len(man["timesteps"]) == len(man["sigmas"]) == 2 and man["sigma_kind"]
@@ -100,7 +104,9 @@ def test_capture_keeps_the_conditional_half_on_the_latent_grid(folders, prompts,
         got = st.read(site, step)
         torch.testing.assert_close(got, want.half().float(), atol=2e-3, rtol=2e-3)
         if key != "flux":
-            assert not torch.allclose(got, y[:2].transpose(1, 2).reshape(2, c, 8, 8), atol=1e-4)
+            uncond = y[:2].transpose(1, 2).reshape(2, c, 8, 8)
+            assert not torch.allclose(got, uncond, atol=1e-4)
+            torch.testing.assert_close(unc.read(site, step), uncond.half().float(), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("key", FAMILIES)
@@ -142,6 +148,10 @@ def test_pipeline_folder_errors(folders, prompts, tmp_path):
         prepare_pipeline(folders["pixart"], prompts, **OPTS, sites=["dit.block7.attn"])
     with pytest.raises(SceneprobeError, match="flow matching"):
         prepare_pipeline(folders["flux"], prompts, **{**OPTS, "scheduler": "ddim"})
+    with pytest.raises(SceneprobeError, match="needs a CFG batch"):
+        prepare_pipeline(folders["flux"], prompts, **OPTS, control="uncond")
+    with pytest.raises(SceneprobeError, match="needs a CFG batch"):
+        prepare_pipeline(folders["sd3"], prompts, **{**OPTS, "guidance": 1.0}, control="uncond")
     with pytest.raises(SceneprobeError, match="no CFG"):
         prepare_pipeline(folders["flux"], prompts, **OPTS, negative_prompt="blurry")
     with pytest.raises(SceneprobeError, match="multiples of 4"):
@@ -170,3 +180,27 @@ def test_pixart_alpha_sd3_without_t5_and_a_non_square_flux(tmp_path, prompts):
     flux = BUILDERS["flux"](tmp_path / "flux")
     m = prepare_pipeline(flux, prompts, **{**OPTS, "height": 48})
     assert m.shapes["flux.single0.attn"] == (16, 12, 8) and m.shapes["vae.dec.mid.attn0"] == (16, 24, 16)
+
+
+def test_sd_v1_uncond_reading_is_the_first_half_of_the_same_pass(tmp_path, prompts):
+    """SD 1.x/2.x (capture/sd.py) reads the unconditional half too: the U-Net's own pass, [uncond, cond]'s first half;
+    no VAE sites; guidance 1 (no CFG batch) refused."""
+    from test_capture_sd import build_tiny_sd
+
+    from sceneprobe.capture.recorder import Recorder
+    from sceneprobe.capture.sd import SDSampler, load_sd, run_capture_sd
+    folder = build_tiny_sd(tmp_path / "sd")
+    out = run_capture_sd(folder, prompts, tmp_path / "run" / "uncond", steps=2, guidance=7.5, batch_size=2,
+                         control="uncond", progress=False)
+    st = CaptureStore(out)
+    assert st.manifest["cfg_half"] == "uncond" and not any(s.startswith("vae") for s in st.sites)
+    pipe = load_sd(folder)
+    sampler = SDSampler(pipe, pipe.unet, pipe.scheduler, steps=2, guidance_scale=7.5)
+    with torch.no_grad(), Recorder({"unet": pipe.unet}, ["unet.mid.attn0"]) as rec:
+        sampler.sample(["a red cube", "blue ball on grass"], [11, 12], "cpu", torch.float32)
+    for step in (0, 1):
+        full = rec.outputs["unet.mid.attn0"][step]                     # (4, C, h, w): [uncond ×2, cond ×2]
+        torch.testing.assert_close(st.read("unet.mid.attn0", step), full[:2].half().float(), atol=2e-3, rtol=2e-3)
+    with pytest.raises(SceneprobeError, match="needs a CFG batch"):
+        run_capture_sd(folder, prompts, tmp_path / "run2" / "uncond", steps=2, guidance=1.0, control="uncond",
+                       progress=False)

@@ -83,18 +83,21 @@ def test_streamed_study_runs_and_a_killed_run_resumes_to_the_same_bytes(root, tm
 def test_full_store_study_through_the_sd_alias_with_a_control(root, tmp_path, capsys):
     folder = BUILDERS["pixart"](tmp_path / "pixart")
     out = tmp_path / "run"
-    cmd = _cmd(root, folder, out, "full.yaml", flag="--sd", controls="permuted")
+    cmd = _cmd(root, folder, out, "full.yaml", flag="--sd", controls="permuted,uncond")
     assert main(cmd) == 0
     proot = out / "captures" / "sd"
-    for p in ("ldm/manifest.json", "permuted/manifest.json", "samples.safetensors", "labels.safetensors"):
+    for p in ("ldm/manifest.json", "permuted/manifest.json", "uncond/manifest.json", "samples.safetensors",
+              "labels.safetensors"):
         assert (proot / p).is_file(), p
     assert json.loads((proot / "ldm" / "manifest.json").read_text())["family"] == "pixart"
     with open(out / "report" / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["protocol"] == "sd"]
-    assert {"ldm", "permuted"} <= {r["model"] for r in rows} and any(r["site"] == "dit.block1.attn" for r in rows)
+    assert {"ldm", "permuted", "uncond"} <= {r["model"] for r in rows}
+    assert any(r["site"] == "dit.block1.attn" for r in rows)
     summary = (out / "report" / "summary.md").read_text()
     assert "no U-Net probes" not in summary                           # the transformer is the report's denoiser group
     assert "PixArt transformer" in summary and "not exact" in summary
+    assert "U-Net on its unconditional CFG half" in summary                 # the text as a control, with its diff
     capsys.readouterr()
     assert main(cmd) == 0                                              # rerun: everything up to date
     assert "[labels] up to date, skipped" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from .atomic import atomic_write_text
 from .config import Config, dump_yaml
 from .errors import fail
 
-SD_CONTROLS = ("permuted", "fresh")
+SD_CONTROLS = ("permuted", "fresh", "uncond")   # uncond: the unconditional CFG half (capture/pipelines.py)
 
 
 def make_labeller(labeller: Path | None = None, depth_model: Path | None = None):

@@ -17,7 +17,9 @@ Positions: a U-Net or VAE reading (B, H·W, C) is reshaped row-major to (B, C, H
 is placed on the latent grid by :func:`sceneprobe.models.sites.token_grid` (patch size, FLUX's 2×2 packing; FLUX
 single-stream: the T − rows·cols text tokens ahead of the image are dropped, never positions). The cond half: a batch
 of 2B rows is [uncond, cond] in every one of these pipelines (``torch.cat([negative_prompt_embeds, prompt_embeds])``),
-so its second half is kept; a batch of B rows (no CFG, or FLUX) is kept whole.
+so its second half is kept; a batch of B rows (no CFG, or FLUX) is kept whole. ``half="uncond"`` keeps the first
+half instead (the unconditional branch's activations in the same pass: the ``uncond`` reading), and then a batch
+without one is an error.
 
 The VAE sites record only while :attr:`vae_armed` is set (the caller decodes each step's latent under it), so the
 pipeline's own final decode is never recorded twice.
@@ -41,10 +43,13 @@ class PipelineRecorder:
     step's update. ``models``: ``{"unet" | "transformer": denoiser, "vae": vae}``."""
 
     def __init__(self, models: Mapping[str, nn.Module], sites: Sequence[str], kind: str, batch: int,
-                 latent_hw: tuple[int, int], denoiser_config: dict, on_site: OnSite):
+                 latent_hw: tuple[int, int], denoiser_config: dict, on_site: OnSite, half: str = "cond"):
         if kind not in ("attn", "block"):
             raise fail(f"site kind {kind!r} is unknown; choose attn (before the residual, the paper's) or block")
+        if half not in ("cond", "uncond"):
+            raise fail(f"half {half!r} is unknown; use cond or uncond")
         self.models, self.kind, self.batch, self.on_site = dict(models), kind, int(batch), on_site
+        self.half = half
         self.denoiser_key = "transformer" if "transformer" in self.models else "unet"
         self.latent_hw, self.config = tuple(latent_hw), dict(denoiser_config)
         self.step, self.calls, self.vae_armed = 0, 0, False
@@ -110,8 +115,10 @@ class PipelineRecorder:
                 return
             y = output[0] if isinstance(output, tuple) else output
             y = self.to_grid(site, key, y.detach())   # (B', C, h, w)
-            if y.shape[0] == 2 * self.batch:
-                y = y[self.batch:]                     # [uncond, cond]: the conditional half
+            if y.shape[0] == 2 * self.batch:           # [uncond, cond]
+                y = y[self.batch:] if self.half == "cond" or key == "vae" else y[:self.batch]
+            elif self.half == "uncond" and key != "vae":
+                raise RuntimeError(f"site {site}: no unconditional half in a batch of {y.shape[0]}")
             elif y.shape[0] != self.batch:
                 raise RuntimeError(f"site {site}: batch {y.shape[0]}, expected {self.batch} or {2 * self.batch}")
             self.on_site(site, self.step, y)

@@ -141,14 +141,16 @@ class PipelineSampler:
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], seeds: Sequence[int], sites: Sequence[str], kind: str, on_site: OnSite,
-            schedule: dict | None = None) -> np.ndarray:
+            schedule: dict | None = None, half: str = "cond") -> np.ndarray:
         """One pipeline call recording ``sites`` at every step (cond half, first denoiser call of each step);
         returns the images (B, H, W, 3) uint8 as the pipeline's PIL output. With ``schedule`` (a dict) the call stops
-        after step 0, having put the scheduler's timesteps and sigmas into it."""
+        after step 0, having put the scheduler's timesteps and sigmas into it. ``half="uncond"``: the unconditional
+        half of the CFG batch instead (:mod:`.pipeline_hooks`)."""
         pipe, fam = self.pipe, self.family
         vae_sites = [s for s in sites if s.startswith("vae")]
         models = {fam.denoiser: self.denoiser, "vae": pipe.vae}
-        rec = PipelineRecorder(models, sites, kind, len(prompts), self.latent_hw, dict(self.denoiser.config), on_site)
+        rec = PipelineRecorder(models, sites, kind, len(prompts), self.latent_hw, dict(self.denoiser.config), on_site,
+                               half)
         seen: list[int] = []
 
         def step_end(i: int, t, latents: torch.Tensor) -> None:

@@ -10,7 +10,10 @@ sample-and-record call), so the store (:func:`run_capture_pipeline`) and the str
 :func:`capture_functions` picks the right functions for any folder.
 
 A control (``permuted``, ``fresh``) is a copy of the denoiser swapped into the same pipeline for each call (the
-pipeline's own denoiser is put back after it). The manifest records each step's timestep and sigma, the family, the
+pipeline's own denoiser is put back after it). The ``uncond`` reading (issue 21, part 5: the text as a control) is the
+model itself read on the *unconditional* half of its CFG batch — same weights, same prompts, seeds and latents, so
+the same images — at the denoiser's sites (the VAE sites would repeat the model's: they read the same latents); a
+family or guidance without a CFG batch (FLUX, guidance ≤ 1) has no such half and is refused. The manifest records each step's timestep and sigma, the family, the
 pipeline class and its call options.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, col
                   fill_store, finish_store, probe_split, save_images)
 
 PIPELINE_FAMILIES = ("sdxl", "pixart", "sd3", "flux")     # SD 1.x/2.x: capture/sd.py
+UNCOND = "uncond"             # the model's unconditional CFG half, a second reading beside the controls
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -109,6 +113,7 @@ class PipelineModel:
     device: torch.device
     dtype: torch.dtype
     hashes: dict
+    half: str = "cond"        # the CFG half read: "cond", or "uncond" for the uncond reading
 
     @property
     def sites(self) -> list[str]:
@@ -132,7 +137,7 @@ class PipelineModel:
 
     def sample_and_record(self, prompts: Sequence[str], seeds: Sequence[int], site_kind: str,
                           on_site: OnSite) -> np.ndarray:
-        return self.sampler.run(prompts, seeds, self.sites, site_kind, on_site)
+        return self.sampler.run(prompts, seeds, self.sites, site_kind, on_site, half=self.half)
 
 
 def default_dtype(family: Family, device: torch.device) -> torch.dtype:
@@ -166,7 +171,12 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, gu
         raise fail("FLUX.1 runs no CFG batch (its guidance is an embedding), so capture.negative_prompt is not used; "
                    "leave it empty")
     base = getattr(pipe, family.denoiser)
-    den = control_unet(base, control, control_seed)
+    half = "uncond" if control == UNCOND else "cond"
+    if half == "uncond" and (family.key == "flux" or float(guidance) <= 1
+                             or getattr(base.config, "time_cond_proj_dim", None) is not None):
+        raise fail(f"the uncond reading needs a CFG batch: {family.title} with guidance {float(guidance):g} runs none "
+                   f"(FLUX.1 never does; others need capture.guidance_scale > 1); drop uncond from --controls")
+    den = base if half == "uncond" else control_unet(base, control, control_seed)
     hashes = {"model_hash": weights_hash(den, hash_cache), "vae_hash": weights_hash(pipe.vae, hash_cache),
               **{f"{k}_hash": weights_hash(getattr(pipe, k), hash_cache) for k in TEXT_ENCODERS
                  if isinstance(getattr(pipe, k, None), torch.nn.Module)}}
@@ -184,6 +194,8 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, gu
                        f"{', '.join(den_sites + vae_sites)}")
         den_sites = [s for s in den_sites if s in sites]
         vae_sites = [s for s in vae_sites if s in sites]
+    if half == "uncond":
+        vae_sites = []                                    # the same latents as the model's: nothing new to read
     native: dict[str, tuple[int, ...]] = {}
     sampler.schedule = _shape_pass(sampler, den_sites + vae_sites, site_kind, native)
     shapes = {}
@@ -198,12 +210,14 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, gu
                 "model": control or "ldm", "prompts": prompts, "seeds": seeds, "steps": steps,
                 "guidance_scale": float(guidance), "negative_prompt": sampler.negative_prompt, "size": [h, w],
                 "site_kind": site_kind, "vae_input": vae_input, "dtype": dtype, "pool": pool,
-                "sites": den_sites + vae_sites, "control_seed": control_seed if control else None, **hashes,
+                "sites": den_sites + vae_sites, "half": half,
+                "control_seed": control_seed if control not in (None, UNCOND) else None, **hashes,
                 "scheduler": {"class": type(sched).__name__, "config": canonical(dict(sched.config))},
                 "call": canonical({k: v for k, v in sampler.call_options([""], [0]).items()
                                    if k not in ("prompt", "generator", "negative_prompt")}),
                 "torch_dtype": str(torch_dtype), **(extra_identity or {})}
-    return PipelineModel(sampler, prompts, seeds, den_sites, vae_sites, shapes, identity, device, torch_dtype, hashes)
+    return PipelineModel(sampler, prompts, seeds, den_sites, vae_sites, shapes, identity, device, torch_dtype, hashes,
+                         half)
 
 
 def _shape_pass(sampler: PipelineSampler, sites: Sequence[str], kind: str, native: dict) -> dict:
@@ -268,7 +282,7 @@ def pipeline_manifest(m: PipelineModel, model_path: Path, control: str | None, n
         "steps": list(range(m.n_steps)), "sampling_steps": s.steps, "timesteps": m.timesteps,
         "timesteps_exact": s.schedule["timesteps"], "sigmas": m.sigmas, "sigma_kind": sigma_kind(sched),
         "n": n, "sample_ids": ids, "seeds": m.seeds, "prompts": m.prompts, "guidance": s.guidance_scale,
-        "cfg_half": "cond", "negative_prompt": s.negative_prompt, "size": list(s.size),
+        "cfg_half": m.half, "negative_prompt": s.negative_prompt, "size": list(s.size),
         "latent_grid": list(s.latent_hw), "dtype": m.identity["dtype"], "pool": m.identity["pool"],
         "site_kind": m.identity["site_kind"], "vae_input": "latent", "sampler": type(sched).__name__,
         "scheduler_config": canonical(dict(sched.config)), "call": m.identity["call"], **m.hashes,

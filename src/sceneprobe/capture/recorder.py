@@ -12,7 +12,7 @@ A site (``models/sites.py``) names one spatial self-attention layer. Two reading
 Every call of a hooked module yields one entry (the U-Net runs once per denoising step, so one entry per step).
 Entries are either kept in memory (``recorder.outputs[site]``, a list) or handed to ``on_output(site, tensor)`` for
 streaming, in which case nothing is kept. With classifier-free guidance the batch is [uncond, cond];
-``keep_half="cond"`` keeps only the conditional half.
+``keep_half="cond"`` keeps only the conditional half (``"uncond"`` the unconditional one: the ``uncond`` reading).
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ class Recorder(SiteHooks):
 
     def __init__(self, models: Mapping[str, nn.Module], sites: Sequence[str] | None = None, kind: str = "attn",
                  on_output: OnOutput | None = None, keep_half: str | None = None):
-        if keep_half not in (None, "cond"):
-            raise fail(f"keep_half {keep_half!r} is unknown; use None or 'cond'")
+        if keep_half not in (None, "cond", "uncond"):
+            raise fail(f"keep_half {keep_half!r} is unknown; use None, 'cond' or 'uncond'")
         if sites is None:
             sites = [s for key, m in dict(models).items() for s in list_sites(m, key)]
         super().__init__(models, sites, kind)
@@ -126,6 +126,8 @@ class Recorder(SiteHooks):
             y = self.to_spatial(site, y.detach())  # (B, C, H, W)
             if self.keep_half == "cond":
                 y = y[y.shape[0] // 2:]  # CFG batch is [uncond, cond]
+            elif self.keep_half == "uncond":
+                y = y[:y.shape[0] // 2]
             if self.on_output is not None:
                 self.on_output(site, y)
             else:

@@ -309,8 +309,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_and_record_sd(sampler: SDSampler, prompts: Sequence[str], seeds: Sequence[int], unet_sites: Sequence[str],
-                         vae_sites: Sequence[str], site_kind: str, on_site: OnSite, device, dtype) -> np.ndarray:
-    """One sampling pass recording every site at every step (cond half only); returns the uint8 images."""
+                         vae_sites: Sequence[str], site_kind: str, on_site: OnSite, device, dtype,
+                         half: str = "cond") -> np.ndarray:
+    """One sampling pass recording every site at every step (cond half only; ``half="uncond"``: the unconditional
+    half, the ``uncond`` reading); returns the uint8 images."""
     cur = {"step": 0}
     final: dict[str, torch.Tensor] = {}
     steps = sampler.n_steps
@@ -325,7 +327,7 @@ def sample_and_record_sd(sampler: SDSampler, prompts: Sequence[str], seeds: Sequ
             decode_to_mid(sampler.pipe.vae, x, lambda vae, z: sampler.decode(z))
         cur["step"] = i + 1
 
-    with Recorder({"unet": sampler.unet}, unet_sites, site_kind, on_out, keep_half="cond" if sampler.cfg else None), \
+    with Recorder({"unet": sampler.unet}, unet_sites, site_kind, on_out, keep_half=half if sampler.cfg else None), \
             Recorder({"vae": sampler.pipe.vae}, vae_sites, site_kind, on_out):
         x = sampler.sample(prompts, seeds, device, dtype, callback)
     img = final.get("img")
@@ -356,6 +358,7 @@ class SDModel:
     device: torch.device
     dtype: torch.dtype
     hashes: dict
+    half: str = "cond"        # the CFG half read; "uncond" for the uncond reading (capture/pipelines.py: UNCOND)
 
     @property
     def sites(self) -> list[str]:
@@ -388,7 +391,8 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
     if torch_dtype is None:
         torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = pipe if pipe is not None else load_sd(model_path, torch_dtype, variant)
-    unet = control_unet(pipe.unet, control, control_seed)
+    half = "uncond" if control == "uncond" else "cond"   # the model read on its unconditional CFG half
+    unet = pipe.unet if half == "uncond" else control_unet(pipe.unet, control, control_seed)
     hashes = {"model_hash": weights_hash(unet, hash_cache), "vae_hash": weights_hash(pipe.vae, hash_cache),
               "text_hash": weights_hash(pipe.text_encoder, hash_cache)}
     unet = unet.to(device).eval()
@@ -405,6 +409,11 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
             raise fail(f"site {unknown[0]!r} is not a site of this model; sites: {', '.join(unet_sites + vae_sites)}")
         unet_sites = [s for s in unet_sites if s in sites]
         vae_sites = [s for s in vae_sites if s in sites]
+    if half == "uncond":
+        if not sampler.cfg:
+            raise fail(f"the uncond reading needs a CFG batch: guidance {float(guidance):g} runs none; set "
+                       "capture.guidance_scale > 1 or drop uncond from --controls")
+        vae_sites = []                           # the same latents as the model's: nothing new to read
     lh, lw = h // sampler.vae_scale, w // sampler.vae_scale
 
     def shape_pass() -> None:                    # only where the shapes cannot be derived from the modules
@@ -421,8 +430,10 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
                 "vae_input": vae_input, "dtype": dtype, "pool": pool, "sites": unet_sites + vae_sites,
                 "control_seed": control_seed if control else None, **hashes,
                 "scheduler": {"class": type(sched).__name__, "config": canonical(dict(sched.config))},
-                "torch_dtype": str(torch_dtype), **(extra_identity or {})}
-    return SDModel(sampler, prompts, seeds, unet_sites, vae_sites, shapes, identity, device, torch_dtype, hashes)
+                "torch_dtype": str(torch_dtype), **({"half": half} if half == "uncond" else {}),
+                **(extra_identity or {})}
+    return SDModel(sampler, prompts, seeds, unet_sites, vae_sites, shapes, identity, device, torch_dtype, hashes,
+                   half)
 
 
 def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 15, guidance: float = 7.5, *,
@@ -451,7 +462,7 @@ def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 
     def run_batch(start: int, stop: int, emit) -> None:
         b_ids = ids[start:stop]
         images = sample_and_record_sd(m.sampler, [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids],
-                                      m.unet_sites, m.vae_sites, site_kind, emit, m.device, m.dtype)
+                                      m.unet_sites, m.vae_sites, site_kind, emit, m.device, m.dtype, m.half)
         save_images(image_root / "images", b_ids, images)
 
     model = control or "ldm"
@@ -474,7 +485,7 @@ def sd_manifest(m: SDModel, model_path: Path, control: str | None, n: int, ids: 
         "sites": {name: {"shape": list(m.shapes[name])} for name in m.sites},
         "site_order": m.sites, "steps": list(range(m.n_steps)), "sampling_steps": m.sampler.steps,
         "timesteps": [int(round(float(t))) for t in sched.timesteps], "n": n, "sample_ids": ids, "seeds": m.seeds,
-        "prompts": m.prompts, "guidance": m.sampler.guidance_scale, "cfg_half": "cond" if m.sampler.cfg else None,
+        "prompts": m.prompts, "guidance": m.sampler.guidance_scale, "cfg_half": m.half if m.sampler.cfg else None,
         "negative_prompt": m.sampler.negative_prompt, "size": list(m.sampler.size),
         "dtype": m.identity["dtype"], "pool": m.identity["pool"], "site_kind": m.identity["site_kind"],
         "vae_input": "latent", "sampler": type(sched).__name__, "scheduler_config": canonical(dict(sched.config)),

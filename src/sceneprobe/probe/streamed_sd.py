@@ -205,7 +205,7 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
             imgs = m.sample_and_record(b_prompts, b_seeds, cc.site_kind, on_site)
         else:
             imgs = sample_and_record_sd(m.sampler, b_prompts, b_seeds, m.unet_sites, m.vae_sites, cc.site_kind,
-                                        on_site, m.device, m.dtype)
+                                        on_site, m.device, m.dtype, m.half)
         save_images(image_dir, b_ids, imgs)
         if control is None:
             lab = label_images(labeller, imgs)

@@ -42,7 +42,8 @@ def group_label(model: str, fam: str) -> str:
              ("permuted", "unet"): "U-Net, permuted weights", ("fresh", "unet"): "U-Net, fresh init",
              ("permuted", "vae.dec"): "VAE decoder on the permuted U-Net's latents",
              ("fresh", "vae.dec"): "VAE decoder on the fresh U-Net's latents",
-             ("ldm", "input"): "input x_t (5×5 neighbourhood; the input control)"}
+             ("ldm", "input"): "input x_t (5×5 neighbourhood; the input control)",
+             ("uncond", "unet"): "U-Net on its unconditional CFG half (same pass; the text as a control)"}
     return names.get((model, fam), f"{model} / {fam}")
 
 
