@@ -222,8 +222,10 @@ def cmd_capture(args) -> Path:
     from .capture.run import CONTROLS, PROTOCOLS, run_capture
     run = Path(args.run)
     model = Path(args.model) if args.model else None
-    if args.control not in (None, *CONTROLS):
-        raise fail(f"option --control must be permuted or fresh, got {args.control!r}")
+    pipeline = model is not None and (model / "model_index.json").is_file()
+    if args.control not in (None, *CONTROLS, *(("uncond",) if pipeline else ())):
+        raise fail(f"option --control must be permuted or fresh{' (or uncond for a pipeline folder)' * pipeline}, "
+                   f"got {args.control!r}")
     cfg = _config(args, _merged(_seeded(args, "capture"), _options("capture", args, guidance_scale="guidance")))
     cc = cfg.capture
     is_sd = model is not None and (model / "model_index.json").is_file()
@@ -477,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s, out=False)
     s.add_argument("--run", required=True, help="run folder; the store goes to RUN/captures/<protocol>/<model>/")
     s.add_argument("--protocol", default=None, help="generate (sample and record) or noised (test scenes, noised)")
-    s.add_argument("--control", default=None, help="permuted or fresh: capture a control U-Net instead")
+    s.add_argument("--control", default=None, help="permuted or fresh: capture a control U-Net instead (a pipeline "
+                                                    "folder: also uncond, the model on its unconditional CFG half)")
     s.add_argument("--data", default=None, help="dataset folder for --protocol noised (default: RUN/data)")
     s.add_argument("--model", default=None,
                    help="model: a run folder with vae/, unet/, scheduler/ or a local Stable Diffusion folder "
@@ -519,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
     s.add_argument("--depth-model", default=None,
                    help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")
-    s.add_argument("--controls", default="permuted", help="Stable Diffusion study: controls, comma-separated, or none")
+    s.add_argument("--controls", default="permuted",
+                   help="pipeline study: controls, comma-separated (permuted, fresh, uncond: the model on its "
+                        "unconditional CFG half), or none")
     s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
                                                   "(low-storage; default: capture.store)")
     s.set_defaults(fn=cmd_run, owns=("out", "fill"))
