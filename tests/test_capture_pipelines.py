@@ -204,3 +204,13 @@ def test_sd_v1_uncond_reading_is_the_first_half_of_the_same_pass(tmp_path, promp
     with pytest.raises(SceneprobeError, match="needs a CFG batch"):
         run_capture_sd(folder, prompts, tmp_path / "run2" / "uncond", steps=2, guidance=1.0, control="uncond",
                        progress=False)
+
+
+def test_a_variant_only_folder_is_found_and_loads(folders, tmp_path):
+    from sceneprobe.capture.pipelines import find_variant
+    pipe = load_pipeline(folders["pixart"])
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert find_variant(tmp_path / "fp16", "transformer") == "fp16" and find_variant(folders["pixart"],
+                                                                                     "transformer") is None
+    got = load_pipeline(tmp_path / "fp16")
+    assert all(torch.equal(a, b) for a, b in zip(got.transformer.parameters(), pipe.transformer.parameters()))

@@ -59,10 +59,11 @@ def check_pipeline_folder(folder: Path, option: str = "--model") -> Family:
 
 
 def find_variant(folder: Path, part: str) -> str | None:
-    """``"fp16"`` (or another variant) when ``part/`` holds only variant weight files, else None."""
+    """``"fp16"`` (or another variant) when ``part/`` holds only variant weight files (``name.fp16.safetensors``,
+    sharded ``name-00001-of-00003.fp16.safetensors`` too), else None."""
     d = Path(folder) / part
     files = [p for p in d.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin")]
-    if any(len(p.name.split(".")) == 2 or "-of-" in p.name.split(".")[0] for p in files):
+    if any(len(p.name.split(".")) == 2 for p in files):                       # plain weights (sharded or not)
         return None
     variants = sorted({p.name.split(".")[1] for p in files if len(p.name.split(".")) == 3})
     return variants[0] if variants else None
