@@ -151,7 +151,8 @@ def subsets(rows):
     vae = [r for r in rows if r[0].startswith("vae.")]
     if len(den) > 8:
         every = max(2, len(den) // 12)
-        yield f"every {every}{'nd' if every == 2 else 'rd' if every == 3 else 'th'} denoiser site + VAE", den[::every] + vae
+        nth = {2: "2nd", 3: "3rd"}.get(every, f"{every}th")
+        yield f"every {nth} denoiser site + VAE", den[::every] + vae
 
 
 def main() -> None:
