@@ -170,3 +170,89 @@ def test_adam_trainer_learns_planted_signal_and_selects_on_val():
     sal = fit.fit_adam(x[:16], (z[:16] > 0).float(), x[16:], (z[16:] > 0).float(), "saliency", epochs=20, lr=5e-2)
     logit = sal.weight[:, 1] - sal.weight[:, 0]
     assert torch.nn.functional.cosine_similarity(logit.float(), w, dim=0) > 0.9
+
+
+def _gram(seed, m=300, C=12, free=3):
+    """A weighted Gram matrix over rows [features of unequal scale | free columns (layout-like, last = ones)]."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(m, C)) * rng.uniform(0.1, 5, C) + rng.uniform(-1, 1, C)
+    F_ = [rng.normal(size=(m, 1)) * 2 for _ in range(free - 1)] + ([np.ones((m, 1))] if free else [])
+    X = np.concatenate([X, *F_], 1)
+    wt = rng.integers(1, 5, m).astype(float)
+    return rng, torch.from_numpy(X), torch.from_numpy(wt)
+
+
+@pytest.mark.parametrize("free", [0, 1, 3])
+def test_ridge_eigen_path_equals_direct_solve_per_lambda(free):
+    """One eigendecomposition of the Schur complement gives every λ's solution of (A + λM)θ = b — penalised
+    columns with unequal penalties, free columns (bias, layout channels) by back-substitution — equal to a direct
+    float64 solve per λ to 1e-8 relative, from λ = 1e-7 to 1e3."""
+    rng, X, wt = _gram(free, free=free)
+    Y = torch.from_numpy(rng.normal(size=(len(X), 2)))
+    A = X.T @ (X * wt[:, None]) / wt.sum()
+    b = X.T @ (Y * wt[:, None]) / wt.sum()
+    m = torch.from_numpy(rng.uniform(0.3, 3, X.shape[1]))
+    if free:
+        m[-free:] = 0.0
+    lams = [1e-7, 1e-5, 1e-3, 1e-1, 1.0, 10.0, 1e3]
+    path = fit.ridge_eigen(A, b, m, lams)                                      # (L, d, 2)
+    for i, lam in enumerate(lams):
+        direct = torch.linalg.solve(A + lam * torch.diag(m), b)
+        assert float((path[i] - direct).norm() / direct.norm()) < 1e-8, lam
+
+
+def test_ridge_path_is_the_scaled_fit_with_free_columns():
+    """ridge_path (statistics, RMS scale, mask with free layout columns) = the direct solve of the scaled normal
+    equations per λ, returned in raw units."""
+    rng, X, wt = _gram(7, free=3)
+    y = X[:, :4] @ torch.from_numpy(rng.normal(size=4)) + torch.from_numpy(rng.normal(size=len(X)))
+    st = fit.RidgeStats(X.shape[1], 1)
+    st.add(X, wt, (y * wt)[:, None])
+    C = X.shape[1] - 3
+    s = fit.feature_scale(st.G, st.P, C)
+    mask = fit.penalty_mask(X.shape[1], True)
+    mask[C:] = 0.0
+    lams = [1e-6, 1e-2, 10.0]
+    got = fit.ridge_path(st, lams, True, s, mask)[:, :, 0]
+    Gs, Bs = st.G / (s[:, None] * s[None, :]) / st.P, st.B[:, 0] / s / st.P
+    for i, lam in enumerate(lams):
+        want = torch.linalg.solve(Gs + lam * torch.diag(mask), Bs) / s
+        assert float((got[i] - want).norm() / want.norm()) < 1e-8
+
+
+def test_ridge_eigen_planted_and_singular_cases():
+    """Planted: noise-free y = Xθ* — as λ → 0 the path reaches θ*, free columns included. Singular: a dead
+    channel (all-zero column) gets weight 0 at every λ > 0; free columns that repeat each other (A_uu singular)
+    still solve the system, with the fitted values of the least-squares solution."""
+    rng, X, wt = _gram(3, free=3)
+    theta = torch.from_numpy(rng.normal(size=X.shape[1]))
+    A = X.T @ (X * wt[:, None]) / wt.sum()
+    b = (X.T @ ((X @ theta) * wt) / wt.sum())[:, None]
+    m = torch.ones(X.shape[1], dtype=torch.float64)
+    m[-3:] = 0.0
+    path = fit.ridge_eigen(A, b, m, [1e-10, 1.0])
+    np.testing.assert_allclose(path[0, :, 0].numpy(), theta.numpy(), rtol=1e-5, atol=1e-6)
+    assert float((path[1, :-3, 0]).norm()) < float(theta[:-3].norm())           # shrunk toward 0 at λ = 1
+    Xd = X.clone()
+    Xd[:, 0] = 0.0                                                             # a dead channel
+    Ad = Xd.T @ Xd / len(X)
+    bd = Xd.T @ torch.from_numpy(rng.normal(size=(len(X), 1))) / len(X)
+    pd = fit.ridge_eigen(Ad, bd, m, [1e-3, 1.0])
+    assert float(pd[:, 0].abs().max()) == 0.0 or float(pd[:, 0].abs().max()) < 1e-14
+    Xs = torch.cat([X, X[:, -1:]], 1)                                          # the ones column twice: A_uu singular
+    As, ms = Xs.T @ Xs / len(X), torch.cat([m, torch.zeros(1, dtype=torch.float64)])
+    bs = Xs.T @ torch.from_numpy(rng.normal(size=(len(X), 1))) / len(X)
+    ps = fit.ridge_eigen(As, bs, ms, [0.1])[0]
+    # not unique (the two columns may share their weight in any way): it solves the system, and fits the same values
+    assert float((As @ ps + 0.1 * ms[:, None] * ps - bs).norm()) < 1e-8 * float(bs.norm())
+    ref = torch.linalg.lstsq(As + 0.1 * torch.diag(ms), bs, driver="gelsd").solution
+    np.testing.assert_allclose((Xs @ ps).numpy(), (Xs @ ref).numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_strided_hessian_reads_every_grid_position():
+    """The path's Hessian stride is coprime to the positions per image, so its rows cycle through the whole grid."""
+    assert fit.coprime_stride(16, 256) == 17 and fit.coprime_stride(14, 256) == 15 and fit.coprime_stride(1, 256) == 1
+    assert fit.coprime_stride(0, 64) == 1 and fit.coprime_stride(6, 1) == 6
+    for k, period in ((16, 256), (14, 64), (9, 144), (4, 16)):
+        s = fit.coprime_stride(k, period)
+        assert len(set((np.arange(0, 64 * period, s) % period).tolist())) == period

@@ -342,3 +342,60 @@ def test_a_probe_whose_refinement_does_not_converge_is_not_reported(tmp_path, mo
     monkeypatch.setattr(fit, "logistic_refine", refine)
     second, _ = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, cfg)
     assert second.lam[1] > refused and second.lam[0] == first.lam[0]
+
+
+def _brute_tune(sc, v, n_cand=47):
+    """The per-threshold reference: score every candidate τ with the scorer's own rule (v − τ > 0), then pick."""
+    cands = sweep.threshold_candidates(v, n_cand)
+    dice = sc.saliency(v[:, None] - cands[None, :, None, None])["dice"]                 # (n, K)
+    ok = np.isfinite(dice)
+    score = np.where(ok, dice, 0.0).sum(0) / np.maximum(ok.sum(0), 1)
+    best = np.nanmax(score)
+    good = np.flatnonzero(score >= best - 1e-12)
+    return dice, best, cands[good[np.argmin(np.abs(cands[good]))]]
+
+
+@pytest.mark.parametrize("H,h,valid", [(16, 4, False), (10, 4, False), (12, 6, True)])
+def test_one_pass_thresholds_equal_per_threshold_scoring(H, h, valid):
+    """Dice at every candidate threshold from one sort equals scoring each threshold on its own, bit for bit —
+    integer and non-integer upsampling factors, a per-image valid mask, ties between logits and with candidates
+    (rounded logits), a NaN logit — and so do the chosen τ and its Dice, for L probes at once."""
+    from sceneprobe.probe.metrics import NearestScorer
+    rng = np.random.default_rng(H + h)
+    n, L = 9, 4
+    depth = rng.normal(size=(n, H, H)).astype(np.float32)
+    mask = (rng.uniform(size=(n, H, H)) < 0.3).astype(np.uint8)
+    mask[0] = 0                                                                    # an image without salient pixels
+    sc = NearestScorer(depth, mask, h, h, valid=rng.uniform(size=(n, H, H)) < 0.8 if valid else None)
+    z = np.round(rng.normal(size=(n, L, h, h)) * 3, 1)                             # many ties
+    z[1, 2, 0, 0] = np.nan
+    best, tau = sweep.tune_thresholds(sc, z)
+    cands = [sweep.threshold_candidates(z[:, i]) for i in range(L)]
+    one_pass = sweep.dice_at_thresholds(sc, z.reshape(n, L, -1), cands)
+    for i in range(L):
+        dice, b, t = _brute_tune(sc, z[:, i])
+        np.testing.assert_array_equal(one_pass[i], dice)
+        assert best[i] == b and tau[i] == t
+        assert sweep.tune_threshold(sc, z[:, i]) == (b, t)
+
+
+def test_one_pass_threshold_planted_cases():
+    """Planted: logits that separate the salient pixels at τ ≈ 2 (and not at 0) reach Dice near 1 there; logits
+    that are the mask's complement are best all-salient (τ below every logit); both equal brute-force scoring."""
+    from sceneprobe.probe.metrics import NearestScorer
+    rng = np.random.default_rng(1)
+    n, H, h = 12, 8, 8
+    mask = np.zeros((n, H, H), np.uint8)
+    for i in range(n):
+        y, x = rng.integers(1, 5, 2)
+        mask[i, y:y + 3, x:x + 3] = 1
+    sc = NearestScorer(rng.normal(size=(n, H, H)).astype(np.float32), mask, h, h)
+    sep = np.where(mask > 0, 3.0, 1.0) + rng.uniform(-0.5, 0.5, (n, H, H))       # salient ⇔ logit > 2
+    inv = np.where(mask > 0, -1.0, 1.0)                                             # anti-correlated
+    for z in (sep, inv):
+        _, b, t = _brute_tune(sc, z)
+        assert sweep.tune_threshold(sc, z) == (b, t)
+    b, t = sweep.tune_threshold(sc, sep)
+    assert b > 0.95 and 1.0 <= t <= 3.0                     # the candidates are quantiles: near the gap, not in it
+    b, t = sweep.tune_threshold(sc, inv)
+    assert t < inv.min()                                                            # every pixel salient

@@ -169,9 +169,7 @@ def ridge_path(stats: RidgeStats, lambdas: Iterable[float], bias: bool,
     With ``scale`` s the fit is on x/s (penalty on the scaled weights) and ``θ_raw = θ_scaled / s``. ``mask`` (d,)
     is M's diagonal (≥ 0: 0 free, default: all but the bias), e.g. 0 for the layout-prior channels.
 
-    Every λ costs one eigendecomposition (:func:`ridge_eigen`), not one factorisation each; where that does not
-    apply (the free columns' block is singular, or λ is at the rounding level of the eigenvalues) the λ is solved
-    directly (Cholesky, or least squares when singular).
+    Every λ costs one eigendecomposition (:func:`ridge_eigen`), not one factorisation each.
     """
     dev = stats.G.device
     s = torch.ones(stats.d, dtype=torch.float64, device=dev) if scale is None else scale.to(dev)
@@ -194,48 +192,57 @@ def ridge_eigen(A: torch.Tensor, b: torch.Tensor, m: torch.Tensor, lambdas: list
     The second row gives ``θ_u = A_uu⁻¹ (b_u − Ã_up φ)`` (back-substitution); putting it into the first profiles the
     free columns out: ``(S + λI) φ = r`` with the Schur complement ``S = Ã_pp − Ã_pu A_uu⁻¹ Ã_up`` (PSD) and
     ``r = b̃_p − Ã_pu A_uu⁻¹ b_u``. With ``S = V diag(D) Vᵀ`` (once), ``φ(λ) = V (D + λ)⁻¹ Vᵀ r`` for every λ at the
-    cost of two (|p|×|p|)·k products, and ``θ_p = φ / √m_p``. Rounding: eigh's eigenvalues are exact to about
-    ε·‖S‖ in absolute terms, the same backward error as a Cholesky factorisation of S + λI, so both agree to about
-    ε·‖S‖/(D_min + λ) relative (tested to 1e-8 on well-posed problems). A λ with ``D_min + λ`` within 1e3·ε·‖S‖ of
-    zero, and every λ when A_uu is singular (a free column that repeats another), is solved directly instead.
+    cost of two (|p|×|p|)·k products, and ``θ_p = φ / √m_p``.
+
+    Rounding: eigh's eigenvalues are exact to about ε·‖S‖ in absolute terms, the same backward error as a Cholesky
+    factorisation of S + λI, so the two agree to about ε·‖S‖/(D_min + λ) relative (tested to 1e-8 on well-posed
+    problems); eigenvalues below 0 are rounding of a PSD matrix and are read as 0. Free columns that are not
+    independent (one repeats another: A_uu singular, a Cholesky pivot below 1e-10 of its largest diagonal entry)
+    take A_uu's pseudo-inverse: their data vectors then agree, so do their rows of A and b, the system stays
+    consistent, and θ_u is its minimum-norm solution. λ ≤ 0 (no penalty) is solved directly (:func:`_solve_spd`).
     """
     d, k = b.shape
     dev = A.device
-    out = torch.empty(len(lambdas), d, k, dtype=torch.float64, device=dev)
+    out = torch.zeros(len(lambdas), d, k, dtype=torch.float64, device=dev)
     p = torch.nonzero(m > 0)[:, 0]
     u = torch.nonzero(m <= 0)[:, 0]
-    M = torch.diag(m)
-
-    def direct(lam: float) -> torch.Tensor:
-        return _solve_spd(A + lam * M, b)
-    if len(p) == 0:
-        return torch.stack([direct(lam) for lam in lambdas])
     r = m[p].rsqrt()                                                           # (|p|,) θ_p = r ⊙ φ
     App = A[p][:, p] * r[:, None] * r[None, :]                                 # (|p|, |p|)
     Apu = A[p][:, u] * r[:, None]                                              # (|p|, |u|)
     bp = b[p] * r[:, None]                                                     # (|p|, k)
+    Ku = ku = None
     if len(u):
-        Lu, info = torch.linalg.cholesky_ex(A[u][:, u])
-        if int(info) != 0:                                                     # free columns not independent
-            return torch.stack([direct(lam) for lam in lambdas])
-        K = torch.cholesky_solve(torch.cat([Apu.T, b[u]], 1), Lu)             # A_uu⁻¹ [Ã_up | b_u]  (|u|, |p| + k)
+        Auu = A[u][:, u]
+        rhs_u = torch.cat([Apu.T, b[u]], 1)                                    # [Ã_up | b_u]  (|u|, |p| + k)
+        Lu, info = torch.linalg.cholesky_ex(Auu)
+        if int(info) == 0 and float(torch.diagonal(Lu).min() ** 2) > 1e-10 * float(torch.diagonal(Auu).max()):
+            K = torch.cholesky_solve(rhs_u, Lu)                                # A_uu⁻¹ [Ã_up | b_u]
+        else:
+            K = _pinv_psd(Auu) @ rhs_u
         Ku, ku = K[:, :len(p)], K[:, len(p):]
         S = App - Apu @ Ku                                                     # (|p|, |p|) Schur complement
         rhs = bp - Apu @ ku                                                    # (|p|, k)
     else:
         S, rhs = App, bp
     D, V = torch.linalg.eigh(0.5 * (S + S.T))                                  # (|p|,), (|p|, |p|)
+    D = torch.clamp(D, min=0.0)
     c = V.T @ rhs                                                              # (|p|, k)
-    floor = 1e3 * torch.finfo(torch.float64).eps * max(float(D.abs().max()), 1e-300)
     for i, lam in enumerate(lambdas):
-        if float(D.min()) + lam <= floor:
-            out[i] = direct(lam)
+        if lam <= 0:
+            out[i] = _solve_spd(A + lam * torch.diag(m), b)
             continue
         phi = V @ (c / (D + lam)[:, None])                                     # (|p|, k)
         out[i, p] = phi * r[:, None]
         if len(u):
             out[i, u] = ku - Ku @ phi
     return out
+
+
+def _pinv_psd(A: torch.Tensor, rcond: float = 1e-10) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix from its eigendecomposition (eigenvalues ≤ rcond·max dropped)."""
+    E, W = torch.linalg.eigh(0.5 * (A + A.T))
+    keep = E > rcond * max(float(E.max()), 1e-300)
+    return (W[:, keep] / E[keep]) @ W[:, keep].T
 
 
 def _solve_spd(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
