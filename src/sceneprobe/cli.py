@@ -319,6 +319,11 @@ def _run_sd(args) -> Path:
     if args.sd and args.model:
         raise fail("pass the pipeline folder once: --model PATH (--sd is its old name)")
     option, folder = ("--sd", args.sd) if args.sd else ("--model", args.model)
+    if args.data and args.prompts:
+        raise fail("pass --prompts (the model's own images, labelled by the labeller) or --data (your labelled "
+                   "images, the noised protocol), not both")
+    if args.data:
+        return _run_noised(args, option, folder)
     if not folder or not args.prompts:
         raise fail("the pipeline study needs both --model (a local diffusers pipeline folder) and --prompts (a CSV "
                    "with columns prompt,seed)")
@@ -335,8 +340,24 @@ def _run_sd(args) -> Path:
                         progress=not args.no_progress, option=option)
 
 
+def _run_noised(args, option: str, folder: str) -> Path:
+    """``sceneprobe run --model PATH --data FOLDER --out RUN``: the noised study on labelled images (study_noised.py)."""
+    from .study_noised import run_noised_study
+    if not folder:
+        raise fail("--data needs --model PATH: a local diffusers pipeline folder (with model_index.json)")
+    if not _is_pipeline(folder):
+        raise fail(f"{option} {folder} is not a local diffusers pipeline folder (no model_index.json); --data needs one")
+    over = _seeded(args, "capture")
+    if args.store:
+        over.setdefault("capture", {})["store"] = args.store
+    cfg = _config(args, over)
+    controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
+    return run_noised_study(cfg, Path(folder), Path(args.data), Path(args.out), controls=controls,
+                            progress=not args.no_progress, option=option)
+
+
 def cmd_run(args) -> Path:
-    if args.sd or args.prompts or _is_pipeline(args.model):
+    if args.sd or args.prompts or args.data or _is_pipeline(args.model):
         return _run_sd(args)
     from .study import run_study
     cfg = _config(args, _seeded(args, "world"))
@@ -518,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
     s.add_argument("--sd", default=None, help="old name of --model PATH for a pipeline folder (needs --prompts)")
-    s.add_argument("--prompts", default=None, help="Stable Diffusion study: CSV with columns prompt,seed")
+    s.add_argument("--prompts", default=None, help="pipeline study: CSV with columns prompt,seed")
+    s.add_argument("--data", default=None, help="pipeline study on your labelled images instead of --prompts: a "
+                                                "folder with rgb/, depth/, saliency/ (the noised protocol)")
     s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
     s.add_argument("--depth-model", default=None,
                    help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")

@@ -25,7 +25,7 @@ import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -141,11 +141,15 @@ class PipelineSampler:
 
     @torch.no_grad()
     def run(self, prompts: Sequence[str], seeds: Sequence[int], sites: Sequence[str], kind: str, on_site: OnSite,
-            schedule: dict | None = None, half: str = "cond") -> np.ndarray:
+            schedule: dict | None = None, half: str = "cond",
+            latents_at: Callable[[int], torch.Tensor] | None = None) -> np.ndarray | None:
         """One pipeline call recording ``sites`` at every step (cond half, first denoiser call of each step);
         returns the images (B, H, W, 3) uint8 as the pipeline's PIL output. With ``schedule`` (a dict) the call stops
         after step 0, having put the scheduler's timesteps and sigmas into it. ``half="uncond"``: the unconditional
-        half of the CFG batch instead (:mod:`.pipeline_hooks`)."""
+        half of the CFG batch instead (:mod:`.pipeline_hooks`). ``latents_at(i)`` (the noised protocol): the latent
+        the denoiser must see at step i, in the pipeline's own latent variable (FLUX: packed); step 0's is passed as
+        the call's ``latents``, each later one is copied into the pipeline's latents at the end of the step before
+        (after the VAE site read that step's update); the call then decodes nothing and returns None."""
         pipe, fam = self.pipe, self.family
         vae_sites = [s for s in sites if s.startswith("vae")]
         models = {fam.denoiser: self.denoiser, "vae": pipe.vae}
@@ -167,9 +171,15 @@ class PipelineSampler:
                 schedule["timesteps"] = [float(x) for x in sched.timesteps]
                 sig = getattr(sched, "sigmas", None)
                 schedule["sigmas"] = None if sig is None else [float(x) for x in sig][:len(sched.timesteps)]
+                schedule["init_noise_sigma"] = float(getattr(sched, "init_noise_sigma", 1.0))  # flow: none (1)
                 raise _Stop
+            if latents_at is not None and i + 1 < self.n_steps:
+                latents.copy_(latents_at(i + 1))             # in place: the loop's own tensor
 
         kw = self.call_options(prompts, seeds)
+        if latents_at is not None:
+            # the pipeline multiplies given latents by init_noise_sigma (SD, SDXL, PixArt; 1 for flow matching)
+            kw.update(latents=latents_at(0) / self.schedule["init_noise_sigma"], output_type="latent")
         params = inspect.signature(type(pipe).__call__).parameters
         if "callback_on_step_end" in params:
             kw["callback_on_step_end"] = lambda p, i, t, cb: (step_end(i, t, cb["latents"]), {})[1]
@@ -183,6 +193,8 @@ class PipelineSampler:
         if schedule is None and len(seen) != self.n_steps:
             raise RuntimeError(f"{type(pipe).__name__} called back at {len(seen)} of {self.n_steps} steps (a "
                                f"scheduler of order > 1?); capture needs one callback per step")
+        if latents_at is not None:
+            return None
         return (np.asarray(images) * 255).round().astype("uint8")   # as diffusers' numpy_to_pil
 
     def read_schedule(self) -> dict:

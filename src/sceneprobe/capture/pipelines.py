@@ -148,21 +148,23 @@ def default_dtype(family: Family, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if family.key == "flux" else torch.float16
 
 
-def prepare_pipeline(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance: float = 7.5,
+def prepare_pipeline(model_path: Path, prompts_csv: Path | None, *, steps: int = 15, guidance: float = 7.5,
                      negative_prompt: str = "", height: int | None = None, width: int | None = None,
                      scheduler: str = "folder", variant: str | None = None, site_kind: str = "attn",
                      vae_input: str = "latent", dtype: str = "float16", pool: int = 1,
                      sites: Sequence[str] | None = None, control: str | None = None, control_seed: int = 100,
                      torch_dtype: torch.dtype | None = None, pipe=None, extra_identity: dict | None = None,
-                     hash_cache: Path | None = None) -> PipelineModel:
+                     hash_cache: Path | None = None,
+                     prompt_rows: tuple[list[str], list[int]] | None = None) -> PipelineModel:
     """Load (or reuse ``pipe``), resolve sites, read the schedule and the sites' shapes, compute the store identity
     (the keywords of ``capture.sd.prepare_sd``; ``hash_cache``: the run's file of weight hashes, see
-    ``models.io.model_hash``)."""
+    ``models.io.model_hash``; ``prompt_rows``: (prompts, seeds) given instead of ``prompts_csv``, as the noised
+    protocol gives its empty prompts)."""
     from .sd import read_prompts, weights_hash
     if vae_input != "latent":
         raise fail("pipeline captures feed the VAE site the latent after each step (capture.vae_input: latent); "
                    f"got {vae_input!r}")
-    prompts, seeds = read_prompts(prompts_csv)
+    prompts, seeds = (list(prompt_rows[0]), list(prompt_rows[1])) if prompt_rows else read_prompts(prompts_csv)
     device = _state().device
     if pipe is None:
         family = check_pipeline_folder(model_path)
