@@ -20,8 +20,9 @@ from .results_index import MAIN_MODEL, TASKS, Results, baseline_label, group_lab
 HEAD = {"saliency": "Dice", "depth": "skill"}
 
 PROVENANCE = {
-    "noised": "**Labels: exact** — the renderer's (or your image folder's) depth and object mask of each image (`captures/noised/"
-              "labels.safetensors`); activations come from the scene's latent forward-diffused to each step.",
+    "noised": "**Labels: exact** — the renderer's (or your image folder's) depth and object mask of each image "
+              "(`captures/noised/labels.safetensors`); activations come from the scene's latent forward-diffused to "
+              "each step.",
     "generate": "**Labels: the labeller's, not exact** — depth and mask predicted by the run's labeller from each "
                 "*final* generated image (see \"Labeller quality\" for its accuracy on held-out renders and on their "
                 "VAE reconstructions).",
