@@ -52,7 +52,7 @@ def prompts(tmp_path_factory) -> Path:
 def test_sites_shapes_and_the_schedule_with_sigmas(folders, prompts, key):
     m = prepare_pipeline(folders[key], prompts, **OPTS)
     assert m.sampler.family.key == key and m.sites == SITES[key]
-    for s in m.sites:      # the latent is 16×16: DiT patches and FLUX's packing are 2×2, SDXL's attention one level down
+    for s in m.sites:      # latent 16×16: DiT patches and FLUX's packing are 2×2, SDXL's attention one level down
         c, h, w = m.shapes[s]
         assert c == 16 and (h, w) == ((16, 16) if s.startswith("vae") else (8, 8)), (s, m.shapes[s])
     assert m.n_steps == 2 and len(m.timesteps) == 2 and len(m.sigmas) == 2

@@ -13,8 +13,9 @@ A control (``permuted``, ``fresh``) is a copy of the denoiser swapped into the s
 pipeline's own denoiser is put back after it). The ``uncond`` reading (issue 21, part 5: the text as a control) is the
 model itself read on the *unconditional* half of its CFG batch — same weights, same prompts, seeds and latents, so
 the same images — at the denoiser's sites (the VAE sites would repeat the model's: they read the same latents); a
-family or guidance without a CFG batch (FLUX, guidance ≤ 1) has no such half and is refused. The manifest records each step's timestep and sigma, the family, the
-pipeline class and its call options.
+family or guidance without a CFG batch (FLUX, guidance ≤ 1) has no such half and is refused. The manifest records
+each step's timestep and sigma, the family, the pipeline class and its call options. The ``noised`` protocol on a
+user's labelled images is :mod:`.noised_pipelines`.
 """
 from __future__ import annotations
 
