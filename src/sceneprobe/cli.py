@@ -238,7 +238,8 @@ def cmd_capture(args) -> Path:
         if args.protocol not in (None, "generate"):
             raise fail(f"Stable Diffusion supports only --protocol generate, got {args.protocol!r}")
         from .capture.pipelines import capture_functions
-        from .capture.sd import sd_options
+        from .capture.sd import read_prompts, sd_options
+        read_prompts(Path(args.prompts))                   # the cheap input first
         fns = capture_functions(model)                     # SD 1.x/2.x, SDXL, PixArt, SD3, FLUX; else one line
         fns.check(model, "--model")
         return fns.run_capture(model, Path(args.prompts), run / "captures" / "sd" / (args.control or "ldm"),
