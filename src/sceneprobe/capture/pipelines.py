@@ -44,7 +44,8 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 # ------------------------------------------------------------------------------------------------ folders
 def check_pipeline_folder(folder: Path, option: str = "--model") -> Family:
-    """The family of a pipeline folder this module captures; any other (or a missing part) is one error line."""
+    """The family of a pipeline folder this module captures; any other, a missing part or a model part without
+    weight files is one error line (before anything loads)."""
     folder = Path(folder)
     family = pipeline_family(folder, option)
     if family.key not in PIPELINE_FAMILIES:
@@ -56,6 +57,11 @@ def check_pipeline_folder(folder: Path, option: str = "--model") -> Family:
         if not (folder / part).is_dir():
             raise fail(f"{family.title} folder {folder} has no {part}/ (model_index.json names it); pass the whole "
                        f"pipeline folder as saved by save_pretrained")
+        cls = str((index.get(part) or ["", ""])[1] or "")
+        weights = not any(w in cls for w in ("Tokenizer", "Scheduler", "Processor", "FeatureExtractor"))
+        if weights and not any(p.suffix in (".safetensors", ".bin") for p in (folder / part).iterdir()):
+            raise fail(f"{option} {folder} is a {family.title} pipeline folder, but its {part}/ holds no weights "
+                       f"(*.safetensors or *.bin); pass the whole pipeline folder as saved by save_pretrained")
     return family
 
 
