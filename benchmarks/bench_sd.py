@@ -120,7 +120,8 @@ PROFILE_ORDER = ("text encoder", "U-Net", "VAE decode per step (to the mid block
                  "rest")
 
 
-def profile_batch(pipe, cfg, csv: Path, lab, args, device, dtype, full_decode: bool = False) -> dict:
+def profile_batch(pipe, model_dir: Path, cfg, csv: Path, lab, args, device, dtype,
+                  full_decode: bool = False) -> dict:
     """Seconds of one streamed train batch by part (see the module doc), and of plain sampling of the same batch.
 
     Every part is timed by wrapping the function that does it (exclusive of the parts timed inside it); "statistics"
@@ -153,7 +154,7 @@ def profile_batch(pipe, cfg, csv: Path, lab, args, device, dtype, full_decode: b
                     stack[-1] += dt
         return wrapper
 
-    m = prepare_sd("bench-sd14", csv, steps=args.steps, height=args.size, width=args.size, pipe=pipe,
+    m = prepare_sd(model_dir, csv, steps=args.steps, height=args.size, width=args.size, pipe=pipe,
                    torch_dtype=dtype)
     sampler = m.sampler
     ids = list(range(min(args.batch, len(m.prompts))))
@@ -333,6 +334,8 @@ def main(argv=None) -> int:
     pipe = build_sd14(dtype, args.tiny)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.to(device).eval()
+    model_dir = work / "bench-sd14"             # model_index.json only: the family is read from it, the pipe is passed
+    pipe.save_config(model_dir)
     n_unet = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
     n_vae = sum(p.numel() for p in pipe.vae.parameters()) / 1e6
     print(f"built {'TINY ' if args.tiny else ''}SD v1.4 architecture (random weights): U-Net {n_unet:.1f} M, VAE {n_vae:.1f} M, in "
@@ -365,9 +368,10 @@ def main(argv=None) -> int:
         print(f"sampling: {fig['sample_s_per_image_step']:.4f} s/image/step", flush=True)
     lab = make_labeller()
     if "profile" in modes:
-        fig["profile"] = {"mid-block stop": profile_batch(pipe, cfg, csv, lab, args, device, dtype)}
+        fig["profile"] = {"mid-block stop": profile_batch(pipe, model_dir, cfg, csv, lab, args, device, dtype)}
         if args.profile_full_decode:
-            fig["profile"]["whole decode per step"] = profile_batch(pipe, cfg, csv, lab, args, device, dtype,
+            fig["profile"]["whole decode per step"] = profile_batch(pipe, model_dir, cfg, csv, lab, args, device,
+                                                                    dtype,
                                                                     full_decode=True)
         if not cuda:
             print("no GPU in this session: the profile above is CPU time at this size, not a GPU figure")
@@ -378,7 +382,7 @@ def main(argv=None) -> int:
         fig["streamed_base_rss_gb"] = _hwm()[0]          # the pipeline, the labeller, Python: before streamed mode
         t = time.time()
         secs: dict = {}
-        run_streamed_sd(cfg, Path("bench-sd14"), csv, run, lab, controls=controls, progress=args.progress,
+        run_streamed_sd(cfg, model_dir, csv, run, lab, controls=controls, progress=args.progress,
                         pipe=pipe, log=lambda s: print(f"{time.time() - t:7.1f} s {s}", flush=True), seconds=secs)
         _sync()
         dt = time.time() - t
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
         _hwm_reset()
         t = time.time()
         for control in (None, *controls):
-            run_capture_sd("bench-sd14", csv, run / "captures" / "sd" / (control or "ldm"), args.steps,
+            run_capture_sd(model_dir, csv, run / "captures" / "sd" / (control or "ldm"), args.steps,
                            batch_size=args.batch, height=res, width=res, control=control, pipe=pipe, progress=False,
                            torch_dtype=dtype)
         _sync()
@@ -431,7 +435,7 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ projections to the paper's study
     shapes = {}
     from sceneprobe.capture.sd import prepare_sd
-    shapes = prepare_sd("bench-sd14", csv, steps=args.steps, height=res, width=res, pipe=pipe, torch_dtype=dtype).shapes
+    shapes = prepare_sd(model_dir, csv, steps=args.steps, height=res, width=res, pipe=pipe, torch_dtype=dtype).shapes
     k = (PAPER_RES / res) ** 2                                            # every site grid scales with the pixels
     hw = {s: c_h_w[1] * c_h_w[2] * k for s, c_h_w in shapes.items()}
     d = {s: c_h_w[0] + 1 for s, c_h_w in shapes.items()}
