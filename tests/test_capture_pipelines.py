@@ -86,12 +86,18 @@ def test_capture_keeps_the_conditional_half_on_the_latent_grid(folders, prompts,
     attn = resolve(den, key_, site)
     target = attn.to_out[0] if hasattr(attn, "to_out") else attn
     raw: list[torch.Tensor] = []
+    dec: list[torch.Tensor] = []                                       # the pipeline's own final decode, mid attention
     h = target.register_forward_hook(lambda mod, i, o: raw.append((o[0] if isinstance(o, tuple) else o).detach()))
+    hv = pipe.vae.decoder.mid_block.attentions[0].to_out[0].register_forward_hook(lambda mod, i, o: dec.append(o))
     try:
         pipe(**m.sampler.call_options(m.prompts, m.seeds))
     finally:
         h.remove()
-    assert len(raw) == 2                                               # one denoiser call per step
+        hv.remove()
+    assert len(raw) == 2 and len(dec) == 1                             # one denoiser call per step
+    # the VAE site at the last step reads the final latent as the pipeline decodes it (FLUX unpacked, shift, scale)
+    final = dec[0].transpose(1, 2).reshape(2, -1, 16, 16)
+    torch.testing.assert_close(st.read("vae.dec.mid.attn0", 1), final.half().float(), atol=2e-3, rtol=2e-3)
     for step, y in enumerate(raw):
         c = y.shape[-1]
         if key == "flux":                                              # FLUX: no CFG batch

@@ -128,13 +128,15 @@ class PipelineSampler:
 
     @torch.no_grad()
     def decode_step(self, latents: torch.Tensor) -> None:
-        """Decode a step's latent (the VAE sites' hooks read it); fp16 VAEs that ask for it are upcast, as SDXL's."""
+        """Decode a step's latent as far as the decoder's mid block (the VAE sites' hooks read it there; no image is
+        needed: ``capture.run.decode_to_mid``); fp16 VAEs that ask for it are upcast, as SDXL's."""
+        from .run import decode_to_mid
         vae = self.pipe.vae
         up = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         if up:
             vae.to(torch.float32)
         try:
-            vae.decode(self.vae_input(latents).to(vae.dtype), return_dict=False)
+            decode_to_mid(vae, self.vae_input(latents).to(vae.dtype), lambda v, z: v.decode(z, return_dict=False))
         finally:
             if up:
                 vae.to(torch.float16)
