@@ -117,7 +117,6 @@ def test_noised_study_bad_input_is_one_line(folders, labelled, tmp_path, capsys)
     base = ["run", "--model", folders["flux"], "--out", tmp_path / "o", "--no-progress"]
     for argv, needle in ((base + ["--data", nodepth], "no depth/"),
                          (base + ["--data", labelled, "--prompts", tmp_path / "p.csv"], "not both"),
-                         (base + ["--data", labelled, "--controls", "uncond"], "uncond reading needs prompts"),
                          (["run", "--data", labelled, "--out", tmp_path / "o"], "--data needs --model")):
         code, _, err = run_cli(capsys, argv)
         assert_one_line_error(code, err, needle)
@@ -133,3 +132,37 @@ def test_noised_study_bad_input_is_one_line(folders, labelled, tmp_path, capsys)
     code, _, err = run_cli(capsys, base + ["--data", odd, "--controls", "none"])
     assert_one_line_error(code, err, "multiples of 4")
     assert json.dumps("x")
+
+
+def test_captions_give_the_noised_images_their_prompts_the_prompt_only_baseline_and_the_uncond_reading(
+        folders, labelled, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from sceneprobe.capture.store import CaptureStore
+    from sceneprobe.world.dataset import load_dataset
+    data = tmp_path / "captioned"
+    shutil.copytree(labelled, data, ignore=shutil.ignore_patterns(".cache"))
+    names = load_dataset(data).names
+    (data / "captions.csv").write_text("name,caption\n" + "".join(f"{n},scene {chr(97 + i % 26)}\n"
+                                                                  for i, n in enumerate(names)))
+    conf = tmp_path / "c.yaml"
+    conf.write_text("capture: {steps: 2, batch_size: 8}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(folders["sd3"]), "--data", str(data), "--out", str(out), "--config", str(conf),
+                 "--controls", "uncond", "--no-progress"]) == 0
+    root = out / "captures" / "noised"
+    ldm, unc = CaptureStore(root / "ldm").manifest, CaptureStore(root / "uncond").manifest
+    assert ldm["prompts"][:2] == ["scene a", "scene b"] and ldm["cfg_half"] == "cond" and unc["cfg_half"] == "uncond"
+    assert (root / "prompt_embeddings.safetensors").is_file()
+    with open(out / "report" / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["protocol"] == "noised"]
+    assert any(r["site"].startswith("prompt@") for r in rows) and "uncond" in {r["model"] for r in rows}
+    capsys.readouterr()                                                             # the run's log and bars
+    (data / "captions.csv").write_text("name,caption\n" + f"{names[0]},a scene\n")
+    code, _, err = run_cli(capsys, ["run", "--model", folders["sd3"], "--data", data, "--out", tmp_path / "o2"])
+    assert_one_line_error(code, err, f"has no caption for {names[1]}")
+    (data / "captions.csv").unlink()
+    code, _, err = run_cli(capsys, ["run", "--model", folders["sd3"], "--data", data, "--out", tmp_path / "o3",
+                                    "--controls", "uncond"])
+    assert_one_line_error(code, err, "uncond reading needs prompts")

@@ -3,7 +3,9 @@
 
 1. **data**: the folder as ``check-data`` reads it (``rgb/``, ``depth/<stem>.npy``, ``saliency/<stem>.png``; e.g.
    NYUv2 depth or DUTS masks exported to that layout); both labels are needed; the first ``capture.n_noised`` images
-   in name order; their sides must suit the model (a multiple of the VAE factor × patch).
+   in name order; their sides must suit the model (a multiple of the VAE factor × patch). Prompts: the empty one,
+   or each image's caption from ``captions.csv`` (header ``name,caption``) where the folder has it — then the
+   prompt-only baseline is fitted too and ``--controls`` may name ``uncond``.
 2. **capture** (:mod:`sceneprobe.capture.noised_pipelines`): the model and each control (``permuted``, ``fresh``)
    into ``RUN/captures/noised/<model>/`` — each image encoded by the model's VAE, forward-diffused by the model's own
    process to every step, the denoiser run once per step on an empty prompt; exact labels (the folder's) into
@@ -24,7 +26,7 @@ from .atomic import atomic_write_text
 from .config import Config, dump_yaml
 from .errors import fail
 
-NOISED_CONTROLS = ("permuted", "fresh")
+NOISED_CONTROLS = ("permuted", "fresh", "uncond")      # uncond: with captions only
 
 
 def load_labelled(folder: Path, n_max: int):
@@ -47,20 +49,24 @@ def run_noised_study(cfg: Config, model: Path, data_folder: Path, out: Path, *, 
                      force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
                      option: str = "--model") -> Path:
     """Capture (noised), probe and report one pipeline folder on a labelled image folder; returns the report."""
-    from .capture.noised_pipelines import check_size, noised_options, run_capture_noised, size_multiple
+    from .capture.noised_pipelines import (check_size, noised_options, read_captions, run_capture_noised,
+                                           size_multiple)
     from .capture.pipelines import capture_functions
     from .capture.run import _state, probe_split
     from .capture.store import save_labels
     bad = [c for c in controls if c not in NOISED_CONTROLS]
     if bad:
-        raise fail(f"control {bad[0]!r} is not one of the noised study's ({', '.join(NOISED_CONTROLS)}, or none); the "
-                   f"uncond reading needs prompts: use --prompts for it")
+        raise fail(f"unknown control {bad[0]!r}; choose from {', '.join(NOISED_CONTROLS)} (or none)")
     cc = cfg.capture
     if cc.store != "full":
         raise fail("the noised study writes a full activation store; set capture.store: full (or drop --store)")
     fns = capture_functions(model, option)                  # an unsupported family is one line
     fns.check(model, option)
     data = load_labelled(data_folder, cc.n_noised)
+    captions = read_captions(data_folder, data.names)
+    if "uncond" in controls and captions is None:
+        raise fail(f"the uncond reading needs prompts: --data {data_folder} has no captions.csv (columns name,caption)"
+                   f", so every image is read on the empty prompt; drop uncond from --controls")
     from .models.families import FAMILIES
     family = FAMILIES[fns.family]
     check_size(size_multiple(model, family), data.rgb.shape[1:3], data.root, family.title)   # before any weights
@@ -70,13 +76,17 @@ def run_noised_study(cfg: Config, model: Path, data_folder: Path, out: Path, *, 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     pipe = fns.load(model, state.device, cc.variant or None)
-    opts = noised_options(cc, fns.family)
+    opts = noised_options(cc, fns.family, captions is not None)
     proot = out / "captures" / "noised"
+    if captions is not None and state.is_main_process:          # the prompt-only baseline's inputs
+        from .probe.prompt_only import pooled_text_embeddings, save_embeddings
+        proot.mkdir(parents=True, exist_ok=True)
+        save_embeddings(proot, *pooled_text_embeddings(pipe, fns.family, captions, state.device))
     for control in (None, *controls):
         log(f"[capture noised/{control or 'ldm'}] ({fns.family}, {len(data)} images of {data.root}) ...")
         run_capture_noised(pipe, model, data, proot / (control or "ldm"), opts, seed=cc.seed,
                            batch_size=cc.batch_size, control=control, control_seed=cc.control_seed, force=force,
-                           progress=progress)
+                           progress=progress, captions=captions)
     del pipe
     if not state.is_main_process:
         return out / "report" / "report.html"

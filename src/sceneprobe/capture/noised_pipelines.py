@@ -14,9 +14,10 @@ For image x (the folder's RGB in [−1, 1]) and one fixed noise ε per image (a 
   x = (z₀ + σ·ε)/√(σ² + 1) = √ᾱ·z₀ + √(1 − ᾱ)·ε. Each is the scheduler's own ``add_noise`` / ``scale_noise``
   (a test checks it).
 
-The denoiser runs once per step on x_{t_i}, inside the family's own pipeline call (empty prompt; no CFG batch for the
-families that have one — with an empty prompt both halves would read the same text; FLUX keeps its guidance
-embedding): step 0's latent is the call's ``latents``, each later one is put into the pipeline's latents at the end
+The denoiser runs once per step on x_{t_i}, inside the family's own pipeline call — on the image's caption where the
+folder has ``captions.csv`` (with the capture's guidance and negative prompt, so the prompt-only baseline and the
+``uncond`` reading apply), else on the empty prompt with no CFG batch (both halves would read the same text; FLUX
+keeps its guidance embedding): step 0's latent is the call's ``latents``, each later one is put into the pipeline's latents at the end
 of the step before. The VAE site reads each step's update of the noised latent (the pipeline's ``scheduler.step``
 from x_{t_i}), as in the default study's noised protocol. FLUX's latents are packed 2×2 as its pipeline packs them.
 """
@@ -101,8 +102,9 @@ def check_size(step: int, hw: tuple[int, int], folder: Path, title: str) -> None
 
 @torch.no_grad()
 def record_noised(sampler: PipelineSampler, rgb: np.ndarray, ids: Sequence[int], seed: int, sites: Sequence[str],
-                  kind: str, on_site: OnSite) -> None:
-    """One pipeline call per batch of images: the sites at every step on x_{t_i} of these images (module doc)."""
+                  kind: str, on_site: OnSite, prompts: Sequence[str] | None = None, half: str = "cond") -> None:
+    """One pipeline call per batch of images: the sites at every step on x_{t_i} of these images (module doc);
+    ``prompts`` their captions (default: empty)."""
     dev = next(sampler.denoiser.parameters()).device
     dtype = next(sampler.denoiser.parameters()).dtype
     z0 = encode(sampler, rgb)                                                       # (B, c, h, w)
@@ -115,25 +117,50 @@ def record_noised(sampler: PipelineSampler, rgb: np.ndarray, ids: Sequence[int],
         if sampler.family.key == "flux":
             x = sampler.pipe._pack_latents(x, *x.shape)                             # (B, h/2·w/2, 4c)
         return x.to(dev, dtype)
-    sampler.run([""] * len(ids), list(ids), sites, kind, on_site, latents_at=latents_at)
+    sampler.run(list(prompts) if prompts is not None else [""] * len(ids), list(ids), sites, kind, on_site,
+                half=half, latents_at=latents_at)
 
 
 # ------------------------------------------------------------------------------------------------ the store
-def noised_options(cc, family_key: str) -> dict:
-    """``prepare_pipeline`` keywords of the noised protocol from a ``CaptureConfig``: its options, an empty prompt,
-    and no CFG batch (guidance 1) but for FLUX, whose guidance is an embedding."""
+def noised_options(cc, family_key: str, captions: bool = False) -> dict:
+    """``prepare_pipeline`` keywords of the noised protocol from a ``CaptureConfig``: its options; without captions
+    an empty prompt and no CFG batch (guidance 1) but for FLUX, whose guidance is an embedding."""
     from .sd import sd_options
     opts = sd_options(cc)
-    opts.update(negative_prompt="", guidance=opts["guidance"] if family_key == "flux" else 1.0, height=None,
-                width=None)
+    if not captions:
+        opts.update(negative_prompt="", guidance=opts["guidance"] if family_key == "flux" else 1.0)
+    opts.update(height=None, width=None)
     return opts
+
+
+def read_captions(folder: Path, names: Sequence[str]) -> list[str] | None:
+    """The captions of ``names`` from ``folder/captions.csv`` (header ``name,caption``; name = the image's file stem),
+    or None without the file; a missing column or image is one line."""
+    import csv
+    import io
+    path = Path(folder) / "captions.csv"
+    if not path.is_file():
+        return None
+    from .sd import _prompts_text                  # the prompts CSV's encodings (BOM, UTF-16, Latin-1)
+    rows = csv.DictReader(io.StringIO(_prompts_text(path), newline=""))
+    cols = [c.strip() for c in rows.fieldnames or []]
+    if "name" not in cols or "caption" not in cols:
+        raise fail(f"{path} needs the columns name,caption (it has {', '.join(cols) or 'none'}); name is the image's "
+                   f"file stem")
+    have = {(r.get("name") or "").strip(): r.get("caption") or "" for r in
+            ({(k or "").strip(): v for k, v in row.items()} for row in rows)}
+    lost = [n for n in names if n not in have]
+    if lost:
+        raise fail(f"{path} has no caption for {lost[0]} ({len(lost)} images without one); add a line "
+                   f"{lost[0]},<caption> for each")
+    return [have[n] for n in names]
 
 
 def run_capture_noised(pipe, model_path: Path, data, out: Path, opts: dict, *, seed: int, batch_size: int,
                        control: str | None = None, control_seed: int = 100, force: bool = False,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, captions: Sequence[str] | None = None) -> Path:
     """The noised store ``RUN/captures/noised/<model>`` of the images ``data`` (a ``SceneData``), resumable like
-    every store; ``opts`` from :func:`noised_options`."""
+    every store; ``opts`` from :func:`noised_options`; ``captions`` the images' prompts (default: empty)."""
     from .pipelines import PipelineModel, prepare_pipeline
     from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, fill_store, finish_store,
                       probe_split)
@@ -146,11 +173,13 @@ def run_capture_noised(pipe, model_path: Path, data, out: Path, opts: dict, *, s
              "noise_seed": int(seed), "noised_version": CAPTURE_VERSION}
     m: PipelineModel = prepare_pipeline(model_path, None, **{**opts, "height": h, "width": w}, control=control,
                                         control_seed=control_seed, pipe=pipe, extra_identity=extra,
-                                        prompt_rows=([""] * n, ids))
+                                        prompt_rows=(list(captions) if captions else [""] * n, ids))
+    prompts = m.prompts
     spec = StoreSpec(Path(out), m.shapes, n, m.n_steps, batch_size, opts["dtype"], opts["pool"], m.fingerprint)
 
     def run_batch(start: int, stop: int, emit) -> None:
-        record_noised(m.sampler, data.rgb[start:stop], ids[start:stop], seed, m.sites, opts["site_kind"], emit)
+        record_noised(m.sampler, data.rgb[start:stop], ids[start:stop], seed, m.sites, opts["site_kind"], emit,
+                      prompts[start:stop], m.half)
 
     model = control or "ldm"
     if fill_store(spec, run_batch, force, progress, desc=f"capture noised/{model}"):
@@ -158,7 +187,7 @@ def run_capture_noised(pipe, model_path: Path, data, out: Path, opts: dict, *, s
         man = pipeline_manifest(m, model_path, control, n, ids, probe_split(ids), spec.fingerprint, **extra,
                                 forward=FORWARD[forward_kind(m.sampler.schedule, m.sampler.scheduler)])
         cfg = m.sampler.guidance_scale > 1 and m.sampler.family.key != "flux"
-        man.update(prompts=[""] * n, seeds=None, cfg_half="cond" if cfg else None)
+        man.update(prompts=prompts, seeds=None, cfg_half=m.half if cfg else None)
         finish_store(Path(out), man)
     _state().wait_for_everyone()
     return Path(out)
