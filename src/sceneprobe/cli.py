@@ -231,12 +231,13 @@ def cmd_capture(args) -> Path:
     is_sd = model is not None and (model / "model_index.json").is_file()
     if args.prompts or is_sd:
         if not args.prompts:
-            raise fail(f"--model {model} is a Stable Diffusion folder; pass --prompts CSV (columns prompt,seed)")
+            raise fail(f"--model {model} is a diffusers pipeline folder; pass --prompts CSV (columns prompt,seed)")
         if not is_sd:
-            raise fail(f"--prompts needs --model pointing to a local Stable Diffusion folder (with model_index.json), "
+            raise fail(f"--prompts needs --model pointing to a local diffusers pipeline folder (model_index.json), "
                        f"got {model}")
         if args.protocol not in (None, "generate"):
-            raise fail(f"Stable Diffusion supports only --protocol generate, got {args.protocol!r}")
+            raise fail(f"capture of a pipeline folder supports only --protocol generate, got {args.protocol!r}; the "
+                       f"noised protocol on your labelled images is `sceneprobe run --model PATH --data FOLDER`")
         from .capture.pipelines import capture_functions
         from .capture.sd import read_prompts, sd_options
         read_prompts(Path(args.prompts))                   # the cheap input first
@@ -342,12 +343,14 @@ def _run_sd(args) -> Path:
 
 
 def _run_noised(args, option: str, folder: str) -> Path:
-    """``sceneprobe run --model PATH --data FOLDER --out RUN``: the noised study on labelled images (study_noised.py)."""
+    """``sceneprobe run --model PATH --data FOLDER --out RUN``: the noised study on labelled images
+    (study_noised.py)."""
     from .study_noised import run_noised_study
     if not folder:
         raise fail("--data needs --model PATH: a local diffusers pipeline folder (with model_index.json)")
     if not _is_pipeline(folder):
-        raise fail(f"{option} {folder} is not a local diffusers pipeline folder (no model_index.json); --data needs one")
+        raise fail(f"{option} {folder} is not a local diffusers pipeline folder (no model_index.json); --data needs "
+                   f"one")
     over = _seeded(args, "capture")
     if args.store:
         over.setdefault("capture", {})["store"] = args.store
