@@ -200,6 +200,7 @@ def test_sd_v1_uncond_reading_is_the_first_half_of_the_same_pass(tmp_path, promp
                          control="uncond", progress=False)
     st = CaptureStore(out)
     assert st.manifest["cfg_half"] == "uncond" and not any(s.startswith("vae") for s in st.sites)
+    assert len(st.manifest["sigmas"]) == 2 and st.manifest["sigmas"][0] > st.manifest["sigmas"][1]   # σ from ᾱ_t
     pipe = load_sd(folder)
     sampler = SDSampler(pipe, pipe.unet, pipe.scheduler, steps=2, guidance_scale=7.5)
     with torch.no_grad(), Recorder({"unet": pipe.unet}, ["unet.mid.attn0"]) as rec:

@@ -13,6 +13,7 @@ import torch
 torch.set_num_threads(1)
 
 from test_bad_inputs import assert_one_line_error, run_cli  # noqa: E402
+from test_capture_sd import build_tiny_sd  # noqa: E402
 from tiny_pipelines import BUILDERS  # noqa: E402
 
 from sceneprobe.cli import main  # noqa: E402
@@ -43,9 +44,9 @@ def _cmd(root: Path, folder: Path, out: Path, config: str = "streamed.yaml", fla
             "--controls", controls, "--out", str(out), "--no-progress"]
 
 
-@pytest.mark.parametrize("key", list(BUILDERS))
+@pytest.mark.parametrize("key", ["sd", *BUILDERS])
 def test_streamed_study_runs_and_a_killed_run_resumes_to_the_same_bytes(root, tmp_path, monkeypatch, key):
-    folder = BUILDERS[key](tmp_path / key)
+    folder = {"sd": build_tiny_sd, **BUILDERS}[key](tmp_path / key)
     ref = tmp_path / "ref"
     assert main(_cmd(root, folder, ref)) == 0
     want = _outputs(ref)
@@ -54,23 +55,29 @@ def test_streamed_study_runs_and_a_killed_run_resumes_to_the_same_bytes(root, tm
     with open(ref / "report" / "results.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["protocol"] == "sd"]
     sites = {r["site"] for r in rows if r["model"] == "ldm"}
-    prefix = {"sdxl": "unet.", "pixart": "dit.", "sd3": "mmdit.", "flux": "flux."}[key]
+    prefix = {"sd": "unet.", "sdxl": "unet.", "pixart": "dit.", "sd3": "mmdit.", "flux": "flux."}[key]
     assert any(s.startswith(prefix) for s in sites) and "vae.dec.mid.attn0" in sites
     # the prompt-only control: a baseline on the pooled text embedding of this family's own encoders
     assert (ref / "captures" / "sd" / "prompt_embeddings.safetensors").is_file()
     assert {"prompt@8x8", "prompt@16x16"} <= {r["site"] for r in rows if r["model"] == "baseline"}
 
+    import sceneprobe.capture.sd as sd
     from sceneprobe.capture.pipelines import PipelineModel
-    real, calls = PipelineModel.sample_and_record, {"n": 0}
+    calls = {"n": 0}
 
-    def counted(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("killed")                      # in the second test batch
-        return real(self, *a, **k)
+    def killing(real):
+        def counted(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt("killed")                  # in the second test batch
+            return real(*a, **k)
+        return counted
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(PipelineModel, "sample_and_record", counted)
+        if key == "sd":                                            # SD 1.x/2.x: capture/sd.py's own loop
+            m.setattr(sd, "sample_and_record_sd", killing(sd.sample_and_record_sd))
+        else:
+            m.setattr(PipelineModel, "sample_and_record", killing(PipelineModel.sample_and_record))
         assert main(_cmd(root, folder, out)) == 130
     assert (out / "captures" / "sd" / "ldm" / "streamed" / "train.r0.pt").is_file()
     assert main(_cmd(root, folder, out)) == 0

@@ -224,7 +224,16 @@ def sigma_kind(scheduler) -> str:
     return "derived: sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)"
 
 
+def scheduler_sigmas(scheduler) -> list[float]:
+    """σ of each step of a scheduler whose timesteps are set (SD's loop): its own sigmas, else from ᾱ_t."""
+    n = len(scheduler.timesteps)
+    sig = getattr(scheduler, "sigmas", None)
+    return schedule_sigmas(scheduler, {"timesteps": [float(t) for t in scheduler.timesteps],
+                                       "sigmas": None if sig is None else [float(s) for s in sig][:n]})
+
+
 def schedule_sigmas(scheduler, schedule: dict) -> list[float]:
+    """The schedule's σ per step: the scheduler's own, else σ = √((1 − ᾱ_t)/ᾱ_t) at each timestep."""
     if schedule.get("sigmas") is not None:
         return schedule["sigmas"]
     ab = scheduler.alphas_cumprod

@@ -313,11 +313,18 @@ class CaptureFunctions:
     prepare: object                # prepare_sd / prepare_pipeline (same keywords)
     run_capture: object            # run_capture_sd / run_capture_pipeline (same keywords)
     timesteps: object              # (prepared model) → the steps' timesteps (int), in sampling order
+    sigmas: object                 # (prepared model) → the steps' sigmas, in sampling order
 
 
 def _sd_timesteps(m) -> list[int]:
     m.sampler.scheduler.set_timesteps(m.sampler.steps)
     return [int(round(float(t))) for t in m.sampler.scheduler.timesteps]
+
+
+def _sd_sigmas(m) -> list[float]:
+    from .pipeline_sampler import scheduler_sigmas
+    m.sampler.scheduler.set_timesteps(m.sampler.steps)
+    return scheduler_sigmas(m.sampler.scheduler)
 
 
 def capture_functions(folder: Path, option: str = "--model") -> CaptureFunctions:
@@ -329,8 +336,8 @@ def capture_functions(folder: Path, option: str = "--model") -> CaptureFunctions
             "sd", sd.check_sd_folder,
             lambda f, device, variant: sd.load_sd(f, torch.float16 if device.type == "cuda" else torch.float32,
                                                   variant),
-            sd.prepare_sd, sd.run_capture_sd, _sd_timesteps)
+            sd.prepare_sd, sd.run_capture_sd, _sd_timesteps, _sd_sigmas)
     return CaptureFunctions(
         family.key, lambda f, opt="--model": check_pipeline_folder(f, opt),
         lambda f, device, variant: load_pipeline(f, default_dtype(family, device), variant),
-        prepare_pipeline, run_capture_pipeline, lambda m: m.timesteps)
+        prepare_pipeline, run_capture_pipeline, lambda m: m.timesteps, lambda m: m.sigmas)

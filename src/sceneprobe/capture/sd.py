@@ -478,9 +478,11 @@ def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 
 
 def sd_manifest(m: SDModel, model_path: Path, control: str | None, n: int, ids: list[int], split: np.ndarray,
                 fp: str, **extra) -> dict:
+    from .pipeline_sampler import scheduler_sigmas, sigma_kind
     sched = m.sampler.scheduler
     sched.set_timesteps(m.sampler.steps)
     return {
+        "sigmas": scheduler_sigmas(sched), "sigma_kind": sigma_kind(sched),      # issue 21: each step's σ too
         "protocol": "sd", "model": control or "ldm", "control": control, "model_root": str(Path(model_path).resolve()),
         "sites": {name: {"shape": list(m.shapes[name])} for name in m.sites},
         "site_order": m.sites, "steps": list(range(m.n_steps)), "sampling_steps": m.sampler.steps,

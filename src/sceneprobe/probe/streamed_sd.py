@@ -376,7 +376,7 @@ def run_streamed_sd(cfg: Config, model_path: Path, prompts: Path, out: Path, lab
                     done[key] = sw._finished_rows(paths[key], fp)
                 atomic_write_json(record, {"fingerprint": fp, "n": n, "sites": m.sites, "steps": m.n_steps,
                                            "timesteps": timesteps, "subsample": cc.subsample, "family": fns.family,
-                                           "sigmas": getattr(m, "sigmas", None)})
+                                           "sigmas": fns.sigmas(m)})
                 ck.remove()
                 secs = sp.seconds
                 probe_s = sum(secs.values())
