@@ -539,20 +539,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-scratch", action="store_true", help="train VAE, U-Net and labeller instead of the shipped ones")
     s.add_argument("--model", default=None,
                    help="a local diffusers pipeline folder (model_index.json: SD 1.x/2.x, SDXL, PixArt-α/Σ, SD3/3.5, "
-                        "FLUX.1; needs --prompts), or a run folder whose vae/, unet/, scheduler/ replace the shipped "
+                        "FLUX.1; needs --prompts or --data), or a run folder whose vae/, unet/, scheduler/ replace the shipped "
                         "model")
     s.add_argument("--with-interventions", action="store_true", help="also run the probe-guided interventions")
     s.add_argument("--sd", default=None, help="old name of --model PATH for a pipeline folder (needs --prompts)")
     s.add_argument("--prompts", default=None, help="pipeline study: CSV with columns prompt,seed")
     s.add_argument("--data", default=None, help="pipeline study on your labelled images instead of --prompts: a "
                                                 "folder with rgb/, depth/, saliency/ (the noised protocol)")
-    s.add_argument("--labeller", default=None, help="Stable Diffusion study: labeller folder (default: the shipped one)")
+    s.add_argument("--labeller", default=None, help="pipeline study: labeller folder (default: the shipped one)")
     s.add_argument("--depth-model", default=None,
-                   help="Stable Diffusion study: local transformers DPT folder for depth (relative inverse depth)")
+                   help="pipeline study: local transformers DPT folder for depth (relative inverse depth)")
     s.add_argument("--controls", default="permuted",
                    help="pipeline study: controls, comma-separated (permuted, fresh, uncond: the model on its "
                         "unconditional CFG half), or none")
-    s.add_argument("--store", default=None, help="Stable Diffusion study: full (activation store) or streamed "
+    s.add_argument("--store", default=None, help="pipeline study: full (activation store) or streamed "
                                                   "(low-storage; default: capture.store)")
     s.set_defaults(fn=cmd_run, owns=("out", "fill"))
 
