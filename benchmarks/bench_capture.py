@@ -31,6 +31,8 @@ less plain sampling (the sampling loop's own work beside them, and run-to-run no
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import resource
@@ -104,7 +106,6 @@ def main() -> None:
         return rss_child(args.rss_child)
 
     from sceneprobe.capture import recorder as caprec
-    from sceneprobe.capture import run as caprun
     from sceneprobe.capture.run import run_capture
     from sceneprobe.models.sites import list_sites
     from sceneprobe.sample import generate
@@ -126,16 +127,22 @@ def main() -> None:
                     stack[-1] += dt
         return wrapper
 
+    # capture/run.py's pieces, each patched where it is called (an older checkout has run.py only)
+    capture_modules = [importlib.import_module(f"sceneprobe.capture.{m}") for m in
+                       ("run", "store_fill", "site_shapes", "generate_pass", "noised_pass", "images")
+                       if importlib.util.find_spec(f"sceneprobe.capture.{m}")]
     for name, key in (("model_hash", "hash"), ("derived_shapes", "shapes"), ("traced_shapes", "shapes"),
                       ("write_rows", "shard writes"), ("create_shard", "shard files"),
                       ("finish_store", "manifest + progress"), ("atomic_write_json", "manifest + progress"),
                       ("collect_samples", "final images"), ("decode_readout", "read-out decodes"),
                       ("decode_to_mid", "VAE site decodes")):
-        if hasattr(caprun, name):          # (an older checkout lacks some: their time falls into "rest")
-            setattr(caprun, name, timed(getattr(caprun, name), key))
-    caprun.save_images = timed(caprun.save_images, lambda folder, *a: "read-out PNGs" if "x0" in Path(folder).parts
-                               else "final images")
-    # run.py's whole decodes are not timed: the final image's (the last step's, which plain sampling does too) and,
+        for mod in capture_modules:      # (an older checkout lacks some: their time falls into "rest")
+            if hasattr(mod, name):
+                setattr(mod, name, timed(getattr(mod, name), key))
+    for mod in (m for m in capture_modules if m.__name__.endswith((".run", ".images"))):  # final and read-out PNGs
+        mod.save_images = timed(mod.save_images, lambda folder, *a: "read-out PNGs" if "x0" in Path(folder).parts
+                                else "final images")
+    # the passes' whole decodes are not timed: the final image's (the last step's, which plain sampling does too) and,
     # with vae_input x0, the sites' decodes the read-out reuses
     hook = caprec.Recorder._hook
     caprec.Recorder._hook = lambda self, site: timed(hook(self, site), "hooks")

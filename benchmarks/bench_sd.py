@@ -255,7 +255,7 @@ def flop_projection() -> dict:
     and what they make of the H200 figures of issue 23 for the paper's 617 prompts x 2 models (model + permuted),
     assuming time ∝ FLOPs for the model passes and the rest of the measured streamed time unchanged."""
     from torch.utils.flop_counter import FlopCounterMode
-    from sceneprobe.capture.run import decode_to_mid
+    from sceneprobe.capture.vae_decodes import decode_to_mid
     with torch.device("meta"):
         pipe = build_sd14(torch.float32)
     lat = PAPER_RES // 8
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
                                + proj["streamed_test_pred_ram_gb"] + labels_gb + proj["streamed_fit_copy_ram_gb"])
     if "streamed_peak_rss_gb" in fig:
         # the same arithmetic at this run's scale, beside the peak it measured (statistics in RAM when on the CPU)
-        from sceneprobe.capture.run import probe_split
+        from sceneprobe.capture.split_codes import probe_split
         sp_ = probe_split(list(range(N)))
         r_tr, r_va, r_te = (int((sp_ == c).sum()) for c in (0, 1, 2))
         hw_r = {s: c_h_w[1] * c_h_w[2] for s, c_h_w in shapes.items()}

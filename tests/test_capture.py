@@ -13,10 +13,16 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from sceneprobe.capture import run as caprun  # noqa: E402
+from sceneprobe.capture import run as caprun  # noqa: E402  (run_capture looks up save_images, sample_and_record here)
+from sceneprobe.capture.images import x0_image_path  # noqa: E402
+from sceneprobe.capture.input_site import INPUT_SITE, input_rows  # noqa: E402
+from sceneprobe.capture.noised_pass import NOISE_STREAM  # noqa: E402
 from sceneprobe.capture.recorder import Recorder, hook_count  # noqa: E402
-from sceneprobe.capture.run import probe_split, run_capture  # noqa: E402
+from sceneprobe.capture.run import run_capture  # noqa: E402
+from sceneprobe.capture.site_shapes import derived_shapes, traced_shapes  # noqa: E402
+from sceneprobe.capture.split_codes import probe_split  # noqa: E402
 from sceneprobe.capture.store import CaptureStore, load_labels, shard_path  # noqa: E402
+from sceneprobe.capture.vae_decodes import decode_to_mid  # noqa: E402
 from sceneprobe.config import load_config  # noqa: E402
 from sceneprobe.errors import SceneprobeError  # noqa: E402
 from sceneprobe.models.build import build_train_scheduler, build_unet, build_vae, latent_size  # noqa: E402
@@ -157,8 +163,8 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     st.verify()
     m = st.manifest
     # the encoder is not run while sampling; the input control (x_t with its 5×5 neighbourhood) is the last site
-    assert m["site_order"] == UNET_SITES + ["vae.dec.mid.attn0", caprun.INPUT_SITE]
-    assert m["sites"][caprun.INPUT_SITE]["shape"] == [4 * 25, 16, 16] and m["input_window"] == 5
+    assert m["site_order"] == UNET_SITES + ["vae.dec.mid.attn0", INPUT_SITE]
+    assert m["sites"][INPUT_SITE]["shape"] == [4 * 25, 16, 16] and m["input_window"] == 5
     assert sorted(st.sites) == sorted(m["site_order"])  # (manifest keys are sorted on disk)
     assert m["n"] == 6 and m["sample_ids"] == list(range(6)) and m["steps"] == [0, 1] and len(m["timesteps"]) == 2
     assert m["timesteps"][0] > m["timesteps"][1]  # step 0 is the noisiest
@@ -173,7 +179,7 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     hook = ldm.unet.register_forward_pre_hook(lambda mod, args: x_in.append(args[0].clone()))
     try:
         with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae},
-                                       [s for s in st.sites if s != caprun.INPUT_SITE]) as rec:
+                                       [s for s in st.sites if s != INPUT_SITE]) as rec:
             imgs, _ = generate(ldm, ids, cfg.capture.seed, steps=2,
                                callback=lambda i, t, x, x0: (steps_seen.append(t), decode(ldm.vae, x)))
     finally:
@@ -181,9 +187,9 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     assert steps_seen == m["timesteps"]
     for step in (0, 1):                       # the input site: the U-Net's own input at that step, unfolded
         ref = torch.nn.functional.unfold(x_in[step], 5, padding=2).reshape(2, 100, 16, 16)
-        torch.testing.assert_close(st.read(caprun.INPUT_SITE, step, ids), ref.half().float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(st.read(INPUT_SITE, step, ids), ref.half().float(), atol=2e-3, rtol=2e-3)
         assert torch.equal(ref[:, 12], x_in[step][:, 0]) and torch.equal(ref[:, 25 + 12], x_in[step][:, 1])
-    for site in (s for s in st.sites if s != caprun.INPUT_SITE):
+    for site in (s for s in st.sites if s != INPUT_SITE):
         for step in (0, 1):
             torch.testing.assert_close(st.read(site, step, ids), rec.outputs[site][step].half().float(),
                                        atol=2e-3, rtol=2e-3)
@@ -202,7 +208,7 @@ def test_generate_store_matches_an_in_memory_sampling_pass(ldm, tmp_path):
     with torch.no_grad():
         generate(ldm, test_ids, cfg.capture.seed, steps=2, callback=lambda i, t, x, x0: x0s.append(decode(ldm.vae, x0)))
     for step in (0, 1):
-        png = np.asarray(Image.open(caprun.x0_image_path(root, step, test_ids[0])))
+        png = np.asarray(Image.open(x0_image_path(root, step, test_ids[0])))
         assert np.abs(png.astype(int) - to_uint8(x0s[step])[0].astype(int)).max() <= 1
     assert not (root / "x0" / "step_00" / f"{[i for i in range(6) if i not in test_ids][0]:06d}.png").exists()
 
@@ -227,7 +233,7 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     cfg = tiny_cfg(n_noised=4)
     root = run_capture(cfg, tmp_path, "noised", ldm, data=data, progress=False)
     st = CaptureStore(root)
-    assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0", caprun.INPUT_SITE]
+    assert st.manifest["site_order"] == UNET_SITES + ["vae.enc.mid.attn0", "vae.dec.mid.attn0", INPUT_SITE]
     test = data.subset("test")
     assert st.n == 4 and st.manifest["names"] == test.names[:4]
     enc0 = st.read("vae.enc.mid.attn0", 0)
@@ -245,7 +251,7 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
     x = torch.from_numpy(test.rgb[2:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad(), Recorder({"unet": ldm.unet, "vae": ldm.vae}, ["unet.mid.attn0", "vae.dec.mid.attn0"]) as rec:
         z0 = to_latent(ldm.vae, ldm.vae.encode(x).latent_dist.mode())
-        eps = torch.randn(z0.shape[1:], generator=generators([2], cfg.capture.seed, caprun.NOISE_STREAM)[0])
+        eps = torch.randn(z0.shape[1:], generator=generators([2], cfg.capture.seed, NOISE_STREAM)[0])
         ab = sched.alphas_cumprod[t]
         xt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
         pred = ldm.unet(xt, t).sample
@@ -254,8 +260,8 @@ def test_noised_protocol_records_test_scenes_and_writes_exact_labels(ldm, data, 
                                atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(st.read("vae.dec.mid.attn0", 1, [2]),
                                rec.outputs["vae.dec.mid.attn0"][0].half().float(), atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(st.read(caprun.INPUT_SITE, 1, [2]),     # the input control: this x_t, unfolded
-                               caprun.input_rows(xt, 5).half().float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(st.read(INPUT_SITE, 1, [2]),     # the input control: this x_t, unfolded
+                               input_rows(xt, 5).half().float(), atol=2e-3, rtol=2e-3)
     labels = load_labels(root.parent)
     assert np.array_equal(labels["depth"], test.depth[:4]) and labels["depth"].dtype == np.float32
     assert np.array_equal(labels["saliency"], test.saliency[:4].astype(np.uint8))
@@ -406,7 +412,7 @@ def _traced(models: dict, sites: list, kind: str, latent_hw, image_hw, cond_dim:
             models["unet"](z, 10, encoder_hidden_states=torch.zeros(1, 77, cond_dim))
         models["vae"].decode(z)
         models["vae"].encode(torch.zeros(1, 3, *image_hw))
-    return caprun.traced_shapes(models, sites, kind, run_once)
+    return traced_shapes(models, sites, kind, run_once)
 
 
 @pytest.mark.parametrize("kind", ["attn", "block"])
@@ -420,18 +426,18 @@ def test_derived_site_shapes_equal_the_traced_ones(ldm, tmp_path, kind):
         models = {"unet": m.unet, "vae": m.vae}
         sites = list_sites(m.unet, "unet") + list_sites(m.vae, "vae")
         s, size = m.unet.config.sample_size, m.vae.config.sample_size
-        got = caprun.derived_shapes(models, sites, (s, s), (size, size))
+        got = derived_shapes(models, sites, (s, s), (size, size))
         assert got == _traced(models, sites, kind, (s, s), (size, size)) and len(got) == len(sites)
     pipe = load_sd(build_tiny_sd(tmp_path / "tiny-sd"))          # SD: square and non-square latents
     models = {"unet": pipe.unet, "vae": pipe.vae}
     sites = list_sites(pipe.unet, "unet") + list_sites(pipe.vae, "vae")
     for hw in ((8, 8), (4, 12)):
         image = (hw[0] * 2, hw[1] * 2)
-        got = caprun.derived_shapes(models, sites, hw, image)
+        got = derived_shapes(models, sites, hw, image)
         assert got == _traced(models, sites, kind, hw, image, cond_dim=16)
     # an odd grid (Downsample2D rounds up) is not derived: the caller traces it
-    assert caprun.derived_shapes(models, sites, (5, 8), (10, 16)) is None
-    assert caprun.derived_shapes(models, ["unet:down_blocks.0.attentions.0"], (8, 8)) is None   # raw paths too
+    assert derived_shapes(models, sites, (5, 8), (10, 16)) is None
+    assert derived_shapes(models, ["unet:down_blocks.0.attentions.0"], (8, 8)) is None   # raw paths too
 
 
 def test_capture_runs_no_shape_pass(ldm, tmp_path):
@@ -456,7 +462,7 @@ def test_decoder_stopped_after_its_mid_block_records_the_same_as_a_whole_decode(
             decode(ldm.vae, z)
         assert up == [1]
         with torch.no_grad(), Recorder({"vae": ldm.vae}, ["vae.dec.mid.attn0"], kind) as mid:
-            assert caprun.decode_to_mid(ldm.vae, z) is None
+            assert decode_to_mid(ldm.vae, z) is None
     finally:
         h.remove()
     assert up == [1]                                             # the up blocks did not run the second time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sceneprobe.capture.run import probe_split
+from sceneprobe.capture.split_codes import probe_split
 from sceneprobe.capture.store import save_labels
 from sceneprobe.config import ProbeConfig
 from sceneprobe.probe.prompt_only import fit_ridge, load_embeddings, prompt_only_rows, save_embeddings

@@ -52,7 +52,7 @@ def noised_run(tmp_path_factory, tiny_cfg, tiny_data, tiny_run):
 def test_readout_file_aligns_with_the_test_rows_and_matches_the_labeller_on_the_png(noised_run, tiny_cfg):
     from PIL import Image
 
-    from sceneprobe.capture.run import x0_image_path
+    from sceneprobe.capture.images import x0_image_path
     from sceneprobe.capture.store import CaptureStore, load_labels
     from sceneprobe.labeller import Labeller
     torch.manual_seed(0)

@@ -88,7 +88,7 @@ def run_sd_study(cfg: Config, model: Path, prompts: Path, out: Path, *, labeller
     """Capture, label, probe and report one pipeline folder of any supported family (SD 1.x/2.x, SDXL, PixArt,
     SD3, FLUX: ``capture.pipelines.capture_functions``); returns ``RUN/report/report.html``."""
     from .capture.pipelines import capture_functions
-    from .capture.run import _state
+    from .capture.store_fill import _state
     from .capture.sd import read_prompts, sd_options
     from .study import Stages
     bad = [c for c in controls if c not in SD_CONTROLS]

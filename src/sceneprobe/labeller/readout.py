@@ -218,7 +218,7 @@ def run_readout(run: Path, protocol: str, labeller, target: str = "depth") -> Pa
     says the read-out scores itself (``readout_is_labels_labeller``)."""
     from PIL import Image
 
-    from ..capture.run import x0_image_path
+    from ..capture.images import x0_image_path
     from ..capture.store import CaptureStore, load_labels
     run = Path(run)
     store = CaptureStore(run / "captures" / protocol / "ldm")
