@@ -169,8 +169,10 @@ def run_capture_noised(pipe, model_path: Path, data, out: Path, opts: dict, *, s
     n = len(data)
     h, w = data.rgb.shape[1:3]
     ids = list(range(n))
+    import hashlib
     extra = {"protocol": "noised", "data": str(Path(data.root).resolve()), "names": list(data.names),
-             "noise_seed": int(seed), "noised_version": CAPTURE_VERSION}
+             "rgb_digest": hashlib.sha256(np.ascontiguousarray(data.rgb).tobytes()).hexdigest()[:16],  # new pixels:
+             "noise_seed": int(seed), "noised_version": CAPTURE_VERSION}                               # a new store
     m: PipelineModel = prepare_pipeline(model_path, None, **{**opts, "height": h, "width": w}, control=control,
                                         control_seed=control_seed, pipe=pipe, extra_identity=extra,
                                         prompt_rows=(list(captions) if captions else [""] * n, ids))
