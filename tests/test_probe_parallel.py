@@ -114,7 +114,7 @@ def _streamed(run, model: str, workers: int, parts=None) -> StreamedProbes:
     sp = sps[0]
     for other in sps[1:]:
         sp.merge(other)
-    sp.fit(depth[tr])
+    sp.fit(depth[tr], sal[tr])
     for k in range(0, len(va), 4):
         sp.val_batch(acts(sp, va[k:k + 4]))
     sp.choose(sp.standardise(depth[va]), sal[va])

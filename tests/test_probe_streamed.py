@@ -16,7 +16,7 @@ from sceneprobe.config import load_config  # noqa: E402
 from sceneprobe.study_sd import run_sd_study  # noqa: E402
 
 
-PROBE = {"layout": "none", "plain": False}   # the full store without layout channels, as streamed mode fits
+PROBE = {"plain": False}   # layout-fair probes (the default) in both modes; streamed mode fits no .noprior probe
 
 
 def _rows(path: Path) -> dict:
@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, extra in (("full", {"store": "full"}), ("exact", {"store": "streamed", "subsample": 4096}),
                         ("sub", {"store": "streamed", "subsample": 24})):
-        # the full store's probes without the layout channels (streamed mode fits features and intercept only)
+        # the full store's layout-fair probes against the streamed ones (the prior's channels from the streamed sums)
         cfg = load_config("cpu", None, {"capture": {**over["capture"], **extra},
                                         "probe": PROBE})
         run_sd_study(cfg, folder, prompts, root / name, progress=False, log=lambda s: None)
@@ -60,6 +60,9 @@ def test_streamed_depth_probes_equal_the_full_store(runs):
         for w in (we, ws):   # depth: exact from the streamed statistics, whatever the subsample
             torch.testing.assert_close(w["depth.weight"], wf["depth.weight"], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(w["depth.bias"], wf["depth.bias"], rtol=1e-4, atol=1e-6)
+            # layout-fair: the same prior channels (from the streamed per-position sums), the same free weights
+            torch.testing.assert_close(w["layout"], wf["layout"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w["depth.offset"], wf["depth.offset"], rtol=1e-4, atol=1e-5)
     for key, v in full.items():
         if key[3] == "depth" or key[0] == "baseline":
             for other in (exact, sub):
@@ -156,7 +159,7 @@ def test_streamed_under_accelerate_two_processes_equals_one(runs, tmp_path):
         pytest.skip("accelerate CLI is not installed in this environment")
     conf = tmp_path / "c.yaml"
     conf.write_text("capture: {steps: 2, batch_size: 5, height: 32, width: 32, store: streamed, subsample: 24, "
-                    "checkpoint_every: 1}\nprobe: {layout: none, plain: false}\n")
+                    "checkpoint_every: 1}\nprobe: {plain: false}\n")
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # two real processes (gloo) on a CPU machine: --multi_gpu starts them through torchrun, sceneprobe.processes makes

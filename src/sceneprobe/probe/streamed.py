@@ -11,6 +11,13 @@ the probes need is much less, and the sampling order can make each image be samp
    Besides, a fixed random subsample of ``capture.subsample`` native positions per image (all of them when the grid
    is that small) is kept for the saliency fit, with weights ``n_j·hw/m`` (an unbiased estimate of the full
    objective). Activations are rounded to ``capture.dtype`` first: exactly what a full store would hold.
+   With ``probe.layout: input`` (the default; :mod:`.layout`) each (site, step) also sums its activations over
+   the train images per native position, ``Σ_i x_i(j)`` (C, h·w) float64: the layout channels L_j are a function of
+   the train labels, known only once every train image is labelled, and with this sum the statistics of the
+   design [features | L | 1] follow by algebra — ``XᵀDL = Σ_j n_j (Σ_i x_i(j)) L_jᵀ``,
+   ``LᵀDL = N Σ_j n_j L_j L_jᵀ``, ``LᵀS = Σ_j L_j Σ_i S_i(j)`` — so the probes are the full store's layout-fair
+   ones (to float rounding), the prior's channels unpenalised as in the sweep. The subsample's positions are
+   drawn again from their seeds at fit time and get their L rows then.
 2. **fit**: depth = ridge for every λ from G and XᵀS (exact: the full store's probe, to float rounding); saliency =
    the sweep's IRLS logistic path on the subsample, started from the exact full-data first Newton step, then every
    λ refined to its float64 minimiser (:meth:`~.fit.LogisticSolver.converged_path`); λ below the first one whose
@@ -26,10 +33,12 @@ the probes need is much less, and the sampling order can make each image be samp
    over the position-only baseline, per-image arrays for the bootstrap, the baselines) is computed with the sweep's
    own functions from these predictions and the labels. Probe files and ``results.csv`` have the sweep's format.
 
-What it keeps (SD v1.x, 512 px, 617 images, PNDM's 16 U-Net calls): G on the device ≈ 1.5 GB per model; subsample
+What it keeps (SD v1.x, 512 px, 617 images, PNDM's 16 U-Net calls): G on the device ≈ 1.5 GB per model (with the
+layout: the per-position sums ≈ 1.7 GB more); subsample
 (64 positions, float16) ≈ 6.5 GB RAM; validation predictions ≈ 4 GB, test predictions ≈ 1.5 GB RAM. On disk: images,
 labels, probes — about 2 GB. The permuted control is scored against the model's labels (same seeds, same rows).
 The SD study's driver — processes, checkpoints and resume, ``accelerate launch`` — is :mod:`.streamed_sd`.
+The probe without the prior (the sweep's ``<model>.noprior`` rows) is not fitted in streamed mode.
 """
 from __future__ import annotations
 
@@ -45,13 +54,15 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import fail
+from . import baselines as bl
 from . import fit
+from . import layout as lay
 from . import sweep as sw
 from .metrics import NearestScorer, nanmean, ranks
 from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 
-STREAMED_VERSION = 3                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
-                                       # refined, λ below the convergence floor never chosen
+STREAMED_VERSION = 4                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
+                                       # refined, λ below the convergence floor never chosen; 4: layout-fair
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Acc:
     stats: fit.RidgeStats | None          # G (C+1, C+1), last column = intercept; B (C+1, 3): Xᵀ[raw target sum,
                                           # positives, pixels]; P = Σ pixels (float64, on the capture device)
     nonfinite: int = 0
+    xsum: torch.Tensor | None = None             # (C, h·w) float64: Σ over train images of x per native position
     sub: list = field(default_factory=list)     # [(image id, X (m, C+1) float16, n (m,), pos (m,))] per train image
     val: list = field(default_factory=list)     # [(b, 2L, h, w) float64]
     test: list = field(default_factory=list)    # [(b, 2, h, w) float64]
@@ -105,11 +117,15 @@ class StreamedProbes:
         self.m, self.dtype, self.pool = cc.subsample, getattr(torch, cc.dtype), cc.pool
         self.lams = list(pc.lambdas)
         self.fit_device, self.workers = resolve_device(pc.device), resolve_workers(pc.workers)
-        self.acc = {(s, t): Acc(fit.RidgeStats(c + 1, 3, device))
+        self.layout = pc.layout == "input"          # the prior as two unpenalised input channels (:mod:`.layout`)
+        self.acc = {(s, t): Acc(fit.RidgeStats(c + 1, 3, device),
+                                xsum=torch.zeros(c, h * w, dtype=torch.float64, device=device) if self.layout else None)
                     for s, (c, h, w) in self.shapes.items() for t in range(steps)}
         H, W = size
         self.count = {(h, w): fit.block_count(H, W, h, w) for c, h, w in self.shapes.values()}
         self.mean = self.std = None
+        self.layouts: dict[tuple[int, int], torch.Tensor] = {}   # (h, w) → layout channels (2, h, w), set by fit
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}      # (h, w) → (h·w, 3) train Σ_i [target, pos, n]
         self.seconds: dict[str, float] = {}          # probe work by phase (statistics, fit, predict, choose, metrics)
 
     @contextlib.contextmanager
@@ -151,18 +167,27 @@ class StreamedProbes:
             n = self.count[h, w].to(self.device).reshape(1, -1).expand(len(ids), -1).reshape(-1)   # (b·h·w,)
             X = _design(x)                                                          # (b·h·w, C+1)
             a.stats.add(X, n, torch.stack([dsum.reshape(-1), pos.reshape(-1), n], 1))
+            if a.xsum is not None:
+                a.xsum += x.double().sum(0).reshape(c, -1)
             hw = h * w
             k = min(self.m, hw)
             for j, i in enumerate(ids):                                             # the saliency subsample
-                if k == hw:
-                    sel = torch.arange(hw)
-                else:
-                    g = torch.Generator().manual_seed(int(i) * 1_000_003 + step * 7_919 + sorted(self.shapes).index(site))
-                    sel = torch.randperm(hw, generator=g)[:k].sort().values
+                sel = self._positions(int(i), site, step)
                 f = hw / k
                 rows = X[j * hw: (j + 1) * hw][sel.to(X.device)]
                 a.sub.append((int(i), rows.to(torch.float16).cpu(), (n[:hw][sel.to(n.device)] * f).cpu(),
                               (pos[j].reshape(-1)[sel.to(pos.device)] * f).cpu()))
+
+    def _positions(self, image: int, site: str, step: int) -> torch.Tensor:
+        """The native positions (sorted, (k,) int64) of one train image's saliency subsample at (site, step): a fixed
+        function of the image id, step and site, so the fit can draw them again (for their layout rows)."""
+        _, h, w = self.shapes[site]
+        hw = h * w
+        k = min(self.m, hw)
+        if k == hw:
+            return torch.arange(hw)
+        g = torch.Generator().manual_seed(image * 1_000_003 + step * 7_919 + sorted(self.shapes).index(site))
+        return torch.randperm(hw, generator=g)[:k].sort().values
 
     def merge(self, other: "StreamedProbes") -> None:
         """Add the train statistics and subsample of another accumulator that saw other train images (another rank's
@@ -173,17 +198,25 @@ class StreamedProbes:
         for key, a in self.acc.items():
             b = other.acc[key]
             a.stats.merge(b.stats)
+            if a.xsum is not None:
+                a.xsum += b.xsum.to(a.xsum.device)
             a.nonfinite += b.nonfinite
             a.sub.extend(b.sub)
 
     def _predict(self, x: torch.Tensor, thetas: torch.Tensor) -> np.ndarray:
-        """Native predictions x·w + b for every θ (K, d): (b, K, h, w) float64 (the sweep's :func:`_predict`)."""
+        """Native predictions x·w + L·v + b for every θ (K, d) = [w | v | b]: (b, K, h, w) float64 (the sweep's
+        :func:`_predict`; L the layout channels at this size, when the probes read them)."""
         x, _ = _clean(x)
         th = thetas.to(device=x.device, dtype=torch.float64)
-        C = x.shape[1]
+        C, (h, w) = x.shape[1], x.shape[2:]
         z = torch.einsum("nchw,kc->nkhw", x.double(), th[:, :C])
-        if th.shape[1] > C:
-            z = z + th[:, C][None, :, None, None]
+        k = 0
+        if self.layout:
+            L = self.layouts[h, w].to(x.device)                                   # (2, h, w)
+            k = L.shape[0]
+            z = z + torch.einsum("khw,nk->nhw", L, th[:, C:C + k])[None]
+        if th.shape[1] > C + k:
+            z = z + th[:, C + k][None, :, None, None]
         return z.cpu().numpy()
 
     def val_batch(self, acts: dict) -> None:
@@ -199,32 +232,72 @@ class StreamedProbes:
                 a.test.append(self._predict(x, torch.stack([a.theta_d[a.pick[0]], a.theta_s[a.pick[1]]])))
 
     # -------------------------------------------------------------------------------------------- fits
-    def fit(self, train_target: np.ndarray, progress: bool = False) -> None:
-        """All probes from the train statistics; ``train_target`` (n, H, W) float32 sets the standardisation.
+    def fit(self, train_target: np.ndarray, train_saliency: np.ndarray | None = None, progress: bool = False) -> None:
+        """All probes from the train statistics; ``train_target`` (n, H, W) float32 sets the standardisation and,
+        with ``train_saliency`` (n, H, W) {0, 1}, the layout channels at every native size (the position-only
+        baseline's maps, as the sweep's ``labels.prior``).
 
         Runs on ``probe.device`` with ``probe.workers`` probes at once (:mod:`.parallel`)."""
         t = train_target.astype(np.float64)
         self.mean, std = float(t.mean()), float(t.std())
         self.std = std if std > 0 else 1.0
+        if self.layout:
+            if train_saliency is None:
+                raise ValueError("layout-fair streamed probes need the train saliency labels")
+            std_t, every = self.standardise(train_target), np.ones(len(train_target), bool)
+            for h, w in self.count:
+                n = self.count[h, w].numpy()
+                dstd, pos = fit.block_sum(std_t, h, w).numpy(), fit.block_sum(train_saliency, h, w).numpy()
+                dmap, rate = bl.fit_prior(n, dstd, pos, every)
+                self.layouts[h, w] = lay.maps(bl.Prior(dmap, rate, 0.0))
+                raw = fit.block_sum(train_target, h, w).sum(0).reshape(-1)           # Σ_i raw target sum per j
+                self.sums[h, w] = torch.stack([raw, torch.from_numpy(pos.sum(0).reshape(-1)),
+                                               len(train_target) * self.count[h, w].reshape(-1)], 1)
         bar = tqdm(total=len(self.acc), desc="fit", disable=not progress)
         with single_threaded(1), self.timed("fit"):
             map_ordered(self._fit_one, list(self.acc), self.workers, lambda *_: bar.update(1))
         bar.close()
 
+    def _with_layout(self, a: Acc, site: str, G: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statistics of the design [features (C) | layout (k) | 1] from those of [features | 1] and the
+        per-position sums (module docstring): G (C+k+1)², B (C+k+1, 3), still in the raw target."""
+        C, h, w = self.shapes[site]
+        dev = G.device
+        n = self.count[h, w].reshape(-1).to(dev)                                   # (hw,) pixels per position
+        Lr = lay.rows(self.layouts[h, w]).to(dev)                                  # (hw, k)
+        N = self.sums[h, w][0, 2].item() / n[0].item()                             # train images
+        xs = a.xsum.to(dev)                                                        # (C, hw)
+        nL = Lr * n[:, None]
+        k = Lr.shape[1]
+        Gn = torch.zeros(C + k + 1, C + k + 1, dtype=torch.float64, device=dev)
+        Gn[:C, :C], Gn[:C, -1], Gn[-1, :C], Gn[-1, -1] = G[:C, :C], G[:C, C], G[C, :C], G[C, C]
+        Gn[:C, C:C + k] = xs @ nL                                                  # Σ_j n_j (Σ_i x_i(j)) L_jᵀ
+        Gn[C:C + k, :C] = Gn[:C, C:C + k].T
+        Gn[C:C + k, C:C + k] = N * (Lr.T @ nL)
+        Gn[C:C + k, -1] = Gn[-1, C:C + k] = N * nL.sum(0)
+        Bn = torch.cat([B[:C], Lr.T @ self.sums[h, w].to(dev), B[C:C + 1]])
+        return Gn, Bn
+
     def _fit_one(self, key: tuple[str, int]) -> None:
         site, step = key
         a, bias, lams, dev = self.acc[key], self.pc.bias, self.lams, self.fit_device
         C = self.shapes[site][0]
-        d = C + int(bias)
         G, B = a.stats.G.to(dev), a.stats.B.to(dev).clone()
+        k = 0
+        if self.layout:
+            G, B = self._with_layout(a, site, G, B)
+            k = self.layouts[self.shapes[site][1:]].shape[0]
+        d = C + k + int(bias)
         B[:, 0] = (B[:, 0] - self.mean * B[:, 2]) / self.std                       # standardised target sums
         stats = fit.RidgeStats(d, 3, dev)
         stats.G, stats.B, stats.P = G[:d, :d].clone(), B[:d].clone(), a.stats.P
         scale = fit.feature_scale(stats.G, stats.P, C)
-        penalty = fit.penalty_mask(d, bias, dev) * scale ** 2
-        a.theta_d = fit.ridge_path(stats, lams, bias, scale)[:, :, 0]              # (L, d)
+        mask = fit.penalty_mask(d, bias, dev)
+        mask[C:C + k] = 0.0                                                        # the layout's weights are free
+        penalty = mask * scale ** 2
+        a.theta_d = fit.ridge_path(stats, lams, bias, scale, mask)[:, :, 0]        # (L, d)
         init = fit.logistic_first_step(stats.G, stats.B[:, 1], stats.B[:, 2], stats.P, max(lams), penalty)
-        chunks = self._chunks(a, d, dev)                                          # the subsample in float32
+        chunks = self._chunks(a, key, dev)                                        # the subsample in float32
         per_image = min(self.m, self.shapes[site][1] * self.shapes[site][2])     # subsample rows per image
         solver = fit.LogisticSolver(lambda: chunks, stats.P, penalty, sum(len(c[0]) for c in chunks),
                                     period=per_image)
@@ -233,17 +306,26 @@ class StreamedProbes:
         a.scale = scale
         # nothing after the fit needs the subsample or the solver's float32 copy of it (the chosen probe is already
         # refined): both are freed here, with the statistics' device memory, not kept until λ is chosen
-        a.stats = a.sub = None
+        a.stats = a.sub = a.xsum = None
         del solver, chunks
 
-    @staticmethod
-    def _chunks(a: Acc, d: int, device=torch.device("cpu"), per: int = 64) -> list:
-        """The subsample as the solver's chunks (64 images each, as the sweep's), on the solver's device."""
+    def _chunks(self, a: Acc, key: tuple[str, int], device=torch.device("cpu"), per: int = 64) -> list:
+        """The subsample as the solver's chunks (64 images each, as the sweep's), on the solver's device: rows
+        [features | layout | 1] (the layout rows of each image's positions, drawn again from their seeds)."""
+        site, step = key
+        C, h, w = self.shapes[site]
+        Lr = lay.rows(self.layouts[h, w]).to(torch.float32) if self.layout else None
+
+        def rows(p) -> torch.Tensor:
+            X = p[1].to(torch.float32)
+            parts = [X[:, :C]] + ([Lr[self._positions(p[0], site, step)]] if Lr is not None else []) + \
+                ([X[:, C:C + 1]] if self.pc.bias else [])
+            return torch.cat(parts, 1)
         out = []
         sub = sorted(a.sub, key=lambda p: p[0])                                   # image order, however they came
         for i in range(0, len(sub), per):
             part = sub[i:i + per]
-            out.append((torch.cat([p[1][:, :d] for p in part]).to(device, torch.float32),
+            out.append((torch.cat([rows(p) for p in part]).to(device, torch.float32),
                         torch.cat([p[2] for p in part]).to(device, torch.float64),
                         torch.cat([p[3] for p in part]).to(device, torch.float64)))
         return out
@@ -325,7 +407,7 @@ class StreamedProbes:
                         lambda_edge=edge.get(task, "")) for (task, split, metric), v in scores.items()]
         probe = sw.Probe(a.theta_d[i_d].cpu(), a.theta_s[i_s].cpu(), a.scale.cpu(), (lams[i_d], lams[i_s]),
                          {"depth": ("lambda", lams[i_d]), "saliency": ("lambda", lams[i_s])}, a.nonfinite,
-                         threshold=a.tau)
+                         threshold=a.tau, layout=self.layouts.get((h, w)) if self.layout else None)
         tensors = sw.probe_tensors(probe, C, pc.bias, labels)
         tensors.update({f"test.{task}.{metric}": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
                         for (task, metric), v in per_image.items()})

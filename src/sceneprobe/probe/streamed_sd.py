@@ -116,10 +116,11 @@ class Checkpoints:
 
 def _stats_state(sp: StreamedProbes, digests: dict[int, str]) -> dict:
     """A rank's running statistics and exactly which train chunks they include: ids and the chunk files' digests."""
-    return {"chunks": sorted(digests), "digests": [digests[c] for c in sorted(digests)], "stats": {key: {"G": a.stats.G.cpu(), "B": a.stats.B.cpu(),
-                                                    "P": torch.tensor(a.stats.P, dtype=torch.float64),
-                                                    "nonfinite": torch.tensor(a.nonfinite)}
-                                              for key, a in sp.acc.items()}}
+    return {"chunks": sorted(digests), "digests": [digests[c] for c in sorted(digests)],
+            "stats": {key: {"G": a.stats.G.cpu(), "B": a.stats.B.cpu(),
+                            "P": torch.tensor(a.stats.P, dtype=torch.float64), "nonfinite": torch.tensor(a.nonfinite),
+                            **({"xsum": a.xsum.cpu()} if a.xsum is not None else {})}
+                      for key, a in sp.acc.items()}}
 
 
 def _add_stats(sp: StreamedProbes, state: dict) -> None:
@@ -129,6 +130,8 @@ def _add_stats(sp: StreamedProbes, state: dict) -> None:
         other = fit.RidgeStats(a.stats.d, a.stats.k, "cpu")
         other.G, other.B, other.P = s["G"], s["B"], float(s["P"])
         a.stats.merge(other)
+        if a.xsum is not None:
+            a.xsum += s["xsum"].to(a.xsum.device)
         a.nonfinite += int(s["nonfinite"])
 
 
@@ -247,7 +250,7 @@ def stream_model(m, cfg: Config, proot: Path, model: str, control: str | None, l
                 for key, rows in part["sub"].items():
                     sp.acc[key].sub.extend(rows)
         train = np.flatnonzero(split == 0)
-        sp.fit(target_of(depth_all[train], pc.depth_target))
+        sp.fit(target_of(depth_all[train], pc.depth_target), sal_all[train])
         if world > 1:
             _save(ck.dir / "probes.pt", {key: {"theta_d": a.theta_d.cpu(), "theta_s": a.theta_s.cpu()}
                                          for key, a in sp.acc.items()})
