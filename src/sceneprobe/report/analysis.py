@@ -35,7 +35,7 @@ from ..probe.baselines import BASELINE_MODEL
 from ..probe.sweep import _fmt_value, per_image_key
 from . import emergence as emg
 from .estimates import Analyzer, Est
-from .results_index import EST_TAG, MAIN_MODEL, TASKS, Point, Results
+from .results_index import EST_TAG, MAIN_MODEL, TASKS, Point, Results, is_prompt_baseline
 
 
 def val_gain(res: Results, protocol: str, p: Point, task: str, pos_site: str) -> float | None:
@@ -69,7 +69,8 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
     """Estimates (added to ``an.ests``) and the structured findings the summary renders for one protocol."""
     res = an.res
     f: dict = {"groups": {}, "strongest": {}, "encodes": {}, "controls": {}, "vae_enc": {}, "vae_dec_steps": {},
-               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}, "vs_input": {}}
+               "unet_vs_vae": {}, "emergence": {}, "readout": {}, "edges": {}, "baselines": {}, "vs_input": {},
+               "text": {}}
     groups = res.groups(protocol)
     f["positions"] = {s: an.position(protocol, s) for m in res.models(protocol) for s in res.sites(protocol, m)}
     steps = res.steps(protocol, MAIN_MODEL, "unet") or res.steps(protocol)
@@ -103,6 +104,20 @@ def analyse_protocol(an: Analyzer, protocol: str, readout=None) -> dict:
                 f["controls"].setdefault(task, {})[(model, fam)] = an.ests_add(
                     an.vs_probe(protocol, main["best"], other["best"], task, f"{model}:{other['best'].site}"
                                 f"@{other['best'].step}"))
+        # the text as a control (pipeline studies): the U-Net against the strongest text-free baseline, the
+        # strongest prompt-only probe (what the prompt alone predicts, with the layout) and its unconditional half
+        if u:
+            text = {}
+            no_text = res.strongest_baseline(protocol, task, keep=lambda s: not is_prompt_baseline(s))
+            prompt = res.strongest_baseline(protocol, task, keep=is_prompt_baseline)
+            if prompt is not None:
+                text["layout"] = an.ests_add(an.vs_baseline(protocol, u["best"], task, no_text)) if no_text else None
+                text["prompt"] = an.ests_add(an.vs_baseline(protocol, u["best"], task, prompt))
+                text["prompt_site"], text["layout_site"] = prompt, no_text
+            if ("uncond", "unet") in f["controls"].get(task, {}):
+                text["uncond"] = f["controls"][task][("uncond", "unet")]
+            if text:
+                f["text"][task] = text
         enc = f["groups"].get((MAIN_MODEL, "vae.enc"), {}).get(task)
         if enc and strongest is not None:
             f["vae_enc"][task] = enc["vs_strongest"]

@@ -47,6 +47,11 @@ def group_label(model: str, fam: str) -> str:
     return names.get((model, fam), f"{model} / {fam}")
 
 
+def is_prompt_baseline(site: str) -> bool:
+    """A prompt-only baseline (``prompt@{h}x{w}``, :mod:`sceneprobe.probe.prompt_only`): it reads the text."""
+    return site.startswith("prompt@")
+
+
 def baseline_label(site: str) -> str:
     if site == MEAN_MAP:
         return "mean map (val threshold)"
@@ -141,10 +146,11 @@ class Results:
         c = [p for p in self.curve(protocol, model, fam, task) if steps is None or p.step in steps]
         return max(c, key=lambda p: (p.val, -p.step)) if c else None
 
-    def strongest_baseline(self, protocol: str, task: str) -> str | None:
-        """The baseline with the best validation score (saliency: Dice; depth: lowest MSE)."""
+    def strongest_baseline(self, protocol: str, task: str, keep=None) -> str | None:
+        """The baseline with the best validation score (saliency: Dice; depth: lowest MSE); ``keep(site)``: only
+        among the baselines it accepts (e.g. the text-free ones)."""
         metric, sign = ("dice", 1) if task == "saliency" else ("mse", -1)
-        c = [(sign * v, s) for s in self.baselines(protocol, task)
+        c = [(sign * v, s) for s in self.baselines(protocol, task) if keep is None or keep(s)
              if (v := self.baseline(protocol, s, task, "val", metric)) is not None and v == v]
         return max(c)[1] if c else None
 

@@ -203,6 +203,47 @@ def _controls_table(res: Results, protocol: str, f: dict) -> list[str]:
     return L + [""]
 
 
+def _text_control(f: dict) -> list[str]:
+    """How much of "the U-Net encodes the scene beyond the layout" survives the text: the prompt alone (a probe on
+    the pooled text embedding with the layout prior) and the model's own unconditional half of the CFG batch."""
+    if not f["text"]:
+        return []
+    L = ["### How much survives the text as a control?", "",
+         "A text-conditioned model may encode partly what the prompt already says. Rivals: the best **prompt-only** "
+         "probe (the pooled text embedding with the layout prior, fitted and tuned like the probes) and the "
+         "U-Net's own **unconditional** half (same pass, same images, no text). The U-Net's best probe against each "
+         "(saliency: Dice difference; depth: skill over it; 95 % CI, verdict):", "",
+         "| task | − strongest text-free baseline | − best prompt-only probe | − its unconditional half |",
+         "|---|---|---|---|"]
+    for task in ("saliency", "depth"):
+        t = f["text"].get(task)
+        if t:
+            cell = lambda e: f"{_ci(e)} ({_v(e)})" if e is not None else "n/a"      # noqa: E731
+            L.append(f"| {task} | {cell(t.get('layout'))} | {cell(t.get('prompt'))} | {cell(t.get('uncond'))} |")
+    L.append("")
+    for task in ("saliency", "depth"):
+        t = f["text"].get(task)
+        if not t:
+            continue
+        lay_v, pr_v = _v(t.get("layout")), _v(t.get("prompt"))
+        if "prompt" in t:
+            if lay_v == "yes":
+                what = {"yes": "survives the prompt: the U-Net is above what the prompt alone predicts",
+                        "no": "does **not** survive the prompt: the prompt alone predicts as much",
+                        }.get(pr_v, "is inconclusive against the prompt alone")
+                L.append(f"- **{task}**: the verdict \"beyond the layout\" {what}.")
+            else:
+                L.append(f"- **{task}**: no \"beyond the layout\" verdict to test against the prompt "
+                         f"(vs the text-free baseline: {lay_v}).")
+        if "uncond" in t:
+            uv = _v(t["uncond"])
+            L.append(f"  - against its unconditional half: {uv} — "
+                     + ("the text adds to what the U-Net holds." if uv == "yes" else
+                        "the U-Net holds about as much without the text." if uv == "no" else
+                        "no clear difference either way."))
+    return L + [""]
+
+
 def _readout(f: dict, protocol: str) -> list[str]:
     if not any(f["readout"].values()):
         return []
@@ -264,6 +305,7 @@ def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,
     L += _emergence(f)
     L += _vae(f, rc)
     L += _controls_table(res, protocol, f)
+    L += _text_control(f)
     L += _readout(f, protocol)
     L += paper_comparison(f, protocol, [c for c in interventions or [] if c.get("protocol") == protocol], rc)
     tag = TAG.get(protocol, "labels: see above")
