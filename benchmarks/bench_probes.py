@@ -1,19 +1,33 @@
-"""Exact probes vs the paper's Adam trainer: time per probe and test metrics, on one capture.
+"""Exact probes vs the paper's Adam trainer, and the `probes` stage before/after a revision, on one capture.
 
     python benchmarks/bench_probes.py --run runs/default          # every store of a real run
     python benchmarks/bench_probes.py                             # a synthetic store with planted signal
+    python benchmarks/bench_probes.py --run runs/default --baseline 5932953   # the stage against that revision
 
-The exact sweep (ridge + IRLS, λ chosen on val) runs on every (store, site, step), both tasks; the Adam trainer
-(lr 1e-3, 30 epochs, batch 4, checkpoint on val loss) on a few (site, step) pairs of the first store. Both times
-include scoring on val and test. Nothing is written to the run folder. The last lines are the figures.
+1. Per probe: the exact sweep (ridge + IRLS, λ chosen on val) on every (store, site, step), both tasks, against the
+   Adam trainer (lr 1e-3, 30 epochs, batch 4, checkpoint on val loss) on a few (site, step) pairs of the first store.
+   Both times include scoring on val and test. Goal (issue 23): ≥ 20× at equal or better test metrics.
+2. The `probes` stage as `make run` runs it (``run_probes`` with the default probe config: every core as a worker,
+   one thread each) on the same captures, once with this checkout's code and once with the code of ``--baseline``
+   (extracted with ``git archive``), each in a fresh process, into temporary folders (the run's captures are only
+   read). Goal: halved. Then how results.csv changed: the largest |Δ| per metric and the probes whose chosen λ or
+   threshold moved.
+
+Nothing is written to the run folder. The last lines are the figures.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import json
+import os
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,11 +36,82 @@ from threadpoolctl import threadpool_limits
 from sceneprobe.capture.store import CaptureStore
 from sceneprobe.config import ProbeConfig
 from sceneprobe.probe import sweep
+from sceneprobe.probe.layout import is_plain
 from sceneprobe.probe.synthetic import synthetic_run
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "5932953"            # the last revision before issue 23's probe work (one Cholesky per λ, …)
+STAGE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import sceneprobe
+from sceneprobe.config import ProbeConfig
+from sceneprobe.probe.sweep import run_probes
+t = time.perf_counter()
+run_probes(Path(sys.argv[2]), ProbeConfig(), progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t, "module": sceneprobe.__file__}))
+"""
 
 
 def _scores(rows):
-    return {(r["task"], r["metric"]): r["value"] for r in rows if r["split"] == "test"}
+    """Test metrics of the layout-fair probe (the plain probe fitted beside it has its own rows: left out)."""
+    return {(r["task"], r["metric"]): r["value"] for r in rows if r["split"] == "test" and not is_plain(r["model"])}
+
+
+def _source(rev: str | None, into: Path) -> Path:
+    """The ``src`` folder of ``rev`` (``git archive``), or this checkout's when rev is None."""
+    if rev is None:
+        return REPO / "src"
+    into.mkdir(parents=True, exist_ok=True)
+    tar = into / "src.tar"
+    with open(tar, "wb") as f:
+        subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], stdout=f, check=True)
+    with tarfile.open(tar) as t:
+        t.extractall(into, filter="data")
+    return into / "src"
+
+
+def _stage(src: Path, run: Path, into: Path) -> tuple[float, Path]:
+    """Seconds of ``run_probes`` with the code under ``src`` on the captures of ``run`` (linked), in a new process."""
+    into.mkdir(parents=True)
+    (into / "captures").symlink_to(run.resolve() / "captures")
+    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", STAGE, str(src), str(into)], env=env, check=True,
+                         capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(res["module"]).resolve().is_relative_to(src.resolve()), res["module"]   # the code we meant to time
+    return res["seconds"], into / "report" / "results.csv"
+
+
+def _read(path: Path) -> dict:
+    with open(path, newline="") as f:
+        return {(r["protocol"], r["model"], r["site"], r["step"], r["task"], r["split"], r["metric"]): r["value"]
+                for r in csv.DictReader(f)}
+
+
+def compare_results(before: Path, after: Path) -> list[str]:
+    """Lines: byte-identical or not; max |Δ| per (task, metric); probes whose val-chosen λ or τ changed."""
+    if before.read_bytes() == after.read_bytes():
+        return ["results.csv: byte-identical"]
+    a, b = _read(before), _read(after)
+    lines = [f"results.csv: {len(a)} rows before, {len(b)} after, {len(set(a) ^ set(b))} rows only in one"]
+    diff = defaultdict(float)
+    where = {}
+    for k in sorted(set(a) & set(b)):
+        x, y = float(a[k]), float(b[k])
+        d = abs(x - y) if x == x and y == y else (0.0 if x != x and y != y else float("inf"))
+        if d > diff[k[4], k[6]]:
+            diff[k[4], k[6]], where[k[4], k[6]] = d, k
+    changed = sorted(k for k in diff if diff[k] > 0)
+    lines.append("max |after - before| per metric (val and test; 0 elsewhere): " + (", ".join(
+        f"{t}.{m} {diff[t, m]:.3g}" for t, m in changed) or "none"))
+    for choice in ("lambda", "threshold"):
+        moved = [k for k in set(a) & set(b) if k[6] == choice and k[5] == "val" and a[k] != b[k]]
+        total = sum(1 for k in a if k[6] == choice and k[5] == "val")
+        lines.append(f"val-chosen {choice} changed in {len(moved)} of {total} probes" + "".join(
+            f"\n  {k[0]}/{k[1]}/{k[2]}/step {k[3]} {k[4]}: {a[k]} -> {b[k]}" for k in sorted(moved)[:12]))
+    return lines
 
 
 def main(argv=None) -> int:
@@ -36,14 +121,15 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=30, help="Adam epochs (the paper: 30)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for both solvers")
     ap.add_argument("--repeat", type=int, default=2, help="exact sweep repeats (best time is kept)")
+    ap.add_argument("--baseline", default=BASELINE, help="git revision the probes stage is compared with")
+    ap.add_argument("--no-stage", action="store_true", help="skip the probes-stage comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)                      # numpy's BLAS too (the exact solver's float64 products)
-    tmp = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench_probes_")
     if args.run is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_probes_")
-        run = synthetic_run(Path(tmp.name), n=256, channels=64, size=64, steps=3, noise=1.0, models=("ldm",),
-                            sites={"unet.down0.attn0": 16, "unet.up1.attn0": 16})
+        run = synthetic_run(Path(tmp.name) / "synthetic", n=256, channels=64, size=64, steps=3, noise=1.0,
+                            models=("ldm",), sites={"unet.down0.attn0": 16, "unet.up1.attn0": 16})
         what = "synthetic store (planted signal): N=256, C=64, 16x16 sites, 64x64 labels, 2 sites x 3 steps"
     else:
         run = Path(args.run)
@@ -62,7 +148,7 @@ def main(argv=None) -> int:
         for labels, stores in groups:
             for store in stores:
                 for site in store.sites:
-                    for step in store.steps:
+                    for step in store.site_steps(site):
                         _, rows = sweep.probe_one(store, site, step, labels, cfg)
                         exact_rows[(store.root, site, step)] = rows
                         n_pairs += 1
@@ -70,8 +156,8 @@ def main(argv=None) -> int:
     t_exact = min(times) / (2 * n_pairs)
 
     labels, stores = groups[0]
-    store = stores[0]
-    all_pairs = [(s, st) for s in store.sites for st in store.steps]
+    store = next((s for s in stores if s.root.name == "ldm"), stores[0])   # the trained model, not a control
+    all_pairs = [(s, st) for s in store.sites for st in store.site_steps(s)]
     k = min(args.pairs, len(all_pairs))
     picks = [all_pairs[round(i * (len(all_pairs) - 1) / max(k - 1, 1))] for i in range(k)]
     adam_cfg = dataclasses.replace(cfg, solver="adam", epochs=args.epochs)
@@ -92,18 +178,42 @@ def main(argv=None) -> int:
             for kk in keys:
                 sums[name][kk] += sc[kk] / len(picks)
             print(f"{site:<24}{step:>5}  " + "  ".join(f"{sc[kk]:>12.4f}" for kk in keys) + f"  {name}")
-    diff = ", ".join(f"{m} {sums['exact'][(t, m)] - sums['adam'][(t, m)]:+.4f}" for t, m in keys)
+    delta = {(t, m): sums["exact"][(t, m)] - sums["adam"][(t, m)] for t, m in keys}
+    diff = ", ".join(f"{m} {delta[(t, m)]:+.4f}" for t, m in keys)
+    as_good = all((d <= 0) if m == "rmse" else (d >= 0) for (t, m), d in delta.items())
+
+    stage = []
+    if not args.no_stage:
+        base = Path(tmp.name)
+        try:
+            src_before = _source(args.baseline, base / "baseline")
+        except (OSError, subprocess.CalledProcessError) as e:
+            stage = [f"probes stage: skipped (no git revision {args.baseline}: {type(e).__name__})"]
+        else:
+            t_before, csv_before = _stage(src_before, run, base / "before")
+            t_after, csv_after = _stage(_source(None, base), run, base / "after")
+            w = sweep.resolve_workers(cfg.workers)
+            stage = compare_results(csv_before, csv_after) + [
+                f"probes stage (run_probes, {w} workers x 1 thread, same captures): before {t_before:.1f} s "
+                f"(revision {args.baseline}), after {t_after:.1f} s (this checkout): {t_before / t_after:.2f}x faster "
+                f"(goal: halved, >= 2x: {'met' if t_before >= 2 * t_after else 'not met'})"]
+
     print(f"\nexact sweep: {n_pairs} (site, step) pairs x 2 tasks in {t_exact * 2 * n_pairs:.2f} s "
           f"(best of {args.repeat})")
-    print(f"exact: {t_exact:.3f} s per probe ({2 * n_pairs} probes, threads={args.threads})")
-    print(f"adam:  {t_adam:.3f} s per probe ({2 * len(picks)} probes, {args.epochs} epochs, threads={args.threads})")
-    print(f"speed-up: {t_adam / t_exact:.1f}x (goal >= 20x)")
     for name in ("exact", "adam"):
         print(f"{name} mean test over the adam pairs: dice {sums[name][('saliency', 'dice')]:.4f}, "
               f"spearman {sums[name][('depth', 'spearman')]:.4f}, rmse {sums[name][('depth', 'rmse')]:.4f}")
     print(f"exact - adam (higher is better but rmse): {diff}")
-    if tmp is not None:
-        tmp.cleanup()
+    for line in stage[:-1]:                              # how results.csv changed
+        print(line)
+    print(f"exact: {t_exact:.3f} s per probe ({2 * n_pairs} probes, threads={args.threads})")
+    print(f"adam:  {t_adam:.3f} s per probe ({2 * len(picks)} probes, {args.epochs} epochs, threads={args.threads})")
+    ok = t_adam / t_exact >= 20 and as_good
+    print(f"speed-up: {t_adam / t_exact:.1f}x at {'equal or better' if as_good else 'WORSE'} test metrics "
+          f"(goal >= 20x at equal or better test metrics: {'met' if ok else 'not met'})")
+    if stage:
+        print(stage[-1])                                 # the stage's times, last
+    tmp.cleanup()
     return 0
 
 
