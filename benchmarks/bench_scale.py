@@ -9,7 +9,8 @@ family and each site selection it prints
 * **full store**: activations on disk per image (``capture.dtype`` float16, every site, every step) and for the
   paper's 617 prompts;
 * **streamed** (``capture.store: streamed``, :mod:`sceneprobe.probe.streamed`): on the GPU, the float64 Gram matrix
-  G = XᵀX of every (site, step), (C+1)² × 8 bytes, beside the weights (fp16/bf16; the text encoders are freed after
+  G = XᵀX of every (site, step), (C+1)² × 8 bytes, and the per-position sums of the layout-fair fit, C × tokens × 8
+  bytes (column "G"), beside the weights (fp16/bf16; the text encoders are freed after
   the prompts are encoded, so they count only while encoding); in RAM, the saliency subsample
   (``capture.subsample`` = 64 positions × (C+1) float16 per train image and (site, step)), the validation
   predictions (2 tasks × 11 λ × tokens float64 per val image and pair) and the test predictions (2 × tokens);
@@ -133,6 +134,7 @@ def arithmetic(rows, steps: int, weights_b: float, text_b: float, gpu_gb: float)
     pairs = len(rows) * steps
     store = sum(t * c * 2 for _, t, c in rows) * steps                         # bytes per image, float16
     gram = sum((c + 1) ** 2 * 8 for _, _, c in rows) * steps                    # bytes on the GPU, per model
+    gram += sum(c * t * 8 for _, t, c in rows) * steps       # + the layout-fair per-position sums Σ_i x_i(j)
     sub = sum(SUBSAMPLE * (c + 1) * 2 for _, _, c in rows) * steps * N_TRAIN     # RAM
     val = sum(2 * N_LAMBDAS * t * 8 for _, t, _ in rows) * steps * N_VAL        # RAM
     test = sum(2 * t * 8 for _, t, _ in rows) * steps * N_TEST                   # RAM
@@ -182,7 +184,8 @@ def main() -> None:
                   f"{r['test'] / GB:>6.1f}GB")
         del den, vae
     print("\nstore/img: every site's activations of every step for one image (float16); G: the streamed float64 "
-          "statistics, (C+1)² per (site, step), held on the GPU for the whole train pass; batch/img: the float32 "
+          "statistics, (C+1)² per (site, step), and the layout-fair per-position sums, C × tokens, held on the GPU for the "
+          "whole train pass; batch/img: the float32 "
           "readings of every step one image of a streamed batch holds on the GPU until it is labelled; max batch: "
           "images per batch that fit beside weights + G + 2 GB (NONE: not even one — choose fewer sites or steps "
           "with capture.sites / capture.steps). The text encoders (+text) are loaded only while the prompts are "

@@ -20,7 +20,7 @@ from sceneprobe.cli import main  # noqa: E402
 
 # batches of 2: train 7 images → 4 chunks (checkpoint_every 1), val 2 → 1, test 3 → 2 (sampling calls 1–4, 5, 6–7)
 STREAMED = ("capture: {steps: 2, batch_size: 2, height: 32, width: 32, store: streamed, subsample: 24, "
-            "checkpoint_every: 1}\nprobe: {layout: none, plain: false}\n")
+            "checkpoint_every: 1}\nprobe: {plain: false}\n")        # layout-fair probes, as every study's
 
 
 def _outputs(run: Path) -> dict:
@@ -132,3 +132,21 @@ def test_run_model_bad_input_is_one_line(root, tmp_path, capsys):
     code, _, err = run_cli(capsys, ["run", "--model", folder, "--sd", folder, "--prompts", root / "p.csv",
                                     "--out", tmp_path / "o"])
     assert_one_line_error(code, err, "once")
+
+
+def test_capture_sites_selects_by_name_or_pattern_and_refuses_a_pattern_matching_none(tmp_path, capsys):
+    """``capture.sites``: canonical names or shell patterns, in the model's site order; a pattern that names no
+    site is one line listing the sites."""
+    from sceneprobe.capture.pipelines import prepare_pipeline
+    folder = BUILDERS["flux"](tmp_path / "flux")
+    csv_ = tmp_path / "p.csv"
+    csv_.write_text("prompt,seed\na red ball,1\n")
+    m = prepare_pipeline(folder, csv_, steps=1, height=32, width=32, sites=["vae.*", "flux.double*"])
+    assert m.denoiser_sites == ["flux.double0.attn.img"] and m.vae_sites == ["vae.dec.mid.attn0"]
+    assert m.identity["sites"] == ["flux.double0.attn.img", "vae.dec.mid.attn0"]    # another selection, another store
+    (tmp_path / "bad.yaml").write_text("capture: {steps: 1, height: 32, width: 32, sites: [flux.triple*]}\n")
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, ["run", "--model", folder, "--prompts", csv_, "--config", tmp_path / "bad.yaml",
+                                    "--controls", "none", "--out", tmp_path / "o", "--no-progress"])
+    assert_one_line_error(code, err, "flux.triple*")
+    assert "flux.single0.attn" in err

@@ -335,6 +335,8 @@ def _run_sd(args) -> Path:
     if args.store:
         over.setdefault("capture", {})["store"] = args.store
     cfg = _config(args, over)
+    from .models.families import check_site_selection
+    check_site_selection(Path(folder), cfg.capture.sites, option)      # from the configs, before any weight is read
     controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
     return run_sd_study(cfg, Path(folder), Path(args.prompts), Path(args.out),
                         labeller=Path(args.labeller) if args.labeller else None,
@@ -355,9 +357,11 @@ def _run_noised(args, option: str, folder: str) -> Path:
     if args.store:
         over.setdefault("capture", {})["store"] = args.store
     cfg = _config(args, over)
+    from .models.families import check_site_selection
+    check_site_selection(Path(folder), cfg.capture.sites, option)
     controls = [] if args.controls in ("", "none") else [c.strip() for c in args.controls.split(",") if c.strip()]
     return run_noised_study(cfg, Path(folder), Path(args.data), Path(args.out), controls=controls,
-                            progress=not args.no_progress, option=option)
+                            progress=not args.no_progress, option=option, skip_bad=args.skip_bad)
 
 
 def cmd_run(args) -> Path:
@@ -508,11 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "folder: also uncond, the model on its unconditional CFG half)")
     s.add_argument("--data", default=None, help="dataset folder for --protocol noised (default: RUN/data)")
     s.add_argument("--model", default=None,
-                   help="model: a run folder with vae/, unet/, scheduler/ or a local Stable Diffusion folder "
+                   help="model: a run folder with vae/, unet/, scheduler/ or a local diffusers pipeline folder "
                         "(default: RUN if it holds unet/, else the shipped model)")
-    s.add_argument("--prompts", default=None, help="CSV with columns prompt,seed (Stable Diffusion only)")
+    s.add_argument("--prompts", default=None, help="CSV with columns prompt,seed (pipeline folders only)")
     s.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (Stable Diffusion only; default: capture.guidance_scale)")
+                   help="classifier-free guidance scale (pipeline folders only; FLUX: its guidance embedding; "
+                        "default: capture.guidance_scale)")
     s.add_argument("--force", action="store_true", help="redo the store even if it is finished")
     s.set_defaults(fn=cmd_capture, owns=("run", "fill"))
 
@@ -563,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one line per canonical site: name, model:module path, channels of its attn "
                                    "reading, and its token grid on the latent (cells per token: patch size, FLUX's "
                                    "2x2 packing, a U-Net block's downsampling). Reads configs only; writes nothing. "
-                                   "Capture supports SD 1.x/2.x only so far.")
+                                   "capture.sites selects among them (names or patterns such as flux.double*).")
     s.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json); only "
                                                   "configs are read, no weights")
     s.set_defaults(fn=cmd_sites)
@@ -601,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         owned.set_adopted(_adopt_targets(args))
         if getattr(args, "preset", None) is not None:
             _config(args, _seeded(args, "world"))  # preset, --config and --seed checked before any folder is touched
+        if getattr(args, "no_progress", False):
+            _quiet_libraries()
         with _owned(args):
             result = args.fn(args)
         if result is not None:
@@ -628,6 +635,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import owned
         owned.set_adopted([])                                          # --adopt holds for this command only
     return 0
+
+
+def _quiet_libraries() -> None:
+    """--no-progress holds for diffusers' and transformers' own bars too (loading pipelines, writing shards)."""
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
 
 
 def _end_bars() -> None:

@@ -162,6 +162,9 @@ class CaptureConfig:
     height: int = opt(0, ge=0, le=8192)  # pixels; 0: the U-Net's native size (as the pipeline)
     width: int = opt(0, ge=0, le=8192)
     variant: str = ""             # weight-file variant ("fp16" for *.fp16.safetensors); "": found by itself
+    # the sites a pipeline study records: canonical names or shell patterns ("flux.double*", "unet.up*", "vae.*");
+    # empty: every self-attention site (`sceneprobe sites --model PATH` lists them); a pattern matching none is an error
+    sites: tuple[str, ...] = ()
     store: str = opt("full", choices=("full", "streamed"))  # streamed: sufficient statistics, no activation store
     subsample: int = opt(64, ge=1, le=1_000_000)  # streamed: stored train positions per image, site and step
     checkpoint_every: int = opt(8, ge=1, le=1_000_000)  # streamed: batches per chunk (the unit of resume and of dealing out)

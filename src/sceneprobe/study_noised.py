@@ -8,8 +8,8 @@
    prompt-only baseline is fitted too and ``--controls`` may name ``uncond``.
 2. **capture** (:mod:`sceneprobe.capture.noised_pipelines`): the model and each control (``permuted``, ``fresh``)
    into ``RUN/captures/noised/<model>/`` — each image encoded by the model's VAE, forward-diffused by the model's own
-   process to every step, the denoiser run once per step on an empty prompt; exact labels (the folder's) into
-   ``RUN/captures/noised/labels.safetensors``.
+   process to every step, the denoiser run once per step on the image's caption (empty without captions.csv);
+   exact labels (the folder's) into ``RUN/captures/noised/labels.safetensors``.
 3. **probes** and 4. **report** as in every study (the report's ``noised`` protocol: exact labels).
 
 Every stage resumes when the command is rerun (finished stores are skipped, probes are not refit).
@@ -29,16 +29,17 @@ from .errors import fail
 NOISED_CONTROLS = ("permuted", "fresh", "uncond")      # uncond: with captions only
 
 
-def load_labelled(folder: Path, n_max: int):
-    """The first ``n_max`` images (name order) of a labelled folder, with depth and saliency; else one line."""
+def load_labelled(folder: Path, n_max: int, skip_bad: bool = False):
+    """The first ``n_max`` images (name order) of a labelled folder, with depth and saliency; else one line
+    (``skip_bad``: unusable files are left out and counted, as ``--skip-bad`` everywhere)."""
     from .world.dataset import load_dataset
     from .world.scene_data import SceneData
-    data = load_dataset(Path(folder))
+    data = load_dataset(Path(folder), skip_bad=skip_bad)
     missing = [k for k in ("depth", "saliency") if getattr(data, k) is None]
     if missing:
         raise fail(f"--data {folder} has no {' and no '.join(f'{k}/' for k in missing)}; the noised study scores "
                    f"probes against exact labels: add {missing[0]}/<stem>.{'npy' if missing[0] == 'depth' else 'png'} "
-                   f"for every image (`sceneprobe check-data --data {folder}` checks the layout)")
+                   f"for every image (`sceneprobe check-data {folder}` checks the layout)")
     if len(data) < 4:
         raise fail(f"--data {folder} holds {len(data)} images; probes need train, val and test rows: give at least 4")
     k = min(len(data), int(n_max))
@@ -47,7 +48,7 @@ def load_labelled(folder: Path, n_max: int):
 
 def run_noised_study(cfg: Config, model: Path, data_folder: Path, out: Path, *, controls: Sequence[str] = ("permuted",),
                      force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                     option: str = "--model") -> Path:
+                     option: str = "--model", skip_bad: bool = False) -> Path:
     """Capture (noised), probe and report one pipeline folder on a labelled image folder; returns the report."""
     from .capture.noised_pipelines import (check_size, noised_options, read_captions, run_capture_noised,
                                            size_multiple)
@@ -62,7 +63,7 @@ def run_noised_study(cfg: Config, model: Path, data_folder: Path, out: Path, *, 
         raise fail("the noised study writes a full activation store; set capture.store: full (or drop --store)")
     fns = capture_functions(model, option)                  # an unsupported family is one line
     fns.check(model, option)
-    data = load_labelled(data_folder, cc.n_noised)
+    data = load_labelled(data_folder, cc.n_noised, skip_bad)
     captions = read_captions(data_folder, data.names)
     if "uncond" in controls and captions is None:
         raise fail(f"the uncond reading needs prompts: --data {data_folder} has no captions.csv (columns name,caption)"

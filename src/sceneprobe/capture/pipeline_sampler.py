@@ -193,8 +193,9 @@ class PipelineSampler:
             except _Stop:
                 return np.zeros((0,), np.uint8)
         if schedule is None and len(seen) != self.n_steps:
-            raise RuntimeError(f"{type(pipe).__name__} called back at {len(seen)} of {self.n_steps} steps (a "
-                               f"scheduler of order > 1?); capture needs one callback per step")
+            raise fail(f"{type(pipe).__name__} called back at {len(seen)} of {self.n_steps} steps (a scheduler of "
+                       f"order > 1, such as Heun?); capture needs one callback per step: choose another scheduler "
+                       f"with capture.sd_scheduler")
         if latents_at is not None:
             return None
         return (np.asarray(images) * 255).round().astype("uint8")   # as diffusers' numpy_to_pil

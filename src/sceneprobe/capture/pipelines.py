@@ -30,7 +30,7 @@ import torch
 from ..errors import fail
 from ..models.families import FAMILIES, Family, pipeline_family, read_model_index
 from ..models.io import HASH_CACHE
-from ..models.sites import list_sites
+from ..models.sites import list_sites, select_sites
 from .identity import canonical, store_fingerprint
 from .pipeline_hooks import OnSite
 from .pipeline_sampler import PipelineSampler, make_pipeline_scheduler, schedule_sigmas, sigma_kind
@@ -197,13 +197,10 @@ def prepare_pipeline(model_path: Path, prompts_csv: Path | None, *, steps: int =
     h, w = sampler.size
     den_sites = list_sites(den, family.denoiser)
     vae_sites = [s for s in list_sites(pipe.vae, "vae") if s.startswith("vae.dec")]
-    if sites is not None:
-        unknown = [s for s in sites if s not in den_sites + vae_sites]
-        if unknown:
-            raise fail(f"site {unknown[0]!r} is not a site of this {family.title} model; sites: "
-                       f"{', '.join(den_sites + vae_sites)}")
-        den_sites = [s for s in den_sites if s in sites]
-        vae_sites = [s for s in vae_sites if s in sites]
+    if sites:
+        chosen = select_sites(den_sites + vae_sites, sites, f"{family.title} model")
+        den_sites = [s for s in den_sites if s in chosen]
+        vae_sites = [s for s in vae_sites if s in chosen]
     if half == "uncond":
         vae_sites = []                                    # the same latents as the model's: nothing new to read
     native: dict[str, tuple[int, ...]] = {}

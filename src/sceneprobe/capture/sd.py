@@ -38,7 +38,7 @@ import torch
 
 from ..errors import fail
 from ..models.families import CAPTURE_SUPPORTED, Family, detect_family, read_model_index
-from ..models.sites import list_sites
+from ..models.sites import list_sites, select_sites
 from .identity import canonical, store_fingerprint
 from .recorder import Recorder
 from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, collect_samples, control_unet,
@@ -342,7 +342,7 @@ def sd_options(cc, guidance: float | None = None) -> dict:
     return dict(steps=cc.steps, guidance=cc.guidance_scale if guidance is None else float(guidance),
                 negative_prompt=cc.negative_prompt, height=cc.height or None, width=cc.width or None,
                 scheduler=cc.sd_scheduler, variant=cc.variant or None, site_kind=cc.site_kind,
-                vae_input=cc.vae_input, dtype=cc.dtype, pool=cc.pool)
+                vae_input=cc.vae_input, dtype=cc.dtype, pool=cc.pool, sites=list(cc.sites) or None)
 
 
 @dataclass
@@ -403,12 +403,10 @@ def prepare_sd(model_path: Path, prompts_csv: Path, *, steps: int = 15, guidance
     h, w = sampler.size
     unet_sites = list_sites(unet, "unet")
     vae_sites = [s for s in list_sites(pipe.vae, "vae") if s.startswith("vae.dec")]
-    if sites is not None:
-        unknown = [s for s in sites if s not in unet_sites + vae_sites]
-        if unknown:
-            raise fail(f"site {unknown[0]!r} is not a site of this model; sites: {', '.join(unet_sites + vae_sites)}")
-        unet_sites = [s for s in unet_sites if s in sites]
-        vae_sites = [s for s in vae_sites if s in sites]
+    if sites:
+        chosen = select_sites(unet_sites + vae_sites, sites, "model")
+        unet_sites = [s for s in unet_sites if s in chosen]
+        vae_sites = [s for s in vae_sites if s in chosen]
     if half == "uncond":
         if not sampler.cfg:
             raise fail(f"the uncond reading needs a CFG batch: guidance {float(guidance):g} runs none; set "

@@ -222,6 +222,16 @@ def pipeline_sites(folder: Path, option: str = "--model") -> tuple[Family, str, 
     return family, header, rows
 
 
+def check_site_selection(folder: Path, patterns, option: str = "--model") -> None:
+    """``capture.sites`` against the folder's capture sites (denoiser and VAE decoder), read from its configs alone:
+    a pattern that names none is one error line before any weight is loaded (the capture applies the selection)."""
+    if not patterns:
+        return
+    from .sites import select_sites
+    family, _, rows = pipeline_sites(folder, option)
+    select_sites([r.site for r in rows if not r.site.startswith("vae.enc")], patterns, f"{family.title} model")
+
+
 def index_class(folder: Path) -> str:
     return str(read_model_index(folder).get("_class_name", "?"))
 

@@ -200,6 +200,19 @@ def site_channels(attn: nn.Module) -> int:
     return int(getattr(attn, "inner_dim", getattr(attn, "out_dim", 0)))
 
 
+def select_sites(sites: list[str], patterns, what: str) -> list[str]:
+    """The sites (in their order) that one of ``patterns`` names — a canonical name or a shell pattern
+    (``flux.double*``); a pattern that matches no site is one error line listing them (``what``: the model)."""
+    import fnmatch
+    chosen = set()
+    for pat in patterns:
+        hit = [s for s in sites if s == pat or fnmatch.fnmatchcase(s, pat)]
+        if not hit:
+            raise fail(f"site {pat!r} (capture.sites) is not a site of this {what}; sites: {', '.join(sites)}")
+        chosen.update(hit)
+    return [s for s in sites if s in chosen]
+
+
 def list_sites(model: nn.Module, model_key: str) -> list[str]:
     """Every self-attention site of ``model`` in forward order (down → mid → up; encoder → decoder; block by block;
     FLUX: double-stream blocks, then single-stream)."""

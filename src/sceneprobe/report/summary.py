@@ -190,7 +190,7 @@ def _controls_table(res: Results, protocol: str, f: dict) -> list[str]:
             t = g.get(task)
             cells += [_ci(t["headline"]) if t else "n/a",
                       (f"{_ci(t.get('vs_strongest'))} ({_v(t.get('vs_strongest'))})") if t else "n/a"]
-            if t and m != MAIN_MODEL and _v(t.get("vs_strongest")) == "yes":
+            if t and m not in (MAIN_MODEL, "uncond") and _v(t.get("vs_strongest")) == "yes":   # uncond: trained
                 passing.append(f"{group_label(m, fam)} ({task})")
         diffs = [f["controls"].get(task, {}).get((m, fam)) for task in ("saliency", "depth")]
         d = "; ".join(f"{_ci(e)} ({_v(e)})" for e in diffs if e) or "—"
