@@ -66,3 +66,14 @@ def test_no_text_section_without_text_controls():
     rows = [r for r in rows if r["site"] != "prompt@8x8" and r["model"] != "uncond"]
     _, _, findings = analyse(rows, arrays, {f"{P}/{SITE}": "position@8x8"}, ReportConfig(n_boot=200))
     assert findings[P]["text"] == {} and _text_control(findings[P]) == []
+
+
+def test_a_transformer_denoiser_is_named_as_such_in_its_protocol_section():
+    from sceneprobe.report.summary import protocol_summary
+    for site, word, other in (("dit.block0.attn", "transformer", "U-Net"), (SITE, "U-Net", "transformer")):
+        rows, arrays = _study(0.6, 0.7)
+        rows = [{**r, "site": site if r["site"] == SITE else r["site"]} for r in rows]
+        arrays = {k.replace(SITE, site): v for k, v in arrays.items()}
+        res, _, findings = analyse(rows, arrays, {f"{P}/{site}": "position@8x8"}, ReportConfig(n_boot=200))
+        text = "\n".join(protocol_summary(res, P, findings[P], ReportConfig(n_boot=200)))
+        assert f"Does the {word} linearly encode" in text and other not in text

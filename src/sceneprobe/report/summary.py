@@ -15,7 +15,7 @@ from .analysis import analyse
 from .formatting import _ci, _f, _kdist, _steps, _v, _where
 from .how_to_read import rules_text
 from .paper_table import paper_comparison
-from .results_index import MAIN_MODEL, TASKS, Results, baseline_label, group_label
+from .results_index import DENOISER_PREFIXES, MAIN_MODEL, TASKS, Results, baseline_label, group_label
 
 HEAD = {"saliency": "Dice", "depth": "skill"}
 
@@ -309,7 +309,16 @@ def protocol_summary(res: Results, protocol: str, f: dict, rc: ReportConfig,
     L += _readout(f, protocol)
     L += paper_comparison(f, protocol, [c for c in interventions or [] if c.get("protocol") == protocol], rc)
     tag = TAG.get(protocol, "labels: see above")
-    return [f"{ln} ({protocol}, {tag})" if ln.startswith("### ") else ln for ln in L]   # provenance in every section
+    L = [f"{ln} ({protocol}, {tag})" if ln.startswith("### ") else ln for ln in L]   # provenance in every section
+    if _transformer_denoiser(res, protocol):      # PixArt, SD3, FLUX: the denoiser group is a transformer's sites
+        L = [ln.replace("U-Net", "transformer") for ln in L]
+    return L
+
+
+def _transformer_denoiser(res: Results, protocol: str) -> bool:
+    """The protocol's denoiser is a diffusion transformer (its sites ``dit.*``, ``mmdit.*``, ``flux.*``)."""
+    sites = res.sites(protocol, MAIN_MODEL, "unet")
+    return bool(sites) and all(s.startswith(DENOISER_PREFIXES) for s in sites)
 
 
 def summary_markdown(rows: list[dict], figures: dict[str, str] | None = None, analysed=None,
