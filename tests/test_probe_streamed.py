@@ -192,3 +192,21 @@ def test_streamed_under_accelerate_two_processes_equals_one(runs, tmp_path):
     la, lb = (load_file(str(r / "captures" / "sd" / "labels.safetensors")) for r in (runs["sub"], out))
     for k in la:
         assert np.array_equal(la[k], lb[k]), k        # every image sampled and labelled once, by one of the two
+
+
+def test_streamed_statistics_arithmetic_and_the_one_line_refusal_when_they_cannot_fit():
+    """What the streamed fit holds on the device equals the accumulators it allocates; more than the free memory is
+    one line naming capture.sites (checked before any allocation on a GPU)."""
+    from sceneprobe.config import load_config
+    from sceneprobe.errors import SceneprobeError
+    from sceneprobe.probe.streamed import StreamedProbes, check_device_room, statistics_bytes
+    shapes = {"unet.down0.attn0": (8, 4, 4), "vae.dec.mid.attn0": (16, 2, 2)}
+    for layout in ("input", "none"):
+        sp = StreamedProbes(shapes, 3, (8, 8), load_config("cpu", None, {"probe": {"layout": layout}}), "cpu")
+        held = sum(a.stats.G.numel() * 8 + a.stats.B.numel() * 8 + (a.xsum.numel() * 8 if a.xsum is not None else 0)
+                   for a in sp.acc.values())
+        assert statistics_bytes(shapes, 3, layout == "input") == held
+    check_device_room(10**9, 2 * 10**9, 17, 15)                                   # fits: no error
+    with pytest.raises(SceneprobeError, match="capture.sites") as e:
+        check_device_room(3 * 10**9, 2 * 10**9, 17, 15)
+    assert "\n" not in str(e.value)

@@ -95,6 +95,23 @@ def _design(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
 
 
+def statistics_bytes(shapes: dict[str, tuple[int, int, int]], steps: int, layout: bool) -> int:
+    """Bytes of the statistics a streamed fit holds on the capture device for the whole train pass: per (site, step)
+    the float64 G (C+1)² and B (C+1)×3, and with the layout the per-position sums C × h·w."""
+    per_step = sum((c + 1) * (c + 4) * 8 + (c * h * w * 8 if layout else 0) for c, h, w in shapes.values())
+    return per_step * steps
+
+
+def check_device_room(need: int, free: int, sites: int, steps: int) -> None:
+    """One error line when the streamed statistics cannot fit in the device's free memory (leaving 10 % for the
+    model's activations is the caller's margin of error, not a promise)."""
+    if need > 0.9 * free:
+        raise fail(f"the streamed statistics of {sites} sites x {steps} steps need {need / 1e9:.1f} GB on the GPU "
+                   f"(Gram matrices and the layout-fair per-position sums), more than its {free / 1e9:.1f} GB free "
+                   f"allow; record fewer sites with capture.sites (names or patterns, e.g. every 4th block; "
+                   f"benchmarks/bench_scale.py gives the arithmetic per family) or fewer steps with capture.steps")
+
+
 def target_of(depth: np.ndarray, target: str) -> np.ndarray:
     """The probe target in the sweep's units (float32): depth, or inverse depth (as ``load_protocol_labels``)."""
     if target == "inverse":
@@ -118,6 +135,9 @@ class StreamedProbes:
         self.lams = list(pc.lambdas)
         self.fit_device, self.workers = resolve_device(pc.device), resolve_workers(pc.workers)
         self.layout = pc.layout == "input"          # the prior as two unpenalised input channels (:mod:`.layout`)
+        if torch.device(device).type == "cuda":      # before allocating: one line, not an out-of-memory traceback
+            check_device_room(statistics_bytes(self.shapes, steps, self.layout),
+                              torch.cuda.mem_get_info(torch.device(device))[0], len(self.shapes), steps)
         self.acc = {(s, t): Acc(fit.RidgeStats(c + 1, 3, device),
                                 xsum=torch.zeros(c, h * w, dtype=torch.float64, device=device) if self.layout else None)
                     for s, (c, h, w) in self.shapes.items() for t in range(steps)}
