@@ -34,8 +34,7 @@ from ..models.sites import list_sites, select_sites
 from .identity import canonical, store_fingerprint
 from .pipeline_hooks import OnSite
 from .pipeline_sampler import PipelineSampler, make_pipeline_scheduler, schedule_sigmas, sigma_kind
-from .run import (CAPTURE_VERSION, StoreSpec, _state, check_capture_options, collect_samples, control_unet,
-                  fill_store, finish_store, probe_split, save_images)
+from .run import CAPTURE_VERSION, _state, check_capture_options, control_unet
 
 PIPELINE_FAMILIES = ("sdxl", "pixart", "sd3", "flux")     # SD 1.x/2.x: capture/sd.py
 UNCOND = "uncond"             # the model's unconditional CFG half, a second reading beside the controls
@@ -259,23 +258,11 @@ def run_capture_pipeline(model_path: Path, prompts_csv: Path, out: Path, steps: 
                          vae_input=vae_input, dtype=dtype, pool=pool, sites=sites, control=control,
                          control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe,
                          hash_cache=out.parent / HASH_CACHE)     # RUN/captures/sd/: the run's, beside its images
-    n, ids = len(m.prompts), list(range(len(m.prompts)))
-    spec = StoreSpec(out, m.shapes, n, m.n_steps, batch_size, dtype, pool, m.fingerprint)
-    image_root = out.parent if control is None else out
-
-    def run_batch(start: int, stop: int, emit) -> None:
-        b_ids = ids[start:stop]
-        images = m.sample_and_record([m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids], site_kind, emit)
-        save_images(image_root / "images", b_ids, images)
-
-    model = control or "ldm"
-    if not fill_store(spec, run_batch, force, progress, desc=f"capture {m.sampler.family.key}/{model}"):
-        return out
-    split = probe_split(ids)
-    if _state().is_main_process:
-        collect_samples(image_root / "images", image_root / "samples.safetensors", ids, split)
-    finish_store(out, pipeline_manifest(m, model_path, control, n, ids, split, spec.fingerprint))
-    return out
+    from .sd import capture_prompts
+    return capture_prompts(m, out, control, batch_size, dtype, pool, force, progress,
+                           f"capture {m.sampler.family.key}/{control or 'ldm'}",
+                           lambda prompts, seeds, emit: m.sample_and_record(prompts, seeds, site_kind, emit),
+                           lambda n, ids, split, fp: pipeline_manifest(m, model_path, control, n, ids, split, fp))
 
 
 def pipeline_manifest(m: PipelineModel, model_path: Path, control: str | None, n: int, ids: list[int],

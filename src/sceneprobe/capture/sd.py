@@ -453,24 +453,34 @@ def run_capture_sd(model_path: Path, prompts_csv: Path, out: Path, steps: int = 
                    vae_input=vae_input, dtype=dtype, pool=pool, sites=sites, control=control,
                    control_seed=control_seed, torch_dtype=torch_dtype, pipe=pipe,
                    hash_cache=out.parent / HASH_CACHE)  # RUN/captures/sd/: the run's, beside its images
+    def record(prompts, seeds, emit) -> np.ndarray:
+        return sample_and_record_sd(m.sampler, prompts, seeds, m.unet_sites, m.vae_sites, site_kind, emit, m.device,
+                                    m.dtype, m.half)
+    return capture_prompts(m, out, control, batch_size, dtype, pool, force, progress, f"capture sd/{control or 'ldm'}",
+                           record, lambda n, ids, split, fp: sd_manifest(m, model_path, control, n, ids, split, fp))
+
+
+def capture_prompts(m, out: Path, control: str | None, batch_size: int, dtype: str, pool: int, force: bool,
+                    progress: bool, desc: str, record, manifest) -> Path:
+    """The store of a prepared model (:class:`SDModel` or a pipeline family's): every prompt's sites at every step
+    into ``out``, the model's images beside it (``RUN/captures/sd/``), a control's inside it; resumes; a finished
+    store of the same identity is skipped. ``record(prompts, seeds, emit)`` samples one batch, emitting its rows,
+    and returns its images; ``manifest(n, ids, split, fingerprint)`` is the finished store's manifest."""
     n, ids = len(m.prompts), list(range(len(m.prompts)))
     spec = StoreSpec(out, m.shapes, n, m.n_steps, batch_size, dtype, pool, m.fingerprint)
     image_root = out.parent if control is None else out
 
     def run_batch(start: int, stop: int, emit) -> None:
         b_ids = ids[start:stop]
-        images = sample_and_record_sd(m.sampler, [m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids],
-                                      m.unet_sites, m.vae_sites, site_kind, emit, m.device, m.dtype, m.half)
+        images = record([m.prompts[i] for i in b_ids], [m.seeds[i] for i in b_ids], emit)
         save_images(image_root / "images", b_ids, images)
 
-    model = control or "ldm"
-    if not fill_store(spec, run_batch, force, progress, desc=f"capture sd/{model}"):
+    if not fill_store(spec, run_batch, force, progress, desc=desc):
         return out
     split = probe_split(ids)
     if _state().is_main_process:
         collect_samples(image_root / "images", image_root / "samples.safetensors", ids, split)
-    manifest = sd_manifest(m, model_path, control, n, ids, split, spec.fingerprint)
-    finish_store(out, manifest)
+    finish_store(out, manifest(n, ids, split, spec.fingerprint))
     return out
 
 
