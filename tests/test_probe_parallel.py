@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from sceneprobe.capture.store import CaptureStore, load_labels
 from sceneprobe.cli import main
 from sceneprobe.config import ProbeConfig, load_config
-from sceneprobe.probe import fit, sweep
+from sceneprobe.probe import cpu_fast_path, sweep
 from sceneprobe.probe.streamed import StreamedProbes
 from sceneprobe.probe.synthetic import synthetic_run
 
@@ -55,7 +55,7 @@ def test_the_device_code_path_equals_the_cpu_fast_path(store_run, tmp_path, monk
     """With numpy's CPU fast path off, the solvers run the torch code a GPU runs (on the CPU here): the same probes
     to float tolerance (the products sum in another order), the same λ."""
     fast = _probed(store_run, tmp_path, "fast", workers=1)
-    monkeypatch.setattr(fit, "NUMPY_ON_CPU", False)
+    monkeypatch.setattr(cpu_fast_path, "NUMPY_ON_CPU", False)
     dev = _probed(store_run, tmp_path, "dev", workers=2)
     for name, blob in fast[2].items():
         a, b = load_file(str(fast[3] / name)), load_file(str(dev[3] / name))
