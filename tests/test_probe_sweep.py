@@ -10,7 +10,7 @@ from sceneprobe.capture.store import load_labels, save_labels
 from sceneprobe.cli import main
 from sceneprobe.config import ProbeConfig
 from sceneprobe.errors import SceneprobeError
-from sceneprobe.probe import sweep
+from sceneprobe.probe import exact_fit, split_features, sweep
 from sceneprobe.probe.synthetic import synthetic_run
 
 torch.set_num_threads(1)
@@ -118,8 +118,9 @@ def test_streaming_passes_equal_cached(tmp_path, monkeypatch):
     store = sweep.CaptureStore(run / "captures/noised/ldm")
     labels = sweep.load_protocol_labels(run / "captures/noised", store.n)
     cached = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, BOTH)
-    monkeypatch.setattr(sweep, "CACHE_BYTES", 0)
-    monkeypatch.setattr(sweep, "CHUNK", 7)
+    for mod in (split_features, exact_fit):                    # where the sweep reads them
+        monkeypatch.setattr(mod, "CACHE_BYTES", 0)
+        monkeypatch.setattr(mod, "CHUNK", 7)
     streamed = sweep.fit_exact(store, "unet.down0.attn0", 0, labels, BOTH)
     for c, s in zip(cached, streamed):                         # the layout-fair probe and the plain one
         assert c.lam == s.lam
