@@ -102,9 +102,9 @@ def test_full_store_study_through_the_sd_alias_with_a_control(root, tmp_path, ca
     assert {"ldm", "permuted", "uncond"} <= {r["model"] for r in rows}
     assert any(r["site"] == "dit.block1.attn" for r in rows)
     summary = (out / "report" / "summary.md").read_text()
-    assert "no U-Net probes" not in summary                           # the transformer is the report's denoiser group
+    assert "no transformer probes" not in summary                     # the transformer is the report's denoiser group
     assert "PixArt transformer" in summary and "not exact" in summary
-    assert "U-Net on its unconditional CFG half" in summary                 # the text as a control, with its diff
+    assert "transformer on its unconditional CFG half" in summary      # the text as a control, with its diff
     capsys.readouterr()
     assert main(cmd) == 0                                              # rerun: everything up to date
     assert "[labels] up to date, skipped" in capsys.readouterr().out

@@ -141,7 +141,7 @@ def read_captions(folder: Path, names: Sequence[str]) -> list[str] | None:
     path = Path(folder) / "captions.csv"
     if not path.is_file():
         return None
-    from .sd import _prompts_text                  # the prompts CSV's encodings (BOM, UTF-16, Latin-1)
+    from .prompts import _prompts_text                 # the prompts CSV's encodings (BOM, UTF-16, Latin-1)
     rows = csv.DictReader(io.StringIO(_prompts_text(path), newline=""))
     cols = [c.strip() for c in rows.fieldnames or []]
     if "name" not in cols or "caption" not in cols:
