@@ -261,6 +261,7 @@ class StreamedProbes:
         t = train_target.astype(np.float64)
         self.mean, std = float(t.mean()), float(t.std())
         self.std = std if std > 0 else 1.0
+        self.n_train = len(train_target)
         if self.layout:
             if train_saliency is None:
                 raise ValueError("layout-fair streamed probes need the train saliency labels")
@@ -272,7 +273,7 @@ class StreamedProbes:
                 self.layouts[h, w] = lay.maps(bl.Prior(dmap, rate, 0.0))
                 raw = fit.block_sum(train_target, h, w).sum(0).reshape(-1)           # Σ_i raw target sum per j
                 self.sums[h, w] = torch.stack([raw, torch.from_numpy(pos.sum(0).reshape(-1)),
-                                               len(train_target) * self.count[h, w].reshape(-1)], 1)
+                                               self.n_train * self.count[h, w].reshape(-1)], 1)
         bar = tqdm(total=len(self.acc), desc="fit", disable=not progress)
         with single_threaded(1), self.timed("fit"):
             map_ordered(self._fit_one, list(self.acc), self.workers, lambda *_: bar.update(1))
@@ -285,7 +286,7 @@ class StreamedProbes:
         dev = G.device
         n = self.count[h, w].reshape(-1).to(dev)                                   # (hw,) pixels per position
         Lr = lay.rows(self.layouts[h, w]).to(dev)                                  # (hw, k)
-        N = self.sums[h, w][0, 2].item() / n[0].item()                             # train images
+        N = self.n_train
         xs = a.xsum.to(dev)                                                        # (C, hw)
         nL = Lr * n[:, None]
         k = Lr.shape[1]
