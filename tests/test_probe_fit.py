@@ -106,7 +106,7 @@ def test_logistic_in_the_rows_span_equals_the_full_problem(bias):
     red = fit.LogisticSolver(chunks, P, pen, m)
     whole = fit.LogisticSolver(chunks, P, pen, 10 * C)                      # told there are many rows: unreduced
     assert red.reduced and not whole.reduced and len(red.penalty) <= m + int(bias)
-    pr, pw = red.path(lams), whole.path(lams)
+    (pr, _), (pw, _) = red.path(lams), whole.path(lams)
     assert float((pr - pw).abs().max()) < 2e-3 * (1 + float(pw.abs().max()))
     for i, lam in enumerate(lams):
         exact = fit.logistic_refine(chunks, P, lam, pen, pw[i])[0]
@@ -256,3 +256,57 @@ def test_strided_hessian_reads_every_grid_position():
     for k, period in ((16, 256), (14, 64), (9, 144), (4, 16)):
         s = fit.coprime_stride(k, period)
         assert len(set((np.arange(0, 64 * period, s) % period).tolist())) == period
+
+
+def test_a_stalled_float32_path_is_finished_in_float64():
+    """Nearly collinear features at a tiny λ: float32 logits lose the digits the minimiser needs, so the float32
+    Newton steps stop contracting; the path hands that λ to the float64 refinement (with a float64 Hessian where
+    the float32 one is too coarse), which must return the float64 minimiser (gradient ~0 in float64)."""
+    rng = np.random.default_rng(11)
+    m = 4000
+    a = rng.normal(size=m)
+    X = torch.from_numpy(np.stack([a, a + 1e-4 * rng.normal(size=m), rng.normal(size=m), np.ones(m)], 1))
+    p = 1 / (1 + np.exp(-(2 * a + 0.5 * X[:, 2].numpy())))
+    n = torch.full((m,), 4.0, dtype=torch.float64)
+    pos = torch.from_numpy(rng.binomial(4, p).astype(float))
+    chunks = lambda: [(X.float(), n, pos, X)]
+    pen = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    lams = [1.0, 1e-3, 1e-7]
+    theta, info = fit.logistic_path(chunks, float(n.sum()), lams, pen, refine=False)
+    assert all(info.converged)
+    assert info.polish[2] > 0                                                 # handed over, not run to max_iter
+    assert info.iterations[2] < 50
+    grad = X.T @ (n * torch.sigmoid(X @ theta[2]) - pos) / float(n.sum()) + 1e-7 * pen * theta[2]
+    assert float(grad.abs().max()) < 1e-9
+
+
+def test_the_saliency_lambda_is_chosen_between_float64_minimisers(monkeypatch):
+    """Every λ within CHOICE_MARGIN of the path's best is refined and scored again before the choice: a path-best
+    that loses once refined is not chosen; a λ far below the best is never refined; a failed refinement drops that
+    λ and every smaller one."""
+    from sceneprobe.probe import exact_fit
+    lams = [1e-3, 1e-2, 1e-1, 1.0]
+    thetas = torch.arange(4, dtype=torch.float64)[:, None].repeat(1, 3)
+    refined_calls = []
+
+    def refine(chunks, P, lam, pen, theta, *a):
+        refined_calls.append(lam)
+        return theta + 0.5, 1, lam != 1e-3                                     # λ = 1e-3 does not converge
+
+    monkeypatch.setattr(exact_fit.fit, "logistic_refine", refine)
+
+    class Solver:
+        chunks, P, penalty = None, 1.0, None
+        to_solver = from_solver = staticmethod(lambda t: t)
+
+    after = {0.5: 0.6, 1.5: 0.495, 2.5: 0.499, 3.5: 0.30}                     # score of a refined θ, by θ[0]
+    rescore = lambda th: [after[float(t[0])] for t in th]
+    # path scores: λ=1e-2 best (0.500), λ=1e-1 within the margin (0.499), λ=1 far below (0.30)
+    i, th = exact_fit._refined_choice(Solver(), lams, [0.501, 0.500, 0.499, 0.30], thetas, [0, 0, 0, 0], rescore)
+    assert lams[i] == 1e-1 and float(th[0]) == 2.5                            # the refined best
+    assert 1.0 not in refined_calls                                          # never a contender
+    assert 1e-3 in refined_calls                                             # tried, did not converge: dropped
+    # already-refined θ are not refined again, and win on their (float64) scores
+    refined_calls.clear()
+    i, th = exact_fit._refined_choice(Solver(), lams, [0.2, 0.500, 0.3, 0.30], thetas, [0, 1, 0, 0], rescore)
+    assert lams[i] == 1e-2 and float(th[0]) == 1.0 and refined_calls == []

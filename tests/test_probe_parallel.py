@@ -51,6 +51,15 @@ def test_one_or_two_workers_give_byte_identical_results(store_run, tmp_path):
     assert (one[3] / "report" / "results.json").read_bytes() == (two[3] / "report" / "results.json").read_bytes()
 
 
+def test_worker_processes_give_byte_identical_results(store_run, tmp_path, monkeypatch):
+    """The CPU sweep's process pool (from PROCESS_MIN_JOBS probes on; 1 here) writes what one thread writes."""
+    one = _probed(store_run, tmp_path, "one", workers=1)
+    monkeypatch.setattr(sweep, "PROCESS_MIN_JOBS", 1)
+    monkeypatch.setattr(sweep, "map_ordered", lambda *a, **k: pytest.fail("threads used"))
+    procs = _probed(store_run, tmp_path, "procs", workers=2)
+    assert one[0] == procs[0] and one[1] == procs[1] and one[2] == procs[2]
+
+
 def test_the_device_code_path_equals_the_cpu_fast_path(store_run, tmp_path, monkeypatch):
     """With numpy's CPU fast path off, the solvers run the torch code a GPU runs (on the CPU here): the same probes
     to float tolerance (the products sum in another order), the same λ."""

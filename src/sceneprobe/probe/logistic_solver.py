@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from .logistic import Chunks, logistic_path, logistic_refine
+from .logistic import Chunks, NewtonInfo, logistic_path, logistic_refine
 
 
 def coprime_stride(k: int, period: int) -> int:
@@ -79,15 +79,16 @@ class LogisticSolver:
         theta[..., self.U] = beta[..., r:]
         return theta
 
-    def path(self, lambdas: Iterable[float], init: torch.Tensor | None = None) -> torch.Tensor:
-        """θ (L, d) of :func:`logistic_path` to its path tolerance, unrefined; the Hessian from every k-th row when
-        there are more than max(4096, 64 d) rows (it sets the step, not the fixed point)."""
+    def path(self, lambdas: Iterable[float], init: torch.Tensor | None = None) -> tuple[torch.Tensor, NewtonInfo]:
+        """(θ (L, d), its :class:`NewtonInfo`) of :func:`logistic_path` to its path tolerance, unrefined but where
+        float32 stalled; the Hessian from every k-th row when there are more than max(4096, 64 d) rows (it sets the
+        step, not the fixed point). ``info.converged[i]`` False: λ at or below the floor (not a minimiser)."""
         d = len(self.penalty)
         stride = coprime_stride(self.rows // max(4096, 64 * d), self.period)
-        theta, _ = logistic_path(self.chunks, self.P, lambdas, self.penalty,
-                                 init=None if init is None else self.to_solver(init), refine=False,
-                                 hess_stride=stride)
-        return self.from_solver(theta)
+        theta, info = logistic_path(self.chunks, self.P, lambdas, self.penalty,
+                                    init=None if init is None else self.to_solver(init), refine=False,
+                                    hess_stride=stride)
+        return self.from_solver(theta), info
 
     def refine(self, lam: float, theta: torch.Tensor) -> torch.Tensor:
         """The float64 minimiser for λ, from θ (d,) (:func:`logistic_refine`)."""
@@ -106,9 +107,14 @@ class LogisticSolver:
         (the path's, to 1e-3): statistics that differ in their last bits (another grouping of the additions) give
         probes, val logits and choices of λ that agree to about ``tol``, not to 1e-3."""
         lambdas = list(lambdas)
-        theta = self.path(lambdas, init)
+        theta, info = self.path(lambdas, init)
         ok = [False] * len(lambdas)
         for i in sorted(range(len(lambdas)), key=lambda i: -lambdas[i]):
+            if not info.converged[i]:                                          # the path's floor
+                break
+            if info.polish[i]:                                                 # refined on the path already
+                ok[i] = True
+                continue
             th, _, conv = logistic_refine(self.chunks, self.P, lambdas[i], self.penalty, self.to_solver(theta[i]),
                                           tol)
             if not conv:

@@ -15,7 +15,8 @@ from ..config import ProbeConfig, fingerprint, to_dict
 from . import layout as lay
 from .protocol_labels import ProtocolLabels
 
-PROBE_VERSION = 3                      # bump when the fit or the file format changes (3: layout-fair): old probes redone
+PROBE_VERSION = 4                      # bump when the fit or the file format changes (3: layout-fair; 4: λ chosen
+                                       # between float64 minimisers, the float32 floor handed over): old probes redone
 
 
 def write_probe_file(path: Path, tensors: dict, *, fingerprint: str, rows: dict, protocol: str, model: str,

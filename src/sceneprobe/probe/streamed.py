@@ -61,8 +61,9 @@ from . import sweep as sw
 from .metrics import NearestScorer, nanmean, ranks
 from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
 
-STREAMED_VERSION = 4                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
-                                       # refined, λ below the convergence floor never chosen; 4: layout-fair
+STREAMED_VERSION = 5                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
+                                       # refined, λ below the convergence floor never chosen; 4: layout-fair;
+                                       # 5: the refinement reads a float64 Hessian where a float32 one is too coarse
 
 
 @dataclass

@@ -63,6 +63,7 @@ from .parallel import map_ordered, resolve_device, resolve_workers, single_threa
 from .per_image import check_rows_have_arrays, per_image_key, read_per_image, read_positions, write_per_image
 from .probe_files import (PROBE_VERSION, RUN_ONLY, _finished_rows, fit_identity, probe_fingerprint, probe_path,
                           write_probe_file)
+from .process_pool import map_probe_jobs
 from .prompt_only import prompt_only_rows
 from .protocol_labels import SKY_DEPTH, SPLITS, ProtocolLabels, load_protocol_labels
 from .results_table import COLUMNS, _fmt_value, _row, format_value, read_results, write_results, write_results_csv
@@ -123,20 +124,36 @@ def probe_one(store: CaptureStore, site: str, step: int, labels: ProtocolLabels,
     return tensors, rows
 
 
+def fit_and_write(run: Path, labels: ProtocolLabels, store: CaptureStore, site: str, step: int, cfg: ProbeConfig,
+                  device: torch.device | str, fingerprint: str) -> Path:
+    """:func:`probe_one` and its probe file (with the store's ``fingerprint``); returns the file's path."""
+    model = store.manifest.get("model", store.root.name)
+    tensors, done = probe_one(store, site, step, labels, cfg, device)
+    path = probe_path(run, labels.protocol, model, site, step)
+    write_probe_file(path, tensors, fingerprint=fingerprint, rows=done, protocol=labels.protocol, model=model,
+                     site=site, step=step, solver=cfg.solver, cfg=cfg, device=torch.device(device).type)
+    return path
+
+
+# Fewer probes to fit than this run on threads even on the CPU: a worker process pays a second or two to start.
+PROCESS_MIN_JOBS = 48
+
+
 def run_probes(run: Path, cfg: ProbeConfig, progress: bool = True, threads: int | None = 1) -> Path:
     """Fit and score every (store, site, step) under ``run/captures``; returns ``run/report/results.csv``.
 
     Resumable: a probe file whose fingerprint (config, store manifest, labels, PROBE_VERSION) matches is not refit.
-    Probes run on ``cfg.device`` and ``cfg.workers`` at once (:mod:`.parallel`); memory: per worker, one (site,
+    Probes run on ``cfg.device`` and ``cfg.workers`` at once: on the CPU, from :data:`PROCESS_MIN_JOBS` probes on,
+    in worker processes (:mod:`.process_pool`), else on threads (:mod:`.parallel`); memory: per worker, one (site,
     step)'s streamed chunks, plus the train rows kept for the IRLS passes up to CACHE_BYTES.
     ``threads``: torch and BLAS threads of each probe (restored after; None leaves them) — keep 1 for results that
     are byte-identical on every machine: the sweep is many small solves, and parallel probes use the cores better.
     """
     with single_threaded(threads):
-        return _run_probes(run, cfg, progress)
+        return _run_probes(run, cfg, progress, threads)
 
 
-def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
+def _run_probes(run: Path, cfg: ProbeConfig, progress: bool, threads: int | None) -> Path:
     from tqdm import tqdm
 
     if cfg.solver not in ("exact", "adam"):
@@ -182,18 +199,20 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool) -> Path:
 
     def one(job) -> Path:
         labels, store, site, step = job
-        model = store.manifest.get("model", store.root.name)
-        tensors, done = probe_one(store, site, step, labels, cfg, device)
-        path = probe_path(run, labels.protocol, model, site, step)
-        write_probe_file(path, tensors, fingerprint=fps[store.root], rows=done, protocol=labels.protocol, model=model,
-                         site=site, step=step, solver=cfg.solver, cfg=cfg, device=device.type)
-        return path
+        return fit_and_write(run, labels, store, site, step, cfg, device, fps[store.root])
 
     def done_one(job, path: Path) -> None:
         found[job[1:]] = _finished_rows(path, fps[job[1].root])
         bar.update(1)
         bar.set_postfix_str(f"{job[0].protocol}/{job[2]}/step {job[3]}", refresh=False)
-    map_ordered(one, todo, workers, done_one)
+    if device.type == "cpu" and workers > 1 and len(todo) >= PROCESS_MIN_JOBS:
+        protos = {labels.protocol: proto for proto, labels, _ in groups}
+        specs = [(str(run), str(protos[labels.protocol]), store.n, str(store.root), site, step, fps[store.root])
+                 for labels, store, site, step in todo]
+        map_probe_jobs(specs, workers, cfg, 1 if threads is None else threads,
+                       lambda i, path: done_one(todo[i], path))
+    else:
+        map_ordered(one, todo, workers, done_one)
     bar.close()
     for labels, store, site, step in jobs:
         model = store.manifest.get("model", store.root.name)
