@@ -189,6 +189,8 @@ class CaptureStore:
                 idx = np.asarray(rows, dtype=np.int64)
                 if len(idx) and np.all(np.diff(idx) == 1):
                     x = sl[int(idx[0]): int(idx[-1]) + 1]
+                elif len(idx) and np.all(np.diff(idx) > 0) and idx[-1] - idx[0] < 2 * len(idx):
+                    x = sl[int(idx[0]): int(idx[-1]) + 1][torch.from_numpy(idx - idx[0])]   # dense: one read
                 else:
                     x = torch.stack([sl[int(i): int(i) + 1][0] for i in idx]) if len(idx) else sl[0:0]
         return x.float()

@@ -158,7 +158,8 @@ def logistic_path(chunks: Chunks, P: float, lambdas: Iterable[float], penalty: t
                 break
             if (r < 2e-2 and it >= 3 and full and r > stall * prev_r) or it >= stall_iter:
                 # the float32 floor: finish (or give up on) this λ in float64
-                th, info.polish[i], info.converged[i] = logistic_refine(chunks, P, lambdas[i], penalty, theta, tol)
+                th, info.polish[i], info.converged[i] = logistic_refine(chunks, P, lambdas[i], penalty, theta, tol,
+                                                                        hessian64=True)
                 if info.converged[i]:
                     theta = th
                 floor = not info.converged[i]
@@ -187,7 +188,8 @@ def logistic_path(chunks: Chunks, P: float, lambdas: Iterable[float], penalty: t
 
 
 def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor, theta: torch.Tensor,
-                    tol: float = 1e-10, max_passes: int = 20) -> tuple[torch.Tensor, int, bool]:
+                    tol: float = 1e-10, max_passes: int = 20,
+                    hessian64: bool = False) -> tuple[torch.Tensor, int, bool]:
     """Float64 refinement: θ ← θ − H⁻¹∇f(θ) with exact float64 gradients; H a float32 Hessian at the start point.
 
     The fixed point is the float64 minimiser; the iteration contracts at a rate ρ of about the Hessian's relative
@@ -198,11 +200,16 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
     ``tol`` relative. Not converged (False) when it has not within ``max_passes`` (or cannot at the rate it has
     after the float64 Hessians), or when θ stops being finite: the fit has no well-defined minimiser to compute
     (nearly separable rows, λ → 0) — such a θ is no minimiser to report. The float64 Hessian makes that verdict a
-    property of the problem, not of the last bits of a float32 product."""
+    property of the problem, not of the last bits of a float32 product. ``hessian64``: start with the float64
+    Hessian (where the float32 one is known to be too coarse: a path that stalled in float32)."""
     pen = lam * penalty.double()
     theta = theta.to(pen.device, torch.float64).clone()
-    H = _pass32(chunks, theta, True)[2] / P + torch.diag(pen)
-    prev, fresh, g = None, 0, None
+    if hessian64:
+        g, H = _grad64(chunks, theta, True)
+        H, fresh = H / P + torch.diag(pen), 1
+    else:
+        H, fresh, g = _pass32(chunks, theta, True)[2] / P + torch.diag(pen), 0, None
+    prev = None
     for k in range(1, max_passes + 1):
         if g is None:
             g = _grad64(chunks, theta)

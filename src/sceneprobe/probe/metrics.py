@@ -88,17 +88,25 @@ def saliency_metrics(pred_mask, gt_mask) -> dict[str, np.ndarray]:
     return {"dice": dice(pred_mask, gt_mask), "iou": iou(pred_mask, gt_mask)}
 
 
-def depth_ratio_metrics(pred, gt, valid=None) -> dict[str, np.ndarray]:
+def depth_ratio_metrics(pred, gt, valid=None, *more_valid) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
     """Per-image AbsRel = mean |t̂ − t| / t and δ₁ = fraction with max(t̂/t, t/t̂) < 1.25 (a non-positive t̂ fails),
-    on the target in its own positive units (depth or inverse depth), over the ``valid`` pixels (all by default)."""
+    on the target in its own positive units (depth or inverse depth), over the ``valid`` pixels (all by default).
+
+    With ``more_valid`` masks: a list of the metrics over each of ``valid``, ``*more_valid`` (None = all pixels),
+    from one computation of the per-pixel errors."""
     p, g = _flat(pred).astype(np.float64), _flat(gt).astype(np.float64)
-    v = np.ones_like(g, dtype=bool) if valid is None else _flat(valid).astype(bool)
-    cnt = v.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.where(v, np.abs(p - g) / g, 0.0).sum(1) / cnt
+        err = np.abs(p - g) / g
         ok = (p > 0) & (np.maximum(p / g, g / np.where(p > 0, p, 1.0)) < 1.25)
-        d1 = np.where(v, ok, False).sum(1) / cnt
-    return {"absrel": np.where(cnt > 0, rel, np.nan), "delta1": np.where(cnt > 0, d1, np.nan)}
+    out = []
+    for valid_i in (valid, *more_valid):
+        v = np.ones_like(g, dtype=bool) if valid_i is None else _flat(valid_i).astype(bool)
+        cnt = v.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rel = np.where(v, err, 0.0).sum(1) / cnt
+            d1 = np.where(v, ok, False).sum(1) / cnt
+        out.append({"absrel": np.where(cnt > 0, rel, np.nan), "delta1": np.where(cnt > 0, d1, np.nan)})
+    return out if more_valid else out[0]
 
 
 def auroc(score, gt) -> np.ndarray:

@@ -28,8 +28,8 @@ def native_metrics(labels: ProtocolLabels, code: int, h: int, w: int, zd: np.nda
         H, W = labels.size
         up = fit.upsample_nearest(torch.from_numpy(np.array(zd[:, 0], dtype=np.float64)), H, W).numpy()  # a copy
         t_hat, t = labels.target_units(up), labels.target_units(labels.depth[rows].astype(np.float64))
-        for suffix, m, ratio in (("", d, depth_ratio_metrics(t_hat, t)),
-                                 ("_nonsky", ns, depth_ratio_metrics(t_hat, t, ~labels.sky[rows]))):
+        ratio_all, ratio_ns = depth_ratio_metrics(t_hat, t, None, ~labels.sky[rows])
+        for suffix, m, ratio in (("", d, ratio_all), ("_nonsky", ns, ratio_ns)):
             out[("depth", "mse" + suffix)] = m["rmse"][:, 0] ** 2
             for k in ("rmse", "spearman", "pearson"):
                 out[("depth", k + suffix)] = m[k][:, 0]

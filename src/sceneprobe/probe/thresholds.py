@@ -28,7 +28,9 @@ def tune_thresholds(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> 
     """:func:`tune_threshold` for each of L probes at once: ``logits`` (n, L, h, w) → (best Dice (L,), τ (L,))."""
     v = np.asarray(logits, dtype=np.float64)
     n, L = v.shape[:2]
-    cands = [threshold_candidates(v[:, i], n_cand) for i in range(L)]
+    flat = np.moveaxis(v, 1, 0).reshape(L, -1)                                 # (L, n·h·w) one row per probe
+    q = np.quantile(flat, np.linspace(0.005, 0.995, n_cand), axis=1).T        # (L, n_cand), as threshold_candidates
+    cands = [np.unique(np.concatenate([[0.0, flat[i].min() - 1.0], q[i]])) for i in range(L)]
     dice = dice_at_thresholds(sc, v.reshape(n, L, -1), cands)                  # [(n, K_i)] per probe
     best, tau = np.full(L, np.nan), np.zeros(L)
     for i, (c, d) in enumerate(zip(cands, dice)):
