@@ -1,6 +1,7 @@
 """The exact probe fit (``probe.solver: exact``): ridge (depth) and the IRLS logistic path (saliency) from one
-streamed pass over the train rows, λ chosen on val (ties → the larger λ; a choice on the grid's edge is flagged), the
-chosen saliency probe refined to float64 and its val threshold folded into its intercept."""
+streamed pass over the train rows, λ chosen on val (ties → the larger λ; a choice on the grid's edge is flagged): the
+saliency λ between float64 minimisers (every λ within :data:`CHOICE_MARGIN` of the path's best refined first), and
+the chosen probe's val threshold folded into its intercept."""
 from __future__ import annotations
 
 import math

@@ -9,9 +9,10 @@ Per (protocol, model, site, step) one pass over the probe-train rows accumulates
 ``XᵀS`` for the native positions (D = pixels per position, S = label sums, see :mod:`.fit`); depth is ridge for all λ
 at once, saliency an IRLS path warm-started from the same statistics (the train rows stay in memory for its passes up
 to CACHE_BYTES, else they are re-read). λ is chosen on the validation split (depth: lowest MSE; saliency: highest
-Dice, each λ at its own val-chosen decision threshold, from the path solved to 1e-3 relative; ties → the larger λ),
-then the chosen saliency probe is solved to float64 precision and its decision threshold τ (salient ⇔ logit > τ,
-highest val Dice) is folded into its intercept. The intercept (``probe.bias``, default on) is unpenalised;
+Dice, each λ at its own val-chosen decision threshold; ties → the larger λ). The saliency path is solved to 1e-3
+relative in float32, and every λ that could win — within ``exact_fit.CHOICE_MARGIN`` of the best — is solved to its
+float64 minimiser and scored again before the choice, so the choice is made between float64 minimisers; the chosen
+probe's decision threshold τ (salient ⇔ logit > τ, highest val Dice) is folded into its intercept. The intercept (``probe.bias``, default on) is unpenalised;
 ``probe.bias: false`` is the paper's no-bias probe with its argmax rule (τ = 0). A λ chosen on the grid's edge is
 flagged (``lambda_edge``). The test split is only ever scored. Features are divided by their train RMS inside the
 penalty only (λ‖w·s‖² in raw units), so one λ grid means the same at every site.
