@@ -196,7 +196,7 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
     error: ~1e-4 near θ* where the fit is well posed. Where it contracts by less than 20× a pass — the start was
     some % away, or λ is so small that the float32 Hessian's rounding (~1e-6 of its norm) is not small next to the
     penalty along the data's flattest directions — the Hessian is read again at the current θ in float64 (exact
-    Newton from there; at most twice). Stops when the remaining error, bounded by ``|step|·ρ/(1 − ρ)``, is below
+    Newton from there; at most four times). Stops when the remaining error, bounded by ``|step|·ρ/(1 − ρ)``, is below
     ``tol`` relative. Not converged (False) when it has not within ``max_passes`` (or cannot at the rate it has
     after the float64 Hessians), or when θ stops being finite: the fit has no well-defined minimiser to compute
     (nearly separable rows, λ → 0) — such a θ is no minimiser to report. The float64 Hessian makes that verdict a
@@ -206,15 +206,15 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
     theta = theta.to(pen.device, torch.float64).clone()
     if hessian64:
         g, H = _grad64(chunks, theta, True)
-        H, fresh = H / P + torch.diag(pen), 1
+        H = H / P + torch.diag(pen)
     else:
-        H, fresh, g = _pass32(chunks, theta, True)[2] / P + torch.diag(pen), 0, None
-    prev = None
+        H, g = _pass32(chunks, theta, True)[2] / P + torch.diag(pen), None
+    prev, fresh, since = None, 0, 0
     for k in range(1, max_passes + 1):
         if g is None:
             g = _grad64(chunks, theta)
         step = _solve_scaled(H, g / P + pen * theta)
-        theta, g = theta - step, None
+        theta, g, since = theta - step, None, since + 1
         if not bool(torch.isfinite(theta).all()):
             return theta, k, False
         r = _rel(step, theta)
@@ -222,10 +222,10 @@ def logistic_refine(chunks: Chunks, P: float, lam: float, penalty: torch.Tensor,
         if r < tol or (prev is not None and r * rate / (1 - rate) < tol):
             return theta, k, True
         if prev is not None and r > 0.05 * prev:
-            if fresh < 2:                                                      # exact Newton from here
+            if fresh < 4:                                                      # exact Newton from here
                 g, H = _grad64(chunks, theta, True)
-                H, fresh = H / P + torch.diag(pen), fresh + 1
-            elif r * rate ** (max_passes - k) > tol:
+                H, fresh, since = H / P + torch.diag(pen), fresh + 1, 0
+            elif since >= 2 and r * rate ** (max_passes - k) > tol:
                 return theta, k, False               # even at this rate the passes left cannot reach tol
         prev = max(r, 1e-300)
     return theta, max_passes, False
