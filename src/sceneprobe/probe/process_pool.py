@@ -2,8 +2,8 @@
 ``probe.workers`` processes.
 
 Why processes: a probe is many small solves, and on threads their Python and small-tensor steps queue on the
-interpreter lock — two threads on the cpu preset's 378 noised probes took 70.7 s against 98.4 s for one (1.39×).
-A process has its own interpreter. Each worker is started with ``spawn`` (a parent that has run torch may hold
+interpreter lock (two threads got well short of twice one thread's rate on the cpu preset's probes). A process has
+its own interpreter. Each worker is started with ``spawn`` (a parent that has run torch may hold
 thread pools a forked child cannot use), pins torch and BLAS to ``threads`` for its whole life, and opens the
 labels and stores itself, once, from the paths of its jobs: every product is summed in the same order as in a
 one-thread sequential run, so the probe files are byte-identical for any number of workers (tested). What the
