@@ -144,12 +144,11 @@ def _refined_choice(solver: fit.LogisticSolver, lams: list[float], scores: list[
     scores, refined, thetas = list(scores), list(refined), thetas.clone()
     while True:
         i = _pick(scores, lams)
-        if not math.isfinite(scores[i]) or refined[i]:
-            if refined[i]:
-                return i, thetas[i]
-            th, _, ok = fit.logistic_refine(solver.chunks, solver.P, lams[i], solver.penalty,
-                                            solver.to_solver(thetas[i]))
-            return i, solver.from_solver(th)                   # nothing scored: the largest λ, refined as it can be
+        if refined[i]:
+            return i, thetas[i]
+        if not math.isfinite(scores[i]):                       # nothing scored: the largest λ, refined as it can be
+            th = fit.logistic_refine(solver.chunks, solver.P, lams[i], solver.penalty, solver.to_solver(thetas[i]))[0]
+            return i, solver.from_solver(th)
         best = scores[i]
         todo = [j for j in range(len(lams)) if not refined[j] and math.isfinite(scores[j])
                 and scores[j] >= best - CHOICE_MARGIN]

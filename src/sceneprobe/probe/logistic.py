@@ -122,11 +122,12 @@ def logistic_path(chunks: Chunks, P: float, lambdas: Iterable[float], penalty: t
     lose digits to cancellation, and the step stops shrinking at some 1e-3..1e-2 relative, however many Newton
     steps follow (they used to run into ``max_iter``, and θ kept the last bits of a float32 GEMM). A λ whose full
     Newton steps stop contracting (``stall`` times the last relative step, from the 3rd step on, once closer than
-    2 %) or that has taken ``stall_iter`` steps (float32 noise in the line search keeps it far) is handed to the float64 refinement from where it stands: it
-    converges in a few passes where the fit is well posed (θ is then that λ's float64 minimiser), and where it does
-    not, the data fix a floor on λ (see :meth:`.LogisticSolver.converged_path`): that λ and every smaller one are
-    marked not converged (``info.converged`` False, θ as the path left it) and the path stops. Converged λ
-    (``info.converged`` True) are within ``path_tol`` of their minimiser, or refined.
+    2 %) or that has taken ``stall_iter`` steps (float32 noise in the line search keeps it far) is handed to the
+    float64 refinement from where it stands: it converges in a few passes where the fit is well posed (θ is then
+    that λ's float64 minimiser), and where it does not, the data fix a floor on λ (see
+    :meth:`.LogisticSolver.converged_path`): that λ and every smaller one are marked not converged
+    (``info.converged`` False, θ as the path left it) and the path stops. Converged λ (``info.converged`` True) are
+    within ``path_tol`` of their minimiser, or refined.
     """
     lambdas = list(lambdas)
     order = sorted(range(len(lambdas)), key=lambda i: -lambdas[i])

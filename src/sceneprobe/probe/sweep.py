@@ -12,10 +12,11 @@ to CACHE_BYTES, else they are re-read). λ is chosen on the validation split (de
 Dice, each λ at its own val-chosen decision threshold; ties → the larger λ). The saliency path is solved to 1e-3
 relative in float32, and every λ that could win — within ``exact_fit.CHOICE_MARGIN`` of the best — is solved to its
 float64 minimiser and scored again before the choice, so the choice is made between float64 minimisers; the chosen
-probe's decision threshold τ (salient ⇔ logit > τ, highest val Dice) is folded into its intercept. The intercept (``probe.bias``, default on) is unpenalised;
-``probe.bias: false`` is the paper's no-bias probe with its argmax rule (τ = 0). A λ chosen on the grid's edge is
-flagged (``lambda_edge``). The test split is only ever scored. Features are divided by their train RMS inside the
-penalty only (λ‖w·s‖² in raw units), so one λ grid means the same at every site.
+probe's decision threshold τ (salient ⇔ logit > τ, highest val Dice) is folded into its intercept. The intercept
+(``probe.bias``, default on) is unpenalised; ``probe.bias: false`` is the paper's no-bias probe with its argmax rule
+(τ = 0). A λ chosen on the grid's edge is flagged (``lambda_edge``). The test split is only ever scored. Features
+are divided by their train RMS inside the penalty only (λ‖w·s‖² in raw units), so one λ grid means the same at every
+site.
 
 Baselines (:mod:`.baselines`) are fitted on train and tuned on val the same way and scored with the same code; depth
 skill = 1 − ΣMSE(probe)/ΣMSE(position-only baseline at the site's native size), on the same images.
@@ -189,8 +190,9 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool, threads: int | None
         found[job[1:]] = _finished_rows(path, fps[store.root])
         if found[job[1:]] is None:
             todo.append(job)
-    for labels, store, site, _ in todo:                 # shared caches filled once, before the workers read them
-        _, h, w = store.shape(site)
+    processes = device.type == "cpu" and workers > 1 and len(todo) >= PROCESS_MIN_JOBS
+    for labels, store, site, _ in ([] if processes else todo):   # caches the threads share, filled once before they
+        _, h, w = store.shape(site)                               # read them (a worker process fills its own)
         for code in SPLITS.values():
             labels.scorer(code, h, w), labels.nonsky_scorer(code, h, w)
             prior_metrics(labels, code, h, w, cfg.upsample)
@@ -206,7 +208,7 @@ def _run_probes(run: Path, cfg: ProbeConfig, progress: bool, threads: int | None
         found[job[1:]] = _finished_rows(path, fps[job[1].root])
         bar.update(1)
         bar.set_postfix_str(f"{job[0].protocol}/{job[2]}/step {job[3]}", refresh=False)
-    if device.type == "cpu" and workers > 1 and len(todo) >= PROCESS_MIN_JOBS:
+    if processes:
         protos = {labels.protocol: proto for proto, labels, _ in groups}
         specs = [(str(run), str(protos[labels.protocol]), store.n, str(store.root), site, step, fps[store.root])
                  for labels, store, site, step in todo]

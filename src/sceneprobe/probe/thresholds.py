@@ -20,17 +20,20 @@ def tune_threshold(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> t
 
 def threshold_candidates(v: np.ndarray, n_cand: int = 47) -> np.ndarray:
     """τ = 0, ``n_cand`` quantiles of the logits ``v`` (any shape) and one below all of them; sorted, distinct."""
-    v = np.asarray(v, dtype=np.float64)
-    return np.unique(np.concatenate([[0.0, v.min() - 1.0], np.quantile(v, np.linspace(0.005, 0.995, n_cand))]))
+    return _candidate_rows(np.asarray(v, dtype=np.float64).reshape(1, -1), n_cand)[0]
+
+
+def _candidate_rows(flat: np.ndarray, n_cand: int) -> list[np.ndarray]:
+    """:func:`threshold_candidates` of every row of ``flat`` (L, N), from one quantile call."""
+    q = np.quantile(flat, np.linspace(0.005, 0.995, n_cand), axis=1).T        # (L, n_cand)
+    return [np.unique(np.concatenate([[0.0, row.min() - 1.0], qi])) for row, qi in zip(flat, q)]
 
 
 def tune_thresholds(sc: NearestScorer, logits: np.ndarray, n_cand: int = 47) -> tuple[np.ndarray, np.ndarray]:
     """:func:`tune_threshold` for each of L probes at once: ``logits`` (n, L, h, w) → (best Dice (L,), τ (L,))."""
     v = np.asarray(logits, dtype=np.float64)
     n, L = v.shape[:2]
-    flat = np.moveaxis(v, 1, 0).reshape(L, -1)                                 # (L, n·h·w) one row per probe
-    q = np.quantile(flat, np.linspace(0.005, 0.995, n_cand), axis=1).T        # (L, n_cand), as threshold_candidates
-    cands = [np.unique(np.concatenate([[0.0, flat[i].min() - 1.0], q[i]])) for i in range(L)]
+    cands = _candidate_rows(np.moveaxis(v, 1, 0).reshape(L, -1), n_cand)     # one row of logits per probe
     dice = dice_at_thresholds(sc, v.reshape(n, L, -1), cands)                  # [(n, K_i)] per probe
     best, tau = np.full(L, np.nan), np.zeros(L)
     for i, (c, d) in enumerate(zip(cands, dice)):
