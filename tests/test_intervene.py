@@ -130,6 +130,37 @@ def test_optimisation_moves_the_probe_prediction_toward_the_target(irun, tiny_cf
     assert (f < b).all()
 
 
+@pytest.mark.parametrize("task,pool,size", [("saliency", 1, (32, 32)), ("depth", 2, (24, 40)), ("saliency", 3, (13, 9))])
+def test_the_probe_gradient_is_autograds_and_the_edit_is_plain_adams(task, pool, size):
+    """ProbeHead.grad factorises the gradient through the linear probe (w ⊗ ∂L/∂z, unpooled): it must equal autograd's
+    through the whole head (pooling, offset, a non-integer nearest upsampling), and the fused Adam edit must be the
+    textbook Adam on that gradient."""
+    from sceneprobe.intervene.editor import ProbeHead
+    g = torch.Generator().manual_seed(3)
+    # as a site hands it over: a transposed view of (B, H·W, C), not contiguous
+    a0 = torch.randn(3, 144, 5, generator=g).transpose(1, 2).reshape(3, 5, 12, 12)
+    assert not a0.is_contiguous()
+    h = 12 // pool
+    head = ProbeHead(task, torch.randn(5, generator=g), 0.3, pool, size, torch.randn(h, h, generator=g))
+    target = (torch.rand(3, *size, generator=g) > 0.5).float() if task == "saliency" else torch.randn(3, *size,
+                                                                                                      generator=g)
+    a = a0.clone().requires_grad_(True)
+    ref = head.loss(a, target)
+    ref.sum().backward()
+    torch.testing.assert_close(head.grad(a0, target), a.grad, rtol=1e-5, atol=1e-8)
+    # the edit against textbook Adam (the unfused, single-tensor reference with autograd's gradient)
+    b = a0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([b], lr=1e-2, foreach=False)
+    for _ in range(20):
+        opt.zero_grad()
+        head.loss(b, target).sum().backward()
+        opt.step()
+    edited, before, after = optimise_activation(a0, head, target, 1e-2, 20)
+    torch.testing.assert_close(edited, b.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, head.loss(b.detach(), target), rtol=1e-5, atol=1e-6)
+    assert (after < before).all()
+
+
 @torch.no_grad()
 def test_random_control_has_the_probe_edits_norm_and_a_fixed_direction(irun, unet):
     head = load_probe_head(probe_file(irun, "ldm", SITE, 0), "saliency", 1, (32, 32))
