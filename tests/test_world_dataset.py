@@ -55,6 +55,29 @@ def test_round_trip_matches_the_renderer(made: Path):
     assert specs == ref["specs"]
 
 
+def test_the_world_is_the_same_bytes_on_any_number_of_workers(made: Path, tmp_path: Path):
+    """``made`` used the default workers (0: every core); one worker writes the same files, byte for byte, so the
+    stages' fingerprints leave ``world.workers`` out."""
+    import dataclasses
+
+    from sceneprobe.config import config_from_dict, fingerprint, load_config, to_dict
+    from sceneprobe.study import world_id
+    one = make_dataset(tmp_path / "one", n=12, size=32, seed=4, supersample=2, workers=1, progress=False)
+    def written(root: Path) -> list[Path]:                  # not the cache load_dataset adds beside them
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    files = written(made)
+    assert files == written(one) and len(files) > 4 * 12
+    differ = [f for f in files if (made / f).read_bytes() != (one / f).read_bytes()]
+    assert differ == []
+    cfg = load_config("tiny")
+    d = to_dict(cfg)
+    d["world"]["workers"] = 7
+    assert fingerprint(world_id(config_from_dict(d))) == fingerprint(world_id(cfg))
+    assert fingerprint(world_id(cfg)) == fingerprint(dataclasses.replace(cfg.world, workers=1))   # the old default's
+    with pytest.raises(SceneprobeError, match="workers must be a whole number >= 0"):
+        make_dataset(tmp_path / "bad", n=2, size=32, workers=-1, progress=False)
+
+
 def test_output_folder_is_not_overwritten_without_force(made: Path):
     with pytest.raises(SceneprobeError, match="already exists"):
         make_dataset(made, n=2, size=32, progress=False)

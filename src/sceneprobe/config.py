@@ -34,7 +34,7 @@ class WorldConfig:
     seed: int = seed_opt(0)
     val_fraction: float = opt(0.1, ge=0.0, lt=1.0)
     test_fraction: float = opt(0.1, ge=0.0, lt=1.0)
-    workers: int = opt(1, ge=1, le=256)
+    workers: int = opt(0, ge=0, le=256)  # render processes, 0 = every core; the bytes do not depend on it
 
     def problems(self):
         if self.val_fraction + self.test_fraction >= 1:

@@ -8,6 +8,7 @@ with the same ``results.csv`` as an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -117,7 +118,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         w = cfg.world
         make_dataset(data_dir, n=w.n_scenes, size=w.size, seed=w.seed, supersample=w.supersample, workers=w.workers,
                      val_fraction=w.val_fraction, test_fraction=w.test_fraction, force=True, progress=progress)
-    st.run("world", fingerprint(cfg.world), [data_dir / "split.json"], world, clear=[data_dir])
+    st.run("world", fingerprint(world_id(cfg)), [data_dir / "split.json"], world, clear=[data_dir])
 
     def data():
         from .world.dataset import load_dataset
@@ -158,7 +159,8 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     def labeller_eval():
         from .labeller import labeller_provenance, load_labeller
         atomic_write_json(out / "labeller_eval.json", labeller_provenance(load_labeller(lab_dir), data(), ldm.vae))
-    st.run("labeller-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir), cfg.world, "provenance-1"),
+    st.run("labeller-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir), world_id(cfg),
+                                        "provenance-1"),
            [out / "labeller_eval.json"], labeller_eval)
     if ro_dir != lab_dir:
         def readout_labeller_eval():
@@ -166,7 +168,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
             atomic_write_json(out / "labeller_readout_eval.json", readout_labeller_provenance(
                 load_labeller(lab_dir), load_labeller(ro_dir), data(), ldm.vae))
         st.run("labeller-readout-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir),
-                                                    model_hash_of_folder(ro_dir), cfg.world, "provenance-1"),
+                                                    model_hash_of_folder(ro_dir), world_id(cfg), "provenance-1"),
                [out / "labeller_readout_eval.json"], readout_labeller_eval)
     from .capture.run import CAPTURE_VERSION, run_capture
     from .capture.store import CaptureStore
@@ -178,7 +180,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
             def cap(protocol=protocol, control=control):
                 run_capture(cfg, out, protocol, ldm, data=data() if protocol == "noised" else None, control=control,
                             progress=progress)
-            st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, cfg.world, CAPTURE_VERSION),
+            st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, world_id(cfg), CAPTURE_VERSION),
                    [root / "manifest.json"], cap, clear=[root], check=lambda root=root: CaptureStore(root).verify())
         if protocol == "generate":
             st.run("label-generated", fingerprint(mh, model_hash_of_folder(lab_dir)),
@@ -211,6 +213,13 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     return path
 
 
+def world_id(cfg: Config):
+    """``cfg.world`` as the stages' fingerprints see it. ``workers`` changes no byte of the world (rendering is
+    identical across workers, tested), so it is pinned to 1, its old default: runs made before it became 0 (every
+    core) keep their fingerprints, and changing it redoes nothing."""
+    return dataclasses.replace(cfg.world, workers=1)
+
+
 def _labeller_stage(cfg: Config, out: Path, shipped: Path, name: str, lc, world_offset: int, from_scratch: bool,
                     progress: bool) -> tuple[Callable[[], None], str]:
     """The stage that puts a labeller into ``out/<name>``: a copy of the shipped ``<name>/``, or (from scratch, or
@@ -229,7 +238,7 @@ def _labeller_stage(cfg: Config, out: Path, shipped: Path, name: str, lc, world_
                              supersample=cfg.world.supersample, workers=cfg.world.workers, force=True, progress=progress)
             train_labeller(dataclasses.replace(cfg, labeller=lc), load_dataset(ldata), dst,
                            resume=(out / f"train_{name}").exists(), force=True, progress=progress)
-        return fn, fingerprint("scratch", lc, cfg.world, world_offset)
+        return fn, fingerprint("scratch", lc, world_id(cfg), world_offset)
 
     def fn():
         tmp = out / f".{name}.copy"

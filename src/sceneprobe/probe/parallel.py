@@ -14,13 +14,13 @@ floating-point tolerance, not in bytes (other kernels sum in another order).
 from __future__ import annotations
 
 import contextlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 from ..errors import fail
+from ..processes import resolve_workers, usable_cores  # noqa: F401  (the probes' names for them)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,18 +35,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise fail(f"probe.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
-
-
-def usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:                                                     # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_workers(workers: int) -> int:
-    """``0`` → every core this process may use (its CPU affinity, which a container or ``taskset`` narrows)."""
-    return usable_cores() if workers <= 0 else workers
 
 
 @contextlib.contextmanager

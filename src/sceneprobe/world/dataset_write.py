@@ -14,6 +14,7 @@ from .. import __version__
 from ..atomic import atomic_write_json, atomic_write_text
 from ..errors import fail
 from ..owned import atomic_folder, check_out_folder
+from ..processes import resolve_workers
 from .dataset_cache import _cache_key, _write_cache
 from .dataset_folder import _discover
 from .parallel import chunked, map_chunks
@@ -69,15 +70,17 @@ def make_dataset(out: Path, n: int, size: int = 64, seed: int = 0, supersample: 
     """Render scenes ``0 … n-1`` of world ``seed`` into the folder ``out`` (layout in the module docstring).
 
     The folder appears whole or not at all (built in a temporary sibling, then renamed); an existing ``out`` is an
-    error unless ``force``. Workers render and write their own chunks, so files are written in parallel too.
+    error unless ``force``. Workers (0: every core) render and write their own chunks, so files are written in
+    parallel too; the bytes do not depend on their number.
     Returns ``out``.
     """
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise fail(f"number of scenes must be a whole number >= 1, got {n!r}; pass e.g. --n 2000")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise fail(f"seed must be a whole number >= 0, got {seed!r}")
-    if not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise fail(f"workers must be a whole number >= 1, got {workers!r}")
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise fail(f"workers must be a whole number >= 0 (0: every core), got {workers!r}")
+    workers = resolve_workers(int(workers))
     check_render_args(size, supersample)
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
