@@ -85,18 +85,21 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() or 1.0)
 
 
-def evaluate_labeller(labeller, data, batch: int = 64, images: np.ndarray | None = None) -> dict:
+def evaluate_labeller(labeller, data, batch: int = 64, images: np.ndarray | None = None,
+                      pred: dict | None = None) -> dict:
     """Scores of ``labeller`` on ``data``'s held-out split (test, else val); a dict of floats for the report.
 
     ``images`` (optional, (n, H, W, 3) uint8, the held-out images in the same order) are labelled instead of the
-    clean renders, e.g. their VAE reconstructions; the truth stays the renders' exact labels."""
+    clean renders, e.g. their VAE reconstructions; the truth stays the renders' exact labels. ``pred``: the
+    labeller's :func:`label_images` of those images, when the caller already has it."""
     from ..probe.metrics import depth_metrics, nanmean, saliency_metrics   # pure numpy; no stage state
     check_labelled(data, "scoring")
     test = heldout(data)
     if images is not None and images.shape != test.rgb.shape:
         raise fail(f"images to score the labeller on have shape {images.shape}, but the held-out split has "
                    f"{test.rgb.shape}")
-    pred = label_images(labeller, test.rgb if images is None else images, batch=batch)
+    if pred is None:
+        pred = label_images(labeller, test.rgb if images is None else images, batch=batch)
     truth = test.depth.astype(np.float64)
     kind = getattr(labeller, "depth_kind", "depth")
     if kind == "depth":
@@ -142,13 +145,17 @@ def labeller_provenance(labeller, data, vae, batch: int = 64) -> dict:
             "vae_reconstruction": evaluate_labeller(labeller, data, batch, images=recon)}
 
 
-def labeller_agreement(reference, other, images: np.ndarray, batch: int = 64) -> dict:
+def labeller_agreement(reference, other, images: np.ndarray, batch: int = 64,
+                       labels: tuple[dict, dict] | None = None) -> dict:
     """How far two labellers agree on the same uint8 images (n, H, W, 3): ``other`` scored with ``reference``'s
     labels as the truth, by :func:`evaluate_labeller`'s rules (depth standardised by the reference depth's mean and
     std over the images; Spearman ρ, Pearson r, RMSE per image; saliency Dice and IoU of the two masks), averaged
-    over images. The ceiling of a read-out by ``other`` scored against labels made by ``reference``."""
+    over images. The ceiling of a read-out by ``other`` scored against labels made by ``reference``. ``labels``:
+    both labellers' :func:`label_images` of ``images`` (reference's, other's), when the caller already has them."""
     from ..probe.metrics import depth_metrics, nanmean, saliency_metrics
-    a, b = label_images(reference, images, batch), label_images(other, images, batch)
+    if labels is None:
+        labels = label_images(reference, images, batch), label_images(other, images, batch)
+    a, b = labels
     t = a["depth"].astype(np.float64)
     mean, std = t.mean(), t.std() or 1.0
     res = {"n_images": int(len(images)),
@@ -163,12 +170,16 @@ def readout_labeller_provenance(labeller, reader, data, vae, batch: int = 64) ->
     run's VAE reconstructions of them."""
     test = heldout(data)
     recon = vae_reconstructions(vae, test.rgb)
+    # each labeller labels each image set once; the scores and the agreements share those labels
+    ref = {k: label_images(labeller, im, batch) for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))}
+    read = {k: label_images(reader, im, batch) for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))}
     return {"what": "read-out labeller vs exact labels, and vs the labels' labeller (agreement: the labels' labeller "
                     "as the truth), on held-out rendered scenes and their VAE reconstructions",
-            "clean": evaluate_labeller(reader, data, batch),
-            "vae_reconstruction": evaluate_labeller(reader, data, batch, images=recon),
-            "agreement": {"clean": labeller_agreement(labeller, reader, test.rgb, batch),
-                          "vae_reconstruction": labeller_agreement(labeller, reader, recon, batch)}}
+            "clean": evaluate_labeller(reader, data, batch, pred=read["clean"]),
+            "vae_reconstruction": evaluate_labeller(reader, data, batch, images=recon,
+                                                    pred=read["vae_reconstruction"]),
+            "agreement": {k: labeller_agreement(labeller, reader, im, batch, labels=(ref[k], read[k]))
+                          for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))}}
 
 
 def train_labeller(cfg: Config, data, out: Path, resume: bool = False, force: bool = False, progress: bool = True,
