@@ -13,7 +13,9 @@
    over the Adam pairs) gets a paired 95 % bootstrap CI (``probe.stats.paired_bootstrap``, 2000 resamples of the test
    images); a metric is *worse* only when that CI lies wholly on its worse side of 0 (resolvably worse), and the
    clause holds when no metric is worse. The point estimates are printed too, with the strict reading (every
-   difference ≥ 0) beside it.
+   difference ≥ 0) beside it. ``--adam-depth-loss squared`` trains the Adam depth probes on squared error, the exact
+   ridge's objective, instead of the paper's Huber (an experiment: is a depth difference the objective's or the
+   solver's?).
 2. The `probes` stage as `make run` runs it (``run_probes`` with the default probe config: every core as a worker,
    one thread each) on the same captures, once with this checkout's code and once with the code of ``--baseline``
    (extracted with ``git archive``), each in a fresh process, into temporary folders (the run's captures are only
@@ -137,6 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="exact sweep repeats (best time is kept)")
     ap.add_argument("--baseline", default=BASELINE, help="git revision the probes stage is compared with")
     ap.add_argument("--no-stage", action="store_true", help="skip the probes-stage comparison")
+    ap.add_argument("--adam-depth-loss", choices=("huber", "squared"), default="huber",
+                    help="the Adam trainer's depth loss: huber (δ = 1, the paper's) or squared (the exact ridge's "
+                         "objective, to ask whether a depth difference comes from the objective or the solver)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)                      # numpy's BLAS too (the exact solver's float64 products)
@@ -177,6 +182,17 @@ def main(argv=None) -> int:
     k = min(args.pairs, len(all_pairs))
     picks = [all_pairs[round(i * (len(all_pairs) - 1) / max(k - 1, 1))] for i in range(k)]
     adam_cfg = dataclasses.replace(cfg, solver="adam", epochs=args.epochs)
+    if args.adam_depth_loss == "squared":                # an experiment on the objective, not the paper's trainer
+        from sceneprobe.probe import adam_trainer
+        paper_loss = adam_trainer._adam_loss
+
+        def squared(pred, y, task, upsample):
+            if task != "depth":
+                return paper_loss(pred, y, task, upsample)
+            if upsample == "nearest":
+                pred = adam_trainer.upsample_nearest(pred, y.shape[-2], y.shape[-1])
+            return torch.nn.functional.mse_loss(pred[:, 0], y)
+        adam_trainer._adam_loss = squared
     sweep.fit_paper_adam(store, *picks[0], labels, dataclasses.replace(adam_cfg, epochs=1))   # warm-up
     adam_rows, adam_img = {}, {}
     t0 = time.perf_counter()
@@ -186,7 +202,7 @@ def main(argv=None) -> int:
     t_adam = (time.perf_counter() - t0) / (2 * len(picks))
 
     keys = [("saliency", "dice"), ("saliency", "iou"), ("depth", "spearman"), ("depth", "pearson"), ("depth", "rmse")]
-    print(f"\nstore {store.root}: test metrics, exact vs adam ({args.epochs} epochs)")
+    print(f"\nstore {store.root}: test metrics, exact vs adam ({args.epochs} epochs, depth loss {args.adam_depth_loss})")
     print(f"{'site':<24}{'step':>5}  " + "  ".join(f"{t[:3]}.{m:<8}" for t, m in keys))
     sums = {"exact": {k: 0.0 for k in keys}, "adam": {k: 0.0 for k in keys}}
     for site, step in picks:
