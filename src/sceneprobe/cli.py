@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=None, help="number of scenes (default: world.n_scenes of the preset)")
     s.add_argument("--size", type=int, default=None, help="image size in pixels, 32..512 (default: world.size)")
     s.add_argument("--supersample", type=int, default=None, help="s×s rays per pixel for RGB anti-aliasing")
-    s.add_argument("--workers", type=int, default=None, help="worker processes")
+    s.add_argument("--workers", type=int, default=None, help="render processes, 0 = every core (default: world.workers, 0)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_scenes)
 
