@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -205,7 +206,7 @@ def main() -> None:
     # their ratio compares the machine with itself; the best-of-N pair above can match a fast "off" with a slow capture
     # (or the reverse) when a shared machine's speed drifts between repeats. The goal needs both at or below 10 %.
     paired = sorted(100 * (c - o) / o for o, c in zip(times["off"], times["unet"]))
-    med = paired[len(paired) // 2] if len(paired) % 2 else sum(paired[len(paired) // 2 - 1:len(paired) // 2 + 1]) / 2
+    med = statistics.median(paired)
     best_pct = 100 * (u - off) / off
     print(f"sampling {args.n} images: capture off {off:.2f} s | U-Net-site capture {u:.2f} s (overhead "
           f"{best_pct:+.1f} %; without the final images' PNGs + samples file "

@@ -133,12 +133,12 @@ class ProbeHead:
         clamp(u − t, −1, 1) (Huber, δ = 1), over H_l·W_l pixels (the mean). The nearest upsampling is u = R z Sᵀ with
         one-hot R (H_l, h), S (W_l, w), so γ = ∂L/∂z = Rᵀ ℓ'(u) S / (H_l W_l) (B, h, w). The probe is linear in a:
         ∂L/∂a_{b,c,y,x} = w_c · γ_{b, y//p, x//p} / p² (p×p average pooling's adjoint)."""
-        from ..probe.resolution_maps import nearest_index
+        from ..probe.resolution_maps import nearest_index, upsample_nearest
         z = self.logits(a)
         H, W = self.size
+        u = upsample_nearest(z, H, W)                                        # (B, H_l, W_l)
         R = F.one_hot(torch.from_numpy(nearest_index(H, z.shape[1])).long(), z.shape[1]).to(z)   # (H_l, h)
         S = F.one_hot(torch.from_numpy(nearest_index(W, z.shape[2])).long(), z.shape[2]).to(z)   # (W_l, w)
-        u = R @ z @ S.T                                                      # (B, H_l, W_l): upsample_nearest(z)
         t = target.to(u.device, u.dtype)
         d = torch.sigmoid(u) - t if self.task == "saliency" else (u - t).clamp(-1.0, 1.0)
         gz = R.T @ d @ S / (H * W)                                           # (B, h, w)
