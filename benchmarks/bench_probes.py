@@ -15,7 +15,10 @@
    clause holds when no metric is worse. The point estimates are printed too, with the strict reading (every
    difference ≥ 0) beside it. ``--adam-depth-loss squared`` trains the Adam depth probes on squared error, the exact
    ridge's objective, instead of the paper's Huber (an experiment: is a depth difference the objective's or the
-   solver's?).
+   solver's?). ``--path`` prints, at each Adam pair, the exact depth probe's whole ridge path (val MSE, test MSE and
+   ρ at every grid λ, the val-chosen one marked) beside Adam's test figures: where along the path the two solvers'
+   probes sit, and whether some λ on it is as good as Adam on both test MSE and ρ (a description of the path, not a
+   choice: λ is chosen on val MSE and nothing else).
 2. The `probes` stage as `make run` runs it (``run_probes`` with the default probe config: every core as a worker,
    one thread each) on the same captures, once with this checkout's code and once with the code of ``--baseline``
    (extracted with ``git archive``), each in a fresh process, into temporary folders (the run's captures are only
@@ -44,8 +47,12 @@ from threadpoolctl import threadpool_limits
 
 from sceneprobe.capture.store import CaptureStore
 from sceneprobe.config import ProbeConfig
-from sceneprobe.probe import sweep
+from sceneprobe.probe import exact_fit, fit, sweep
+from sceneprobe.probe import layout as lay
+from sceneprobe.probe.fitted_probe import layout_of
 from sceneprobe.probe.layout import is_plain
+from sceneprobe.probe.metrics import nanmean
+from sceneprobe.probe.split_features import SplitFeatures, _features, _predict
 from sceneprobe.probe.stats import paired_bootstrap
 from sceneprobe.probe.synthetic import synthetic_run
 
@@ -73,6 +80,53 @@ def _per_image(tensors) -> dict:
     """{(task, metric): per-test-image values} of the layout-fair probe, from :func:`sweep.probe_one`'s tensors."""
     return {(t, m): tensors[f"test.{t}.{m}"].numpy() for t, m in
             (k.split(".")[1:] for k in tensors if k.startswith("test.") and k.count(".") == 2)}
+
+
+def depth_path(store, site: str, step: int, labels, cfg: ProbeConfig) -> dict:
+    """The layout-fair depth probe's ridge path as :func:`exact_fit.fit_exact` solves it (same design, scale and
+    penalty): {"lambda": [L], "val_mse", "test_mse", "test_spearman", "test_pearson": [L] means over the images}."""
+    C, h, w = store.shape(site)
+    layout = layout_of(labels, h, w, cfg)
+    k = 0 if layout is None else layout.shape[0]
+    lrows = None if layout is None else lay.rows(layout)
+    d = C + k + int(cfg.bias)
+    n_pix, dsum, pos = labels.native(h, w, cfg.upsample)
+    stats = fit.RidgeStats(d, 1)
+    for r, x in store.iter_rows(site, step, labels.idx(0), 64):
+        X = exact_fit._design(_features(x)[0], lrows, cfg.bias, "cpu").double()
+        wt = n_pix.reshape(1, -1).expand(len(r), -1).reshape(-1)
+        stats.add(X, wt, dsum[r].reshape(-1, 1).double())
+    scale = fit.feature_scale(stats.G, stats.P, C)
+    mask = fit.penalty_mask(d, cfg.bias)
+    mask[C:C + k] = 0.0
+    theta = fit.ridge_path(stats, list(cfg.lambdas), cfg.bias, scale, mask)[:, :, 0]        # (L, d)
+    out = {"lambda": list(cfg.lambdas)}
+    for code, split in ((1, "val"), (2, "test")):
+        z = _predict(SplitFeatures(store, site, step, labels.idx(code)), theta, cfg.bias, layout).numpy()
+        m = labels.scorer(code, h, w).depth(z)
+        out[f"{split}_mse"] = [nanmean(m["rmse"][:, i] ** 2) for i in range(len(theta))]
+        for name in ("spearman", "pearson"):
+            out[f"{split}_{name}"] = [nanmean(m[name][:, i]) for i in range(len(theta))]
+    return out
+
+
+def path_lines(site: str, step: int, path: dict, adam: dict, chosen: float) -> list[str]:
+    """The path table of one pair, Adam's test figures, and the λ on the path (if any) at least as good as Adam on
+    both test MSE and ρ. ``chosen``: the sweep's val-chosen λ (the path's choice must be the same)."""
+    i_val = exact_fit._pick([-v for v in path["val_mse"]], path["lambda"])
+    assert path["lambda"][i_val] == chosen, (path["lambda"][i_val], chosen)    # the path is the sweep's
+    lines = [f"{site} step {step}: exact ridge path (val MSE chooses λ = {path['lambda'][i_val]:g}, marked *); "
+             f"adam test: mse {adam[('depth', 'mse')]:.4f}, spearman {adam[('depth', 'spearman')]:.4f}, "
+             f"pearson {adam[('depth', 'pearson')]:.4f}"]
+    for i, lam in enumerate(path["lambda"]):
+        lines.append(f"  {'*' if i == i_val else ' '} lambda {lam:<8g} val mse {path['val_mse'][i]:.4f}   test mse "
+                     f"{path['test_mse'][i]:.4f}  spearman {path['test_spearman'][i]:.4f}  pearson "
+                     f"{path['test_pearson'][i]:.4f}")
+    both = [lam for i, lam in enumerate(path["lambda"]) if path["test_mse"][i] <= adam[("depth", "mse")]
+            and path["test_spearman"][i] >= adam[("depth", "spearman")]]
+    lines.append("  on the path, as good as adam on both test mse and spearman: " + (
+        f"{len(both)} of {len(path['lambda'])} lambdas ({', '.join(f'{lam:g}' for lam in both)})" if both else "none"))
+    return lines
 
 
 def _source(rev: str | None, into: Path) -> Path:
@@ -139,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="exact sweep repeats (best time is kept)")
     ap.add_argument("--baseline", default=BASELINE, help="git revision the probes stage is compared with")
     ap.add_argument("--no-stage", action="store_true", help="skip the probes-stage comparison")
+    ap.add_argument("--path", action="store_true",
+                    help="print the exact depth probe's ridge path (val/test MSE, test rho per lambda) at the Adam pairs")
     ap.add_argument("--adam-depth-loss", choices=("huber", "squared"), default="huber",
                     help="the Adam trainer's depth loss: huber (δ = 1, the paper's) or squared (the exact ridge's "
                          "objective, to ask whether a depth difference comes from the objective or the solver)")
@@ -218,6 +274,15 @@ def main(argv=None) -> int:
                                sum(adam_img[p][kk] for p in picks) / len(picks)) for kk in keys}
     worse = [m for (t, m), e in ci.items() if (e["lo"] > 0 if m == "rmse" else e["hi"] < 0)]
     as_good = not worse
+
+    if args.path:
+        print("\nthe exact depth probe's ridge path at the adam pairs (test metrics as in the table above)")
+        for site, step in picks:
+            chosen = float(next(r["value"] for r in exact_rows[(store.root, site, step)] if r["task"] == "depth"
+                                and r["split"] == "val" and r["metric"] == "lambda" and not is_plain(r["model"])))
+            for line in path_lines(site, step, depth_path(store, site, step, labels, fair),
+                                   _scores(adam_rows[(site, step)]), chosen):
+                print(line)
 
     stage = []
     if not args.no_stage:
