@@ -9,6 +9,7 @@ with the same ``results.csv`` as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -156,9 +157,17 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     ldm = load_ldm(out)
     mh = model_hash(ldm.unet) + model_hash(ldm.vae)
 
+    @functools.cache
+    def views():
+        """The held-out renders' VAE reconstructions and the labels' labeller's labels of both: both provenance
+        checks below score them, so a run that does both makes them once."""
+        from .labeller import heldout_views, load_labeller
+        return heldout_views(load_labeller(lab_dir), data(), ldm.vae)
+
     def labeller_eval():
         from .labeller import labeller_provenance, load_labeller
-        atomic_write_json(out / "labeller_eval.json", labeller_provenance(load_labeller(lab_dir), data(), ldm.vae))
+        atomic_write_json(out / "labeller_eval.json", labeller_provenance(load_labeller(lab_dir), data(), ldm.vae,
+                                                                          views=views()))
     st.run("labeller-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir), world_id(cfg),
                                         "provenance-1"),
            [out / "labeller_eval.json"], labeller_eval)
@@ -166,7 +175,7 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         def readout_labeller_eval():
             from .labeller import load_labeller, readout_labeller_provenance
             atomic_write_json(out / "labeller_readout_eval.json", readout_labeller_provenance(
-                load_labeller(lab_dir), load_labeller(ro_dir), data(), ldm.vae))
+                load_labeller(lab_dir), load_labeller(ro_dir), data(), ldm.vae, views=views()))
         st.run("labeller-readout-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir),
                                                     model_hash_of_folder(ro_dir), world_id(cfg), "provenance-1"),
                [out / "labeller_readout_eval.json"], readout_labeller_eval)

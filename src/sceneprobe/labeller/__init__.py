@@ -18,8 +18,8 @@ from pathlib import Path
 from .apply import label_folder, label_path, label_samples
 from .dpt import DepthModelLabeller
 from .model import Labeller, LabellerOutput, label_images, load_labeller
-from .train import evaluate_labeller, labeller_agreement, labeller_provenance, readout_labeller_provenance, \
-    train_labeller, vae_reconstructions
+from .train import HeldoutViews, evaluate_labeller, heldout_views, labeller_agreement, labeller_provenance, \
+    readout_labeller_provenance, train_labeller, vae_reconstructions
 
 
 def shipped_labeller_path(preset: str = "cpu") -> Path:
@@ -35,7 +35,8 @@ def shipped_readout_labeller_path(preset: str = "cpu") -> Path:
     return shipped_root(preset) / "labeller_readout"
 
 
-__all__ = ["DepthModelLabeller", "Labeller", "LabellerOutput", "evaluate_labeller", "label_folder", "label_images",
+__all__ = ["DepthModelLabeller", "HeldoutViews", "Labeller", "LabellerOutput", "evaluate_labeller", "heldout_views",
+           "label_folder", "label_images",
            "label_path", "label_samples", "labeller_agreement", "labeller_provenance", "load_labeller",
            "readout_labeller_provenance", "shipped_labeller_path", "shipped_readout_labeller_path", "train_labeller",
            "vae_reconstructions"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,18 +132,36 @@ def vae_reconstructions(vae, rgb: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate(out)
 
 
-def labeller_provenance(labeller, data, vae, batch: int = 64) -> dict:
+@dataclass
+class HeldoutViews:
+    """The held-out renders' VAE reconstructions ``recon`` (n, H, W, 3) uint8 and one labeller's
+    :func:`label_images` of both image sets (``labels["clean"]``, ``labels["vae_reconstruction"]``): what
+    :func:`labeller_provenance` and :func:`readout_labeller_provenance` both need, made once for both."""
+    recon: np.ndarray
+    labels: dict[str, dict]
+
+
+def heldout_views(labeller, data, vae, batch: int = 64) -> HeldoutViews:
+    """``labeller``'s labels of ``data``'s held-out renders and of the run's VAE reconstructions of them."""
+    test = heldout(data)
+    recon = vae_reconstructions(vae, test.rgb)
+    return HeldoutViews(recon, {k: label_images(labeller, im, batch)
+                                for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))})
+
+
+def labeller_provenance(labeller, data, vae, batch: int = 64, views: HeldoutViews | None = None) -> dict:
     """The labeller's accuracy on the held-out scenes as rendered (``clean``) and as the run's VAE reconstructs them
     (``vae_reconstruction``), against the renders' exact labels — the second bounds what the labeller's labels of
     generated images (the ``generate`` protocol's labels) can be trusted for. Keys of each: those of
     :func:`evaluate_labeller` (``depth_rmse``, ``depth_spearman``, ``depth_pearson``, ``saliency_dice``,
-    ``saliency_iou``, ``n_images``, ``split``, ``depth_kind``)."""
-    test = heldout(data)
-    recon = vae_reconstructions(vae, test.rgb)
+    ``saliency_iou``, ``n_images``, ``split``, ``depth_kind``). ``views``: ``labeller``'s :func:`heldout_views`,
+    when the caller already has them."""
+    views = views or heldout_views(labeller, data, vae, batch)
     return {"what": "labeller vs exact labels of held-out rendered scenes: clean renders and their VAE "
                     "reconstructions (decode(to_latent(mode q(z|x))))",
-            "clean": evaluate_labeller(labeller, data, batch),
-            "vae_reconstruction": evaluate_labeller(labeller, data, batch, images=recon)}
+            "clean": evaluate_labeller(labeller, data, batch, pred=views.labels["clean"]),
+            "vae_reconstruction": evaluate_labeller(labeller, data, batch, images=views.recon,
+                                                    pred=views.labels["vae_reconstruction"])}
 
 
 def labeller_agreement(reference, other, images: np.ndarray, batch: int = 64,
@@ -164,14 +183,17 @@ def labeller_agreement(reference, other, images: np.ndarray, batch: int = 64,
     return res
 
 
-def readout_labeller_provenance(labeller, reader, data, vae, batch: int = 64) -> dict:
+def readout_labeller_provenance(labeller, reader, data, vae, batch: int = 64,
+                                views: HeldoutViews | None = None) -> dict:
     """The read-out labeller (``reader``) beside the labels' labeller on the run's held-out scenes: each against the
     exact labels, and ``reader`` against ``labeller`` (:func:`labeller_agreement`), on the clean renders and on the
-    run's VAE reconstructions of them."""
+    run's VAE reconstructions of them. ``views``: ``labeller``'s :func:`heldout_views`, when the caller already has
+    them (:func:`labeller_provenance` needs the same)."""
     test = heldout(data)
-    recon = vae_reconstructions(vae, test.rgb)
+    views = views or heldout_views(labeller, data, vae, batch)
+    recon = views.recon
     # each labeller labels each image set once; the scores and the agreements share those labels
-    ref = {k: label_images(labeller, im, batch) for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))}
+    ref = views.labels
     read = {k: label_images(reader, im, batch) for k, im in (("clean", test.rgb), ("vae_reconstruction", recon))}
     return {"what": "read-out labeller vs exact labels, and vs the labels' labeller (agreement: the labels' labeller "
                     "as the truth), on held-out rendered scenes and their VAE reconstructions",
