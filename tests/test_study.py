@@ -120,3 +120,45 @@ def test_report_sections_for_a_copied_model_come_from_its_training_record(tmp_pa
     # the VAE as shipped (after its decoder-only fine-tune), not its first training stage's record
     assert f"{rec['shipped_vae_check']['psnr_db']:.4g}" in body
     assert f"{rec['train_vae']['eval']['psnr_db']:.4g}" not in body
+
+
+def test_stages_run_together_in_processes_as_one_after_another(tmp_path):
+    """Independent stages in worker processes: the same outputs, records and fingerprint chain as one after another
+    in this process (so either way a rerun skips them), and a failing stage leaves no record while the others keep
+    theirs."""
+    import functools
+    import json
+
+    from sceneprobe.study import Stage, Stages
+
+    def stages(folder: Path, bad: int | None = None) -> list[Stage]:
+        out = []
+        for i in range(3):
+            job = functools.partial(Path.write_text, folder / f"out{i}", f"stage {i}")
+            if i == bad:                                     # reading a missing file: raises in the worker
+                job = functools.partial(Path.read_text, folder / "missing")
+            out.append(Stage(f"s{i}", f"fp{i}", [folder / f"out{i}"], job, job=job))
+        return out
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    for d in (one, many):
+        d.mkdir()
+    a, b = Stages(one, lambda _: None), Stages(many, lambda _: None)
+    a.run_together(stages(one), 1, 0)
+    b.run_together(stages(many), 2, 1)
+    assert a.chain == b.chain
+    for i in range(3):
+        assert (many / f"out{i}").read_text() == f"stage {i}"
+        assert (json.loads((one / ".stages" / f"s{i}.json").read_text())["fingerprint"]
+                == json.loads((many / ".stages" / f"s{i}.json").read_text())["fingerprint"])
+    lines: list[str] = []
+    again = Stages(many, lines.append)
+    again.run_together(stages(many), 2, 1)
+    assert again.chain == a.chain and len(lines) == 3 and all("up to date" in ln for ln in lines)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(FileNotFoundError):
+        Stages(broken, lambda _: None).run_together(stages(broken, bad=1), 2, 1)
+    assert not (broken / ".stages" / "s1.json").exists()
+    assert {p.name for p in (broken / ".stages").glob("*.json")} == {"s0.json", "s2.json"}
