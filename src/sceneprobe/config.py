@@ -152,10 +152,6 @@ class CaptureConfig:
     # as channels (c·k² per position), stored for the trained model; 0 = not captured. Odd.
     input_window: int = opt(5, ge=0, le=15)
     batch_size: int = opt(32, ge=1, le=65536)
-    # the default study's stores of one protocol made at once on the CPU (study.py), each in a process of its own on
-    # cores/workers threads; 0 = every core; 1 = one after another in this process (always so on a GPU). In no
-    # fingerprint and no manifest (capture/run.py: capture_options)
-    workers: int = opt(0, ge=0, le=256)
     controls: tuple[str, ...] = opt(("permuted", "fresh"), choices=("permuted", "fresh"))
     control_seed: int = seed_opt(100)
     seed: int = seed_opt(1000)

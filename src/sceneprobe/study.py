@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -35,117 +34,28 @@ class Stages:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.chain = ""  # fingerprints of earlier stages: a changed stage redoes every later one
-        self._pending: dict[Path, str] = {}  # record path → fingerprint of a stage running now
 
     def run(self, name: str, fp: str, outputs: list[Path], fn: Callable[[], object], clear: list[Path] = (),
             check: Callable[[], object] | None = None) -> None:
         """Run stage ``name`` unless its record matches ``fp`` and its outputs exist (and pass ``check``: a
         damaged output, e.g. a capture store that lost a shard, makes the stage run again)."""
-        rec = self._due(Stage(name, fp, outputs, fn, clear, check))
-        if rec is None:
+        fp = fingerprint({"own": fp, "before": self.chain})
+        self.chain = fp
+        rec = self.dir / f"{name}.json"
+        done = _record_fingerprint(rec) == fp and all(p.exists() for p in outputs) and _passes(check)
+        if done:
+            self.log(f"[{name}] up to date, skipped")
             return
+        if rec.exists():  # the config changed since this stage ran (or the record is damaged): its outputs are stale
+            rec.unlink()
+            for p in clear:
+                shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
         t0 = time.time()
         self.log(f"[{name}] running ...")
         fn()
-        self._done(name, rec, time.time() - t0)
-
-    def run_together(self, stages: list["Stage"], processes: int, threads: int) -> None:
-        """Stages that read none of each other's outputs, as :meth:`run` would run them one after another (the
-        same fingerprints, chained in list order, and records), but those due run in ``processes`` spawned processes
-        at once, each stage's ``job`` (a picklable call) on ``threads`` torch and BLAS threads. ``processes`` ≤ 1:
-        one after another here, each stage's ``fn``."""
-        if processes <= 1:
-            for s in stages:
-                self.run(s.name, s.fp, s.outputs, s.fn, s.clear, s.check)
-            return
-        due = [(s, rec) for s in stages if (rec := self._due(s)) is not None]
-        if not due:
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from concurrent.futures.process import BrokenProcessPool
-        k = min(processes, len(due))
-        for s, _ in due:
-            self.log(f"[{s.name}] running ... ({len(due)} stages, {k} at once, {threads} thread(s) each)")
-        with ProcessPoolExecutor(max_workers=k, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_timed, s.job, threads): (s, rec) for s, rec in due}
-            error = None
-            try:
-                for fut in as_completed(futures):
-                    s, rec = futures[fut]
-                    try:
-                        seconds = fut.result()
-                    except BrokenProcessPool as e:
-                        raise fail(f"a worker process of stage {s.name} ended abruptly (out of memory?); set "
-                                   "capture.workers: 1 to run these stages one after another in this process") from e
-                    except Exception as e:           # the others still finish and keep their records; then raised
-                        error = error or e
-                        continue
-                    self._done(s.name, rec, seconds)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            if error is not None:
-                raise error
-
-    def _due(self, s: "Stage") -> Path | None:
-        """Chain the stage's fingerprint; its record's path when it must run (stale outputs cleared), else None."""
-        fp = fingerprint({"own": s.fp, "before": self.chain})
-        self.chain = fp
-        rec = self.dir / f"{s.name}.json"
-        done = _record_fingerprint(rec) == fp and all(p.exists() for p in s.outputs) and _passes(s.check)
-        if done:
-            self.log(f"[{s.name}] up to date, skipped")
-            return None
-        if rec.exists():  # the config changed since this stage ran (or the record is damaged): its outputs are stale
-            rec.unlink()
-            for p in s.clear:
-                shutil.rmtree(p, ignore_errors=True) if Path(p).is_dir() else Path(p).unlink(missing_ok=True)
-        self._pending[rec] = fp
-        return rec
-
-    def _done(self, name: str, rec: Path, seconds: float) -> None:
-        atomic_write_json(rec, {"fingerprint": self._pending.pop(rec), "seconds": round(seconds, 1)})
-        self.log(f"[{name}] done in {seconds:.0f} s")
-
-
-@dataclasses.dataclass
-class Stage:
-    """One stage for :meth:`Stages.run_together`: ``fn`` runs it in this process, ``job`` (optional, picklable: a
-    ``functools.partial`` of a module-level function) does the same work in a worker process."""
-    name: str
-    fp: str
-    outputs: list[Path]
-    fn: Callable[[], object]
-    clear: list[Path] = ()
-    check: Callable[[], object] | None = None
-    job: Callable[[], object] | None = None
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: end when the study's process ends, even killed (SIGKILL; Linux's PR_SET_PDEATHSIG), so
-    that no orphan goes on writing a store that a rerun is making again."""
-    import ctypes
-    import signal
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)            # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):                                          # not Linux: nothing to set
-        return
-    if os.getppid() != parent:                                                 # it died before the call
-        os._exit(1)
-
-
-def _timed(job: Callable[[], object], threads: int) -> float:
-    """Run ``job`` in a worker process on ``threads`` torch and BLAS threads; its seconds."""
-    import torch
-    from threadpoolctl import threadpool_limits
-    torch.set_num_threads(threads)
-    t0 = time.time()
-    with threadpool_limits(threads):
-        job()
-    return time.time() - t0
+        dt = time.time() - t0
+        atomic_write_json(rec, {"fingerprint": fp, "seconds": round(dt, 1)})
+        self.log(f"[{name}] done in {dt:.0f} s")
 
 
 def _passes(check: Callable[[], object] | None) -> bool:
@@ -269,11 +179,9 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
         st.run("labeller-readout-eval", fingerprint(model_hash(ldm.vae), model_hash_of_folder(lab_dir),
                                                     model_hash_of_folder(ro_dir), world_id(cfg), "provenance-1"),
                [out / "labeller_readout_eval.json"], readout_labeller_eval)
-    from .capture.run import CAPTURE_VERSION, capture_options, run_capture
+    from .capture.run import CAPTURE_VERSION, run_capture
     from .capture.store import CaptureStore
-    processes, threads = capture_processes(cfg)
     for protocol in cfg.capture.protocols:
-        stages = []
         for control in (None, *cfg.capture.controls):
             name = control or "ldm"
             root = out / "captures" / protocol / name
@@ -281,12 +189,8 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
             def cap(protocol=protocol, control=control):
                 run_capture(cfg, out, protocol, ldm, data=data() if protocol == "noised" else None, control=control,
                             progress=progress)
-            stages.append(Stage(f"capture-{protocol}-{name}",
-                                fingerprint(capture_options(cfg.capture), mh, world_id(cfg), CAPTURE_VERSION),
-                                [root / "manifest.json"], cap, clear=[root],
-                                check=lambda root=root: CaptureStore(root).verify(),
-                                job=functools.partial(_capture_store, cfg, out, protocol, control)))
-        st.run_together(stages, processes, threads)   # a protocol's stores are independent of each other
+            st.run(f"capture-{protocol}-{name}", fingerprint(cfg.capture, mh, world_id(cfg), CAPTURE_VERSION),
+                   [root / "manifest.json"], cap, clear=[root], check=lambda root=root: CaptureStore(root).verify())
         if protocol == "generate":
             st.run("label-generated", fingerprint(mh, model_hash_of_folder(lab_dir)),
                    [out / "captures" / "generate" / "labels.safetensors"], lambda: label_generated(out, lab_dir))
@@ -316,30 +220,6 @@ def run_study(cfg: Config, out: Path, from_scratch: bool = False, model: Path | 
     path = write_report(out, extra_sections=extra)
     log(f"[report] {path}")
     return path
-
-
-def capture_processes(cfg: Config) -> tuple[int, int]:
-    """(processes, threads each) for a protocol's capture stores: ``capture.workers`` (0 = every core) processes of
-    cores/workers threads on the CPU; (1, 0) — one after another in this process — on a GPU, under ``accelerate
-    launch`` (the ranks share each store's batches) or with one worker.
-
-    Why processes: two stores sampled at once on one thread each take ~0.7× the time of the two one after another
-    on two threads (the cpu preset's captures; a U-Net of that size gains ~1.4× from a second thread). The thread
-    count is the same for every store whatever is left to do, so a resumed run makes the same bytes."""
-    from .processes import process_state, resolve_workers, usable_cores, use_cpu
-    workers = resolve_workers(cfg.capture.workers)
-    if workers <= 1 or not use_cpu() or process_state().num_processes > 1:
-        return 1, 0
-    return workers, max(1, usable_cores() // workers)
-
-
-def _capture_store(cfg: Config, out: Path, protocol: str, control: str | None) -> None:
-    """One capture stage in a worker process (:meth:`Stages.run_together`): the run's model and scenes read here."""
-    from .capture.run import run_capture
-    from .models.io import load_ldm
-    from .world.dataset import load_dataset
-    data = load_dataset(out / "data") if protocol == "noised" else None
-    run_capture(cfg, out, protocol, load_ldm(out), data=data, control=control, progress=False)
 
 
 def world_id(cfg: Config):

@@ -86,12 +86,6 @@ VAE_DEC_INPUT = {  # what the decoder site reads at step i (recorded in the mani
 STEP_INDEPENDENT = ("vae.enc.mid.attn0",)  # sites that do not depend on the step: stored once, as step 0
 
 
-def capture_options(cc) -> dict:
-    """``capture`` options as a store and the study's stage fingerprints record them: all but ``workers`` (how many
-    stores are made at once is how the work is scheduled, not what a store holds)."""
-    return {k: v for k, v in to_dict(cc).items() if k != "workers"}
-
-
 def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, control: str | None = None,
                 force: bool = False, progress: bool = True, sites: Sequence[str] | None = None,
                 readout: bool | None = None, store_steps: Sequence[int] | None = None,
@@ -228,7 +222,7 @@ def run_capture(cfg: Config, run: Path, protocol: str, ldm: LDM, data=None, cont
         "site_kind": cc.site_kind, "vae_input": cc.vae_input, "sampler": "ddim", "eta": 0.0,
         "model_hash": unet_hash, "vae_hash": vae_hash, "base_model_hash": base_hash,
         "scaling_factor": sf, "split": split.tolist(), "names": names, "fingerprint": spec.fingerprint,
-        "config": capture_options(cc), "step_independent_sites": [v for v in sites if v in STEP_INDEPENDENT],
+        "config": to_dict(cc), "step_independent_sites": [v for v in sites if v in STEP_INDEPENDENT],
         "vae_dec_input": VAE_DEC_INPUT[protocol][cc.vae_input] if any(v.startswith("vae.dec") for v in sites) else None,
         "readout": {"rows": test_rows, "sample_ids": [ids[k] for k in test_rows],
                     "images": "x0/step_XX/<sample id:06d>.png", "what": "decoded pred_original_sample of "
@@ -249,6 +243,6 @@ def _jsonable(x):
 # Names other modules import from here (the capture's pieces live in the modules above).
 __all__ = ["CAPTURE_VERSION", "CONTROLS", "DTYPES", "INPUT_SITE", "NOISE_STREAM", "PROTOCOLS", "SPLIT_FRACTIONS",
            "STEP_INDEPENDENT", "VAE_DEC_INPUT", "VAE_INPUTS", "Emit", "StoreSpec", "X0Sink", "check_capture_options",
-           "capture_options", "collect_samples", "control_unet", "decode_readout", "decode_to_mid", "derived_shapes",
-           "fill_store", "finish_store", "input_rows", "probe_split", "run_capture", "sample_and_record", "save_images",
+           "collect_samples", "control_unet", "decode_readout", "decode_to_mid", "derived_shapes", "fill_store",
+           "finish_store", "input_rows", "probe_split", "run_capture", "sample_and_record", "save_images",
            "site_shapes", "traced_shapes", "x0_image_path"]

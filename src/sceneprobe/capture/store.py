@@ -233,7 +233,7 @@ def save_labels(protocol_root: Path, depth: np.ndarray, saliency: np.ndarray, sp
     from safetensors.numpy import save_file
     path = Path(protocol_root) / "labels.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".labels.tmp-{os.getpid()}.safetensors")   # the noised stores write it at once
+    tmp = path.with_name(".labels.tmp.safetensors")
     save_file({"depth": np.ascontiguousarray(depth, np.float32), "saliency": np.ascontiguousarray(saliency, np.uint8),
                "split": np.ascontiguousarray(split, np.int8), **{k: np.ascontiguousarray(v) for k, v in extra.items()}},
               str(tmp))
