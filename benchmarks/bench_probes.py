@@ -55,6 +55,7 @@ from sceneprobe.probe.metrics import nanmean
 from sceneprobe.probe.split_features import SplitFeatures, _features, _predict
 from sceneprobe.probe.stats import paired_bootstrap
 from sceneprobe.probe.synthetic import synthetic_run
+from sceneprobe.processes import resolve_workers
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "5932953"            # the last revision before issue 23's probe work (one Cholesky per λ, …)
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         else:
             t_before, csv_before = _stage(src_before, run, base / "before")
             t_after, csv_after = _stage(_source(None, base), run, base / "after")
-            w = sweep.resolve_workers(cfg.workers)
+            w = resolve_workers(cfg.workers)
             stage = compare_results(csv_before, csv_after) + [
                 f"probes stage (run_probes, {w} workers x 1 thread, same captures): before {t_before:.1f} s "
                 f"(revision {args.baseline}), after {t_after:.1f} s (this checkout): {t_before / t_after:.2f}x faster "

@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     proj["streamed_val_pred_ram_gb"] = n_va * 2 * LAMBDAS * sum(hw.values()) * 8 * n_steps / 1e9    # float64
     proj["streamed_test_pred_ram_gb"] = n_te * 2 * sum(hw.values()) * 8 * n_steps / 1e9
     proj["streamed_batch_acts_device_gb"] = args.batch * full_per_image / 1e9
-    from sceneprobe.probe.parallel import resolve_workers
+    from sceneprobe.processes import resolve_workers
     workers = resolve_workers(args.workers)
     # the solver's float32 copy of one probe's subsample lives only while that probe is fitted (probe/streamed.py
     # frees it with the subsample after the fit): at most one per worker, the largest site's
@@ -486,7 +486,8 @@ def main(argv=None) -> int:
             if key in fig:
                 proj[key.replace("_s_per_image_step", "_hours")] = fig[key] * PAPER_N * n_steps * models / 3600
     fig["projection_617x512"] = proj
-    from sceneprobe.probe.parallel import resolve_device, resolve_workers
+    from sceneprobe.probe.parallel import resolve_device
+    from sceneprobe.processes import resolve_workers
     where = f"probes on {resolve_device(args.probe_device).type}, {resolve_workers(args.workers)} worker(s)"
     for mode in ("full", "streamed"):
         if f"{mode}_probe_s" in fig:

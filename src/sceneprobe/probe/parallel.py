@@ -20,7 +20,6 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from ..errors import fail
-from ..processes import resolve_workers, usable_cores  # noqa: F401  (the probes' names for them)
 
 T = TypeVar("T")
 R = TypeVar("R")

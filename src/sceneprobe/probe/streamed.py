@@ -54,12 +54,13 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import fail
+from ..processes import resolve_workers
 from . import baselines as bl
 from . import fit
 from . import layout as lay
 from . import sweep as sw
 from .metrics import NearestScorer, nanmean, ranks
-from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
+from .parallel import map_ordered, resolve_device, single_threaded
 
 STREAMED_VERSION = 5                   # 2: val/test predictions kept in float64 (see 3. above); 3: every λ
                                        # refined, λ below the convergence floor never chosen; 4: layout-fair;

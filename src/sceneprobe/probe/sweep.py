@@ -54,6 +54,7 @@ import torch
 from ..capture.store import CaptureStore
 from ..config import ProbeConfig
 from ..errors import fail
+from ..processes import resolve_workers
 from . import baselines as bl
 from . import layout as lay
 from .adam_fit import fit_paper_adam
@@ -61,7 +62,7 @@ from .baselines import BASELINE_MODEL
 from .exact_fit import _pick, fit_exact, lambda_edge
 from .fitted_probe import Probe, layout_of, probe_tensors
 from .metrics import nanmean
-from .parallel import map_ordered, resolve_device, resolve_workers, single_threaded
+from .parallel import map_ordered, resolve_device, single_threaded
 from .per_image import check_rows_have_arrays, per_image_key, read_per_image, read_positions, write_per_image
 from .probe_files import (PROBE_VERSION, RUN_ONLY, _finished_rows, fit_identity, probe_fingerprint, probe_path,
                           write_probe_file)
